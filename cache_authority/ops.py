@@ -1,0 +1,177 @@
+"""Patch ops as domain objects, their proto conversions, errors, and the digest chain."""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from dataclasses import dataclass
+
+import torch
+
+from positronic import codec
+from positronic.v1 import session_pb2
+
+
+class Status(enum.Enum):
+    """Why a patch was refused; the servicer maps each to the gRPC code of the same name."""
+
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    FAILED_PRECONDITION = "FAILED_PRECONDITION"
+    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+    ABORTED = "ABORTED"
+    NOT_FOUND = "NOT_FOUND"
+    ALREADY_EXISTS = "ALREADY_EXISTS"
+
+
+class PatchError(Exception):
+    """A refused patch (or session request). Nothing was changed."""
+
+    def __init__(self, status: Status, message: str, current_version: int | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.current_version = current_version
+
+
+@dataclass(frozen=True)
+class AppendOp:
+    position: int
+    token_ids: tuple[int, ...]
+    keys: torch.Tensor  # [L, H, N, D]
+    values: torch.Tensor  # [L, H, N, D]
+    pieces: tuple[str, ...] = ()
+    brightness: tuple[float, ...] = ()
+    source: int = session_pb2.TOKEN_SOURCE_GENERATED
+
+
+@dataclass(frozen=True)
+class ReplacePairOp:
+    position: int
+    expected_token_ids: tuple[int, ...]
+    token_id: int
+    keys: torch.Tensor  # [L, H, 1, D]
+    values: torch.Tensor  # [L, H, 1, D]
+    piece: str = ""
+    brightness: float = 0.0
+
+
+@dataclass(frozen=True)
+class EvictOp:
+    position: int
+    expected_token_id: int
+
+
+@dataclass(frozen=True)
+class SetBrightnessOp:
+    expected_row_count: int
+    brightness: tuple[float, ...]
+
+
+Op = AppendOp | ReplacePairOp | EvictOp | SetBrightnessOp
+
+
+def _kv_from_pb(kv, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    try:
+        return codec.decode(kv.keys), codec.decode(kv.values)
+    except codec.CodecError as e:
+        raise PatchError(Status.INVALID_ARGUMENT, f"{what}: {e}") from None
+
+
+def op_from_pb(msg: session_pb2.PatchOp, index: int = 0) -> Op:
+    """Proto -> domain op. Malformed tensors raise PatchError(INVALID_ARGUMENT)."""
+    kind = msg.WhichOneof("op")
+    what = f"op {index} ({kind})"
+    if kind == "append":
+        a = msg.append
+        keys, values = _kv_from_pb(a.kv, what)
+        source = a.source or session_pb2.TOKEN_SOURCE_GENERATED
+        if source not in session_pb2.TokenSource.values():
+            raise PatchError(Status.INVALID_ARGUMENT, f"{what}: unknown source {source}")
+        return AppendOp(
+            position=a.position,
+            token_ids=tuple(a.token_ids),
+            keys=keys,
+            values=values,
+            pieces=tuple(a.pieces),
+            brightness=tuple(a.brightness),
+            source=source,
+        )
+    if kind == "replace_pair":
+        r = msg.replace_pair
+        keys, values = _kv_from_pb(r.kv, what)
+        return ReplacePairOp(
+            position=r.position,
+            expected_token_ids=tuple(r.expected_token_ids),
+            token_id=r.token_id,
+            keys=keys,
+            values=values,
+            piece=r.piece,
+            brightness=r.brightness,
+        )
+    if kind == "evict":
+        return EvictOp(position=msg.evict.position, expected_token_id=msg.evict.expected_token_id)
+    if kind == "set_brightness":
+        s = msg.set_brightness
+        return SetBrightnessOp(
+            expected_row_count=s.expected_row_count, brightness=tuple(s.brightness)
+        )
+    raise PatchError(Status.INVALID_ARGUMENT, f"op {index}: empty op")
+
+
+def ops_from_pb(msgs) -> list[Op]:
+    return [op_from_pb(m, i) for i, m in enumerate(msgs)]
+
+
+def _kv_to_pb(keys: torch.Tensor, values: torch.Tensor):
+    from positronic.v1 import tensor_pb2
+
+    return tensor_pb2.KVBlock(keys=codec.encode(keys), values=codec.encode(values))
+
+
+def op_to_pb(op: Op) -> session_pb2.PatchOp:
+    if isinstance(op, AppendOp):
+        return session_pb2.PatchOp(
+            append=session_pb2.AppendOp(
+                position=op.position,
+                token_ids=list(op.token_ids),
+                kv=_kv_to_pb(op.keys, op.values),
+                pieces=list(op.pieces),
+                brightness=list(op.brightness),
+                source=op.source,
+            )
+        )
+    if isinstance(op, ReplacePairOp):
+        return session_pb2.PatchOp(
+            replace_pair=session_pb2.ReplacePairOp(
+                position=op.position,
+                expected_token_ids=list(op.expected_token_ids),
+                token_id=op.token_id,
+                kv=_kv_to_pb(op.keys, op.values),
+                piece=op.piece,
+                brightness=op.brightness,
+            )
+        )
+    if isinstance(op, EvictOp):
+        return session_pb2.PatchOp(
+            evict=session_pb2.EvictOp(position=op.position, expected_token_id=op.expected_token_id)
+        )
+    return session_pb2.PatchOp(
+        set_brightness=session_pb2.SetBrightnessOp(
+            expected_row_count=op.expected_row_count, brightness=list(op.brightness)
+        )
+    )
+
+
+GENESIS_DIGEST = hashlib.sha256(b"positronic.v1 session").digest()
+
+
+def chain_digest(previous: bytes, version: int, ops: list[session_pb2.PatchOp]) -> bytes:
+    """digest_v = sha256(digest_{v-1} || version || each op's deterministic serialization)."""
+    h = hashlib.sha256()
+    h.update(previous)
+    h.update(version.to_bytes(8, "little", signed=True))
+    for op in ops:
+        body = op.SerializeToString(deterministic=True)
+        h.update(len(body).to_bytes(8, "little"))
+        h.update(body)
+    return h.digest()

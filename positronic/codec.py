@@ -1,0 +1,120 @@
+"""Tensor codec: torch tensors to and from the wire (`positronic.v1.Tensor`), and chunking.
+
+Tensors travel as dtype + shape + raw row-major little-endian bytes. bf16 has no numpy dtype, so
+every dtype goes through a uint8 view of the tensor's own storage: the round trip is bit-exact.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Iterator
+
+import torch
+
+from positronic.v1 import tensor_pb2
+
+MAX_CHUNK_BYTES = 2 * 1024 * 1024  # per-message tensor payload; well under gRPC's 4 MiB default
+
+_TO_WIRE = {
+    torch.float32: tensor_pb2.DTYPE_FLOAT32,
+    torch.float16: tensor_pb2.DTYPE_FLOAT16,
+    torch.bfloat16: tensor_pb2.DTYPE_BFLOAT16,
+    torch.int64: tensor_pb2.DTYPE_INT64,
+    torch.int32: tensor_pb2.DTYPE_INT32,
+}
+_FROM_WIRE = {wire: dtype for dtype, wire in _TO_WIRE.items()}
+
+if sys.byteorder != "little":  # pragma: no cover - every supported platform is little-endian
+    raise ImportError("positronic's wire format assumes a little-endian host")
+
+
+class CodecError(ValueError):
+    """A wire tensor that cannot be decoded: unknown dtype, bad shape, wrong byte count."""
+
+
+def dtype_to_wire(dtype: torch.dtype) -> int:
+    try:
+        return _TO_WIRE[dtype]
+    except KeyError:
+        raise CodecError(f"dtype {dtype} has no wire encoding") from None
+
+
+def dtype_from_wire(wire: int) -> torch.dtype:
+    try:
+        return _FROM_WIRE[wire]
+    except KeyError:
+        raise CodecError(f"unknown wire dtype {wire}") from None
+
+
+def dtype_name(wire: int) -> str:
+    return tensor_pb2.DType.Name(wire) if wire in _FROM_WIRE else f"DTYPE_{wire}"
+
+
+def tensor_nbytes(dtype: torch.dtype, shape: Iterable[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n * torch.empty((), dtype=dtype).element_size()
+
+
+def encode(t: torch.Tensor) -> tensor_pb2.Tensor:
+    """Tensor -> wire. Moves to CPU; copies only when the tensor is not contiguous."""
+    t = t.detach().to("cpu").contiguous()
+    data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    return tensor_pb2.Tensor(dtype=dtype_to_wire(t.dtype), shape=list(t.shape), data=data)
+
+
+def decode(msg: tensor_pb2.Tensor, *, max_numel: int | None = None) -> torch.Tensor:
+    """Wire -> tensor (a fresh, writable CPU tensor). Raises CodecError on malformed input."""
+    dtype = dtype_from_wire(msg.dtype)
+    shape = [int(s) for s in msg.shape]
+    if any(s < 0 for s in shape):
+        raise CodecError(f"negative dimension in shape {shape}")
+    numel = 1
+    for s in shape:
+        numel *= s
+    if max_numel is not None and numel > max_numel:
+        raise CodecError(f"tensor of {numel} elements exceeds the limit of {max_numel}")
+    expected = tensor_nbytes(dtype, shape)
+    if len(msg.data) != expected:
+        raise CodecError(
+            f"{dtype_name(msg.dtype)} tensor of shape {shape} needs {expected} bytes, "
+            f"got {len(msg.data)}"
+        )
+    if numel == 0:
+        return torch.empty(shape, dtype=dtype)
+    flat = torch.frombuffer(bytearray(msg.data), dtype=torch.uint8)
+    return flat.view(dtype).view(shape)
+
+
+def encode_ids(ids: Iterable[int]) -> tensor_pb2.Tensor:
+    return encode(torch.as_tensor(list(ids), dtype=torch.int64))
+
+
+def split_bytes(
+    data: bytes | memoryview, max_chunk_bytes: int = MAX_CHUNK_BYTES
+) -> Iterator[bytes]:
+    """Cut a payload into chunks of at most max_chunk_bytes (at least one chunk, maybe empty)."""
+    if max_chunk_bytes <= 0:
+        raise ValueError("max_chunk_bytes must be positive")
+    view = memoryview(data)
+    if len(view) == 0:
+        yield b""
+        return
+    for start in range(0, len(view), max_chunk_bytes):
+        yield bytes(view[start : start + max_chunk_bytes])
+
+
+def join_bytes(chunks: Iterable[bytes]) -> bytes:
+    return b"".join(chunks)
+
+
+def split_rows(t: torch.Tensor, dim: int, max_chunk_bytes: int = MAX_CHUNK_BYTES) -> list[slice]:
+    """Slices along `dim` such that each slice of `t` encodes to at most max_chunk_bytes.
+
+    One row (index along dim) is never split; a single row over the limit is its own slice.
+    """
+    n = t.shape[dim]
+    row_bytes = max(1, t.numel() // max(n, 1) * t.element_size())
+    per = max(1, max_chunk_bytes // row_bytes)
+    return [slice(i, min(i + per, n)) for i in range(0, n, per)] or [slice(0, 0)]
