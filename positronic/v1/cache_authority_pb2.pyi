@@ -280,8 +280,13 @@ class SnapshotHeader(_message.Message):
     MIRROR_FIELD_NUMBER: _builtins.int
     TENSOR_SPECS_FIELD_NUMBER: _builtins.int
     TOTAL_BYTES_FIELD_NUMBER: _builtins.int
+    NEXT_LEDGER_ID_FIELD_NUMBER: _builtins.int
     total_bytes: _builtins.int
     """Total bytes of the tensors that follow."""
+    next_ledger_id: _builtins.int
+    """Ledger id the next new row gets; ledger ids are never reused, so a replica cannot derive it
+    from the live rows once the newest one was evicted or merged.
+    """
     @_builtins.property
     def session(self) -> _session_pb2.SessionInfo:
         """The session, at the snapshot's version."""
@@ -303,10 +308,11 @@ class SnapshotHeader(_message.Message):
         mirror: _abc.Iterable[_session_pb2.MirrorEntry] | None = ...,
         tensor_specs: _abc.Iterable[_tensor_pb2.Tensor] | None = ...,
         total_bytes: _builtins.int = ...,
+        next_ledger_id: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["session", b"session"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["mirror", b"mirror", "session", b"session", "tensor_specs", b"tensor_specs", "total_bytes", b"total_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["mirror", b"mirror", "next_ledger_id", b"next_ledger_id", "session", b"session", "tensor_specs", b"tensor_specs", "total_bytes", b"total_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
