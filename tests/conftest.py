@@ -1,0 +1,32 @@
+"""Shared test fixtures: paths to ../shared models and data (skipped with a reason when absent)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+def shared_path(*parts: str) -> Path:
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} is not present (models and data live in ../shared beside the repo)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def llama2_tokenizer_dir() -> Path:
+    return shared_path("models", "llama2-tokenizer")
+
+
+@pytest.fixture(scope="session")
+def stories260k_dir() -> Path:
+    return shared_path("models", "stories260K")
+
+
+@pytest.fixture(scope="session")
+def tinystories_path() -> Path:
+    return shared_path("data", "tinystories_dev.txt")
