@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import hashlib
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -41,7 +42,7 @@ class AppendOp:
     values: torch.Tensor  # [L, H, N, D]
     pieces: tuple[str, ...] = ()
     brightness: tuple[float, ...] = ()
-    source: int = session_pb2.TOKEN_SOURCE_GENERATED
+    source: Any = session_pb2.TOKEN_SOURCE_GENERATED
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
 
@@ -22,7 +23,7 @@ _TO_WIRE = {
     torch.int64: tensor_pb2.DTYPE_INT64,
     torch.int32: tensor_pb2.DTYPE_INT32,
 }
-_FROM_WIRE = {wire: dtype for dtype, wire in _TO_WIRE.items()}
+_FROM_WIRE: dict[Any, torch.dtype] = {wire: dtype for dtype, wire in _TO_WIRE.items()}
 
 if sys.byteorder != "little":  # pragma: no cover - every supported platform is little-endian
     raise ImportError("positronic's wire format assumes a little-endian host")
@@ -32,21 +33,21 @@ class CodecError(ValueError):
     """A wire tensor that cannot be decoded: unknown dtype, bad shape, wrong byte count."""
 
 
-def dtype_to_wire(dtype: torch.dtype) -> int:
+def dtype_to_wire(dtype: torch.dtype) -> Any:
     try:
         return _TO_WIRE[dtype]
     except KeyError:
         raise CodecError(f"dtype {dtype} has no wire encoding") from None
 
 
-def dtype_from_wire(wire: int) -> torch.dtype:
+def dtype_from_wire(wire: Any) -> torch.dtype:
     try:
         return _FROM_WIRE[wire]
     except KeyError:
         raise CodecError(f"unknown wire dtype {wire}") from None
 
 
-def dtype_name(wire: int) -> str:
+def dtype_name(wire: Any) -> str:
     return tensor_pb2.DType.Name(wire) if wire in _FROM_WIRE else f"DTYPE_{wire}"
 
 

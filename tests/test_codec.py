@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -71,7 +73,10 @@ def test_element_limit_is_enforced_before_allocation():
 
 
 @settings(max_examples=50, deadline=None)
-@given(size=st.integers(0, 5 * 1024 * 1024 + 3), limit=st.sampled_from([1, 1000, codec.MAX_CHUNK_BYTES]))
+@given(
+    size=st.integers(0, 5 * 1024 * 1024 + 3),
+    limit=st.sampled_from([1, 1000, codec.MAX_CHUNK_BYTES]),
+)
 def test_split_and_join_bytes(size, limit):
     data = bytes(range(256)) * (size // 256) + bytes(size % 256)
     chunks = list(codec.split_bytes(data, limit))
@@ -84,7 +89,7 @@ def test_split_rows_keeps_each_slice_under_the_limit():
     t = torch.zeros(22, 4, 2048, 64, dtype=torch.float16)  # TinyLlama geometry, 2,048 tokens
     slices = codec.split_rows(t, dim=2)
     assert slices[0].start == 0 and slices[-1].stop == 2048
-    assert all(a.stop == b.start for a, b in zip(slices, slices[1:], strict=False))
+    assert all(a.stop == b.start for a, b in itertools.pairwise(slices))
     for s in slices:
         assert len(codec.encode(t[:, :, s]).data) <= codec.MAX_CHUNK_BYTES
     # 22 * 4 * 64 * 2 bytes = 11 KiB a token: 186 tokens a chunk.

@@ -83,14 +83,20 @@ def test_dropping_a_row_then_rerotating_equals_recompute(drop):
 
 def test_attention_scaling_is_not_applied_twice():
     model = tiny_llama(
-        {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
-         "original_max_position_embeddings": 64}
+        {
+            "rope_type": "yarn",
+            "rope_theta": 10000.0,
+            "factor": 4.0,
+            "original_max_position_embeddings": 64,
+        }
     )
     rope = Rope.from_config(model.config)
     assert rope.attention_scaling != 1.0
     keys = layer0_keys(model, IDS)
     kept = list(range(1, len(IDS)))
-    moved = rerotate_from_canonical(keys[:, kept], torch.tensor(kept), torch.arange(len(kept)), rope)
+    moved = rerotate_from_canonical(
+        keys[:, kept], torch.tensor(kept), torch.arange(len(kept)), rope
+    )
     assert torch.allclose(moved, layer0_keys(model, IDS[1:]), atol=1e-5, rtol=0)
 
 
@@ -100,8 +106,14 @@ def test_session_ops_rerotate_to_the_recomputed_sequence():
     model = tiny_llama()
     rope = Rope.from_config(model.config)
     cfg = model.config
-    geometry = Geometry(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim,
-                        torch.float32, rope, cfg.vocab_size)
+    geometry = Geometry(
+        cfg.num_hidden_layers,
+        cfg.num_key_value_heads,
+        cfg.head_dim,
+        torch.float32,
+        rope,
+        cfg.vocab_size,
+    )
     state = SessionState("s", geometry, Budget(16, 16))
     with torch.no_grad():
         cache = model(torch.tensor([IDS]), use_cache=True).past_key_values
@@ -109,8 +121,8 @@ def test_session_ops_rerotate_to_the_recomputed_sequence():
     v = torch.stack([layer.values[0] for layer in cache.layers])
     apply_ops(state, [AppendOp(0, tuple(IDS), k, v)], 1, b"")
     # Merge rows (2, 3) into token 90, evict row 8. Edited sequence:
-    edited = IDS[:2] + [90] + IDS[4:8] + IDS[9:]
-    merged_k = layer0_keys(model, IDS[:2] + [90])[:, 2:3]  # computed at position 2
+    edited = [*IDS[:2], 90, *IDS[4:8], *IDS[9:]]
+    merged_k = layer0_keys(model, [*IDS[:2], 90])[:, 2:3]  # computed at position 2
     kk = torch.zeros(2, 2, 1, cfg.head_dim)
     kk[0] = merged_k
     apply_ops(
@@ -146,7 +158,7 @@ def test_ten_thousand_shifts_do_not_accumulate_error_bf16():
     last = state.live_keys()[0, 0, -1].double()
     exact = rotate_keys(canonical[:, :, -1:], torch.tensor([n - 1 - shifts]), rope)[0, 0, 0]
     # One bf16 rounding of the canonical key plus one of the result: |err| <= ~2^-7 |x|.
-    tol = 2 ** -7 * exact.abs().max().item() + 1e-2
+    tol = 2**-7 * exact.abs().max().item() + 1e-2
     assert (last - exact).abs().max().item() < tol
     assert torch.equal(state.origin_positions[state.row_count - 1], torch.tensor(n - 1))
     # Accumulating rotations destroys the key: the same check fails for the naive path.
