@@ -11,7 +11,10 @@ from positronic.selection import protected_mask, select_evictions, select_pairs
 
 def test_user_defaults():
     assert (USER_DEFAULTS.seed, USER_DEFAULTS.decay, USER_DEFAULTS.gain, USER_DEFAULTS.max) == (
-        255.0, 2.0, 10.0, 255.0,
+        255.0,
+        2.0,
+        10.0,
+        255.0,
     )
 
 

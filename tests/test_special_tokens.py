@@ -102,12 +102,25 @@ def test_tokenize_cli_json(llama2_tokenizer_dir, sp, tmp_path):
     text = text_of_exactly(sp, 300)
     f = tmp_path / "prompt.txt"
     f.write_text(text, encoding="utf-8")
-    base = [sys.executable, "-m", "positronic.cli", "tokenize", "--model",
-            str(llama2_tokenizer_dir), "--text-file", str(f), "--json"]
-    plain = json.loads(subprocess.run(base, check=True, capture_output=True, text=True,
-                                      cwd=REPO).stdout)
-    with_bos = json.loads(subprocess.run([*base, "--bos"], check=True, capture_output=True,
-                                         text=True, cwd=REPO).stdout)
+    base = [
+        sys.executable,
+        "-m",
+        "positronic.cli",
+        "tokenize",
+        "--model",
+        str(llama2_tokenizer_dir),
+        "--text-file",
+        str(f),
+        "--json",
+    ]
+    plain = json.loads(
+        subprocess.run(base, check=True, capture_output=True, text=True, cwd=REPO).stdout
+    )
+    with_bos = json.loads(
+        subprocess.run(
+            [*base, "--bos"], check=True, capture_output=True, text=True, cwd=REPO
+        ).stdout
+    )
     assert plain["ids"] == sp.encode(text)
     assert plain["pieces"] == sp.encode(text, out_type=str)
     assert with_bos["ids"] == [BOS, *sp.encode(text)]
