@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from positronic import codec
-from positronic.v1 import session_pb2
+from positronic.v1 import session_pb2, tensor_pb2
 
 
 class Status(enum.Enum):
@@ -22,6 +22,8 @@ class Status(enum.Enum):
     ABORTED = "ABORTED"
     NOT_FOUND = "NOT_FOUND"
     ALREADY_EXISTS = "ALREADY_EXISTS"
+    # The write-ahead log could not be written (disk full, I/O error): nothing was committed.
+    UNAVAILABLE = "UNAVAILABLE"
 
 
 class PatchError(Exception):
@@ -123,9 +125,7 @@ def ops_from_pb(msgs) -> list[Op]:
     return [op_from_pb(m, i) for i, m in enumerate(msgs)]
 
 
-def _kv_to_pb(keys: torch.Tensor, values: torch.Tensor):
-    from positronic.v1 import tensor_pb2
-
+def _kv_to_pb(keys: torch.Tensor, values: torch.Tensor) -> tensor_pb2.KVBlock:
     return tensor_pb2.KVBlock(keys=codec.encode(keys), values=codec.encode(values))
 
 
