@@ -1,0 +1,158 @@
+"""`positronic generate`: run the loop, text to stdout, progress to stderr, stats to JSON."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import sys
+
+from positronic.clients import Endpoints
+from positronic.loop import REDUCTIONS, LoopConfig, LoopError, run_loop
+from positronic.policies import POLICIES, make_policy
+from positronic.rpc import read_token_file
+
+logger = logging.getLogger(__name__)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    env = os.environ.get
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text")
+    src.add_argument("--prompt-file", help="file holding the prompt (UTF-8)")
+    p.add_argument(
+        "--model",
+        default=env("POSITRONIC_MODEL"),
+        help="model directory or hub id (embedded mode loads it) [POSITRONIC_MODEL]",
+    )
+    p.add_argument(
+        "--worker",
+        default=env("POSITRONIC_WORKER"),
+        help="HOST:PORT of a running worker [POSITRONIC_WORKER]",
+    )
+    p.add_argument(
+        "--authority",
+        default=env("POSITRONIC_AUTHORITY"),
+        help="HOST:PORT of a running authority [POSITRONIC_AUTHORITY]",
+    )
+    p.add_argument("--policy", default="halo", choices=sorted(POLICIES))
+    p.add_argument("--target-size", type=int, default=96, help="rows to compact to (default 96)")
+    p.add_argument(
+        "--hard-max", type=int, default=0, help="rows never exceeded (default target+32)"
+    )
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument(
+        "--attention-reduction",
+        default="last",
+        choices=sorted(REDUCTIONS),
+        help="how per-layer attention rows become one (default: last layer)",
+    )
+    p.add_argument(
+        "--recent-window",
+        type=int,
+        default=None,
+        help="newest rows no policy may touch (policy default)",
+    )
+    p.add_argument("--stop-at-eos", action="store_true", help="stop when the model emits EOS")
+    p.add_argument("--stats-json", help="write run statistics to this file")
+    p.add_argument("--repair", default="lm", choices=("lm", "mlm"), help="embedded mode repairer")
+    p.add_argument("--repair-model", help="masked LM for --repair mlm (embedded mode)")
+    p.add_argument("--device", default="cpu", help="embedded mode device (cpu, cuda, auto)")
+    p.add_argument("--dtype", default="auto", help="embedded mode dtype")
+    p.add_argument(
+        "--auth-token-file",
+        default=env("POSITRONIC_AUTH_TOKEN_FILE"),
+        help="bearer token for both services [POSITRONIC_AUTH_TOKEN_FILE]",
+    )
+
+
+def _config(args: argparse.Namespace) -> LoopConfig:
+    overrides = {}
+    if args.recent_window is not None:
+        overrides["recent_window"] = args.recent_window
+    return LoopConfig(
+        policy=make_policy(args.policy, **overrides),
+        target_rows=args.target_size,
+        hard_max_rows=args.hard_max,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        attention_reduction=args.attention_reduction,
+        stop_at_eos=args.stop_at_eos,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.prompt_file:
+        with open(args.prompt_file, encoding="utf-8") as f:
+            prompt = f.read()
+    else:
+        prompt = args.prompt
+    if bool(args.worker) != bool(args.authority):
+        logger.error("give both --worker and --authority, or neither (embedded mode)")
+        return 2
+    if not args.worker and not args.model:
+        logger.error("embedded mode needs --model")
+        return 2
+    try:
+        config = _config(args)
+    except ValueError as e:
+        logger.error("%s", e)
+        return 2
+    token = read_token_file(args.auth_token_file)
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    with contextlib.ExitStack() as stack:
+        if args.worker:
+            authority, worker = args.authority, args.worker
+        else:
+            from positronic.embedded import embedded_services
+
+            logger.info("embedded mode: starting authority and worker for %s", args.model)
+            addrs = stack.enter_context(
+                embedded_services(
+                    args.model,
+                    repair=args.repair,
+                    repair_model=args.repair_model,
+                    device=args.device,
+                    dtype=args.dtype,
+                    auth_token=token,
+                )
+            )
+            authority, worker = addrs.authority, addrs.worker
+        endpoints = Endpoints.connect(authority, worker, token)
+        stack.callback(endpoints.close)
+        try:
+            stats = run_loop(endpoints, prompt, config, write)
+        except LoopError as e:
+            logger.error("%s", e)
+            return 1
+    sys.stdout.write("\n")
+    logger.info(
+        "%d tokens in %.1fs (%.1f tokens/s), %d merges, %d evictions, max rows %d/%d",
+        stats.tokens_generated,
+        stats.elapsed_s,
+        stats.tokens_per_s,
+        stats.merges,
+        stats.evictions,
+        stats.max_rows,
+        stats.hard_max,
+    )
+    if args.stats_json:
+        with open(args.stats_json, "w", encoding="utf-8") as f:
+            json.dump(stats.to_json(), f, indent=2)
+            f.write("\n")
+    return 0

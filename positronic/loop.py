@@ -1,0 +1,468 @@
+"""The Halo Weave loop driver (DESIGN.md "The loop"): a client of both services, owning nothing.
+
+    0/4  Patch(session, V, ops)          the only mutation; the prime is the Patch at V = 0
+    1    Step(session, V, last_token)    read-only: next token, attention row, K/V of last_token
+    2    scores' = policy.update(...)    pure
+    3    plan = policy.plan(...) + Repair + ComputeKV   pure decisions and read-only calls
+    4    Patch(session, V, [SetBrightness, ReplacePair/Evict..., Append(last_token)]) -> V + 1
+
+Exactly one Patch per iteration plus one for the prime. The driver's `View` of the session is a
+read of committed state: it is changed only after the authority acknowledges a patch, by the same
+edits the patch made, or re-read with GetSession when another writer got there first.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import grpc
+import torch
+
+from positronic import codec
+from positronic.clients import Endpoints, call_with_retry, send_patch
+from positronic.loop_view import View, apply_edits, view_from_mirror
+from positronic.policies import Policy
+from positronic.v1 import cache_authority_pb2, model_worker_pb2, session_pb2
+
+logger = logging.getLogger(__name__)
+
+WORKER_RETRY = (
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.ABORTED,
+)
+REDUCTIONS = {
+    "last": model_worker_pb2.ATTENTION_REDUCTION_LAST_LAYER,
+    "mean": model_worker_pb2.ATTENTION_REDUCTION_MEAN_LAYERS,
+    "max": model_worker_pb2.ATTENTION_REDUCTION_MAX_LAYERS,
+}
+
+
+class LoopError(RuntimeError):
+    """The loop cannot go on (a prompt over the budget, `full` out of positions...)."""
+
+
+@dataclass
+class LoopConfig:
+    policy: Policy
+    target_rows: int = 96
+    hard_max_rows: int = 0  # 0: target_rows + 32
+    max_new_tokens: int = 256
+    seed: int = 0
+    temperature: float = 0.8
+    top_k: int = 0
+    top_p: float = 0.95
+    repetition_penalty: float = 1.0
+    attention_reduction: str = "last"
+    repair_candidates: int = 5
+    retry_timeout_s: float = 60.0
+    stop_at_eos: bool = False
+    forced_tokens: list[int] | None = None  # teacher forcing (benchmarks): feed these, score them
+    session_id: str = ""
+    progress_every: int = 100
+
+    def __post_init__(self) -> None:
+        if self.hard_max_rows == 0:
+            self.hard_max_rows = self.target_rows + 32
+        if not 2 <= self.target_rows <= self.hard_max_rows:
+            raise ValueError("need 2 <= target_rows <= hard_max_rows")
+        if self.max_new_tokens < 0:
+            raise ValueError("max_new_tokens must be >= 0")
+        if self.attention_reduction not in REDUCTIONS:
+            raise ValueError(f"attention_reduction must be one of {', '.join(REDUCTIONS)}")
+
+
+@dataclass
+class LoopStats:
+    session_id: str = ""
+    tokens_generated: int = 0
+    iterations: int = 0
+    mutating_rpcs: int = 0
+    max_rows: int = 0
+    hard_max: int = 0
+    merges: int = 0
+    evictions: int = 0
+    final_version: int = 0
+    tokens_per_s: float = 0.0
+    elapsed_s: float = 0.0
+    stale_retries: int = 0
+    consistent: bool = False  # the driver's view matched the authority's mirror at the end
+    token_ids: list[int] = field(default_factory=list)
+    nll: list[float] = field(default_factory=list)  # teacher-forced runs: -log p per token
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k not in ("token_ids", "nll")}
+
+
+class Detokenizer:
+    """Incremental text through the worker's Detokenize (prefix/read offsets, as TGI does), so
+    multi-token characters are printed once they are complete."""
+
+    def __init__(self, endpoints: Endpoints):
+        self._worker = endpoints.worker
+        self.ids: list[int] = []
+        self._prefix = 0
+        self._read = 0
+
+    def _decode(self, ids: list[int]) -> str:
+        if not ids:
+            return ""
+        req = model_worker_pb2.DetokenizeRequest(ids=ids, skip_special_tokens=True)
+        return call_with_retry(lambda: self._worker.Detokenize(req), "Detokenize").text
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        prefix_text = self._decode(self.ids[self._prefix : self._read])
+        text = self._decode(self.ids[self._prefix :])
+        if len(text) > len(prefix_text) and not text.endswith("\ufffd"):
+            self._prefix, self._read = self._read, len(self.ids)
+            return text[len(prefix_text) :]
+        return ""
+
+
+def _sampling(config: LoopConfig, iteration: int) -> model_worker_pb2.SamplingParams:
+    seed = (config.seed * 0x9E3779B97F4A7C15 + iteration) % 2**64
+    return model_worker_pb2.SamplingParams(
+        temperature=config.temperature,
+        top_k=config.top_k,
+        top_p=config.top_p,
+        repetition_penalty=config.repetition_penalty,
+        seed=seed,
+    )
+
+
+class Loop:
+    """One session's generation. `run()` primes and iterates; every mutation is a Patch."""
+
+    def __init__(self, endpoints: Endpoints, config: LoopConfig, on_text: Callable[[str], None]):
+        self.ep = endpoints
+        self.cfg = config
+        self.on_text = on_text
+        self.stats = LoopStats(hard_max=config.hard_max_rows)
+        self.info = self._worker_call(lambda: self.ep.worker.Info(model_worker_pb2.InfoRequest()))
+        self.eos = self.info.special_tokens.eos_token_id
+
+    def _worker_call(self, fn, what: str = "worker"):
+        return call_with_retry(
+            fn, what, timeout_s=self.cfg.retry_timeout_s, retry_codes=WORKER_RETRY
+        )
+
+    # -- 0: create and prime -------------------------------------------------------------------
+    def create_session(self) -> str:
+        req = cache_authority_pb2.CreateSessionRequest(
+            session_id=self.cfg.session_id,
+            geometry=self.info.geometry,
+            budget=session_pb2.Budget(
+                target_rows=self.cfg.target_rows, hard_max_rows=self.cfg.hard_max_rows
+            ),
+            seed_brightness=self.cfg.policy.initial_score() or 0.0,
+        )
+        resp = call_with_retry(lambda: self.ep.authority.CreateSession(req), "CreateSession")
+        return resp.session.session_id
+
+    def prime(self, session_id: str, ids: list[int], pieces: list[str], structural: list[bool]):
+        """Prefill all prompt tokens but the last, and commit them as version 1."""
+        n = len(ids)
+        if n > self.cfg.hard_max_rows:
+            raise LoopError(
+                f"the prompt has {n} tokens; the session holds at most {self.cfg.hard_max_rows} "
+                "rows (raise --hard-max or shorten the prompt)"
+            )
+        if self.cfg.policy.name == "full":
+            self._check_positions(n)
+        req = model_worker_pb2.PrefillRequest(
+            session_id=session_id, version=0, token_ids=ids, start_position=0
+        )
+        chunks = self._worker_call(lambda: list(self.ep.worker.Prefill(req)), "Prefill")
+        score = self.cfg.policy.initial_score()
+        ops = []
+        for chunk in chunks:
+            first = chunk.first_token_index
+            count = chunk.kv.keys.shape[2]
+            # One Append per run of equal source: structural (BOS) rows are recorded as such.
+            for start, end in _runs(structural, first, first + count):
+                kv = chunk.kv
+                if (start, end) != (first, first + count):
+                    kv = _kv_slice(kv, start - first, end - first)
+                source = (
+                    session_pb2.TOKEN_SOURCE_STRUCTURAL
+                    if structural[start]
+                    else session_pb2.TOKEN_SOURCE_PROMPT
+                )
+                ops.append(
+                    session_pb2.PatchOp(
+                        append=session_pb2.AppendOp(
+                            position=start,
+                            token_ids=ids[start:end],
+                            kv=kv,
+                            pieces=pieces[start:end],
+                            brightness=[score] * (end - start),
+                            source=source,
+                        )
+                    )
+                )
+        resp = send_patch(self.ep, session_id, 0, _request_id(), ops)
+        self.stats.max_rows = max(self.stats.max_rows, resp.row_count)
+        return View(
+            version=resp.version,
+            token_ids=list(ids),
+            structural=list(structural),
+            scores=torch.full((n,), float(score)),
+        )
+
+    def _check_positions(self, rows: int) -> None:
+        limit = min(self.info.geometry.max_position_embeddings or rows, self.cfg.hard_max_rows)
+        if rows > limit:
+            raise LoopError(
+                f"policy 'full' needs {rows} rows, past the limit of {limit} "
+                "(the model's positions or the session's hard maximum)"
+            )
+
+    # -- 1..4: one iteration -------------------------------------------------------------------
+    def iterate(self, session_id: str, view: View, token: int, iteration: int, source: int):
+        """Step, score, plan, repair, patch. Returns (new view, next token, step response)."""
+        n = len(view.token_ids)
+        policy = self.cfg.policy
+        if policy.name == "full":
+            self._check_positions(n + 1)
+        forced = self.cfg.forced_tokens
+        step_req = model_worker_pb2.StepRequest(
+            session_id=session_id,
+            version=view.version,
+            input_token_id=token,
+            sampling=_sampling(self.cfg, iteration),
+            attention_reduction=REDUCTIONS[self.cfg.attention_reduction],
+        )
+        if forced is not None:
+            step_req.forced_next_token_id = forced[iteration]
+        step = self._worker_call(lambda: self.ep.worker.Step(step_req), "Step")
+        attention = torch.tensor(step.attention, dtype=torch.float32)
+        if attention.numel() != n + 1:
+            raise LoopError(f"attention row of {attention.numel()} values for {n} rows + 1")
+        scores, new_score = policy.update(view.scores, attention)
+        all_scores = torch.cat([scores, torch.tensor([new_score])])
+        structural = torch.tensor([*view.structural, False])
+        excess = n + 1 - self.cfg.target_rows
+        plan = policy.plan(all_scores, structural, excess)
+        merges, evictions = self._repair(session_id, view, plan.merges, all_scores)
+        evictions = sorted(set(plan.evictions) | set(evictions))
+        ops: list[session_pb2.PatchOp] = []
+        if policy.keeps_scores:
+            ops.append(
+                session_pb2.PatchOp(
+                    set_brightness=session_pb2.SetBrightnessOp(
+                        expected_row_count=n, brightness=scores.tolist()
+                    )
+                )
+            )
+        for p, tok, kv, piece, score in merges:
+            ops.append(
+                session_pb2.PatchOp(
+                    replace_pair=session_pb2.ReplacePairOp(
+                        position=p,
+                        expected_token_ids=view.token_ids[p : p + 2],
+                        token_id=tok,
+                        kv=kv,
+                        piece=piece,
+                        brightness=score,
+                    )
+                )
+            )
+        for p in evictions:
+            ops.append(
+                session_pb2.PatchOp(
+                    evict=session_pb2.EvictOp(position=p, expected_token_id=view.token_ids[p])
+                )
+            )
+        ops.append(
+            session_pb2.PatchOp(
+                append=session_pb2.AppendOp(
+                    position=n,
+                    token_ids=[token],
+                    kv=step.input_kv,
+                    pieces=[self._pending_piece],
+                    brightness=[new_score],
+                    source=source,
+                )
+            )
+        )
+        resp = send_patch(
+            self.ep,
+            session_id,
+            view.version,
+            _request_id(),
+            ops,
+            timeout_s=self.cfg.retry_timeout_s,
+        )
+        new_view = apply_edits(
+            view,
+            scores=scores,
+            merges=[(p, tok, score) for p, tok, _, _, score in merges],
+            evictions=evictions,
+            appended=(token, new_score),
+            version=resp.version,
+        )
+        if len(new_view.token_ids) != resp.row_count:
+            raise LoopError(
+                f"session {session_id}@{resp.version}: driver expects "
+                f"{len(new_view.token_ids)} rows, authority has {resp.row_count}"
+            )
+        self.stats.merges += len(merges)
+        self.stats.evictions += len(evictions)
+        self.stats.max_rows = max(self.stats.max_rows, resp.row_count)
+        return new_view, step.next_token_id, step
+
+    def _repair(self, session_id: str, view: View, pairs: list[int], scores: torch.Tensor):
+        """Best single-token replacement and its K/V for each pair; pairs without one are
+        evicted instead (their dimmer row). Read-only calls at the view's version."""
+        if not pairs:
+            return [], []
+        req = model_worker_pb2.RepairRequest(
+            session_id=session_id,
+            version=view.version,
+            pairs=[
+                model_worker_pb2.PairRef(position=p, expected_token_ids=view.token_ids[p : p + 2])
+                for p in pairs
+            ],
+            max_candidates=self.cfg.repair_candidates,
+        )
+        repairs = self._worker_call(lambda: self.ep.worker.Repair(req), "Repair").repairs
+        chosen, fallback = [], []
+        for p, rep in zip(pairs, repairs, strict=True):
+            if rep.candidates:
+                chosen.append((p, rep.candidates[0]))
+            else:
+                fallback.append(p if scores[p] <= scores[p + 1] else p + 1)
+        if not chosen:
+            return [], fallback
+        kv_req = model_worker_pb2.ComputeKVRequest(
+            session_id=session_id,
+            version=view.version,
+            insertions=[
+                model_worker_pb2.Insertion(position=p, token_id=c.token_id) for p, c in chosen
+            ],
+        )
+        kvs = self._worker_call(lambda: self.ep.worker.ComputeKV(kv_req), "ComputeKV").kv
+        merges = [
+            (p, c.token_id, kv, c.piece, float(torch.maximum(scores[p], scores[p + 1])))
+            for (p, c), kv in zip(chosen, kvs, strict=True)
+        ]
+        return merges, fallback
+
+    def reread(self, session_id: str) -> View:
+        resp = call_with_retry(
+            lambda: self.ep.authority.GetSession(
+                cache_authority_pb2.GetSessionRequest(session_id=session_id)
+            ),
+            "GetSession",
+        )
+        return view_from_mirror(resp)
+
+    # -- the whole generation ------------------------------------------------------------------
+    def run(self, prompt: str) -> LoopStats:
+        cfg = self.cfg
+        tok = self._worker_call(
+            lambda: self.ep.worker.Tokenize(
+                model_worker_pb2.TokenizeRequest(text=prompt, add_bos=True)
+            ),
+            "Tokenize",
+        )
+        ids, pieces, structural = list(tok.ids), list(tok.pieces), list(tok.structural)
+        if len(ids) < 2 or all(structural):
+            raise LoopError("the prompt has no text tokens")
+        session_id = self.create_session()
+        self.stats.session_id = session_id
+        logger.info(
+            "session %s: prompt of %d tokens (%d structural), policy %s, target %d, hard max %d",
+            session_id,
+            len(ids),
+            sum(structural),
+            cfg.policy.name,
+            cfg.target_rows,
+            cfg.hard_max_rows,
+        )
+        view = self.prime(session_id, ids[:-1], pieces[:-1], structural[:-1])
+        token, source = ids[-1], session_pb2.TOKEN_SOURCE_PROMPT
+        self._pending_piece = pieces[-1]
+        detok = Detokenizer(self.ep)
+        steps = len(cfg.forced_tokens) if cfg.forced_tokens is not None else cfg.max_new_tokens
+        t0 = time.perf_counter()
+        i = 0
+        while i < steps:
+            try:
+                view, next_token, step = self.iterate(session_id, view, token, i, source)
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.ABORTED:  # type: ignore[attr-defined]
+                    raise
+                # Another writer committed first: re-read the committed state and go on.
+                self.stats.stale_retries += 1
+                logger.warning("session %s@%d: stale version, re-reading", session_id, view.version)
+                view = self.reread(session_id)
+                continue
+            i += 1
+            self.stats.iterations = i
+            self.stats.token_ids.append(next_token)
+            if cfg.forced_tokens is not None:
+                self.stats.nll.append(-float(step.next_token_logprob))
+                source = session_pb2.TOKEN_SOURCE_PROMPT
+            else:
+                source = session_pb2.TOKEN_SOURCE_GENERATED
+            text = "\n\n" if next_token == self.eos else detok.push(next_token)
+            self._pending_piece = text
+            if text:
+                self.on_text(text)
+            token = next_token
+            if cfg.progress_every and i % cfg.progress_every == 0:
+                logger.info(
+                    "session %s@%d: %d/%d tokens, %d rows, %d merges, %d evictions",
+                    session_id,
+                    view.version,
+                    i,
+                    steps,
+                    len(view.token_ids),
+                    self.stats.merges,
+                    self.stats.evictions,
+                )
+            if cfg.stop_at_eos and next_token == self.eos:
+                break
+        elapsed = time.perf_counter() - t0
+        self.stats.tokens_generated = self.stats.iterations
+        self.stats.elapsed_s = elapsed
+        self.stats.tokens_per_s = self.stats.iterations / elapsed if elapsed > 0 else 0.0
+        self.stats.final_version = view.version
+        self.stats.mutating_rpcs = self.ep.counter.patch_calls
+        self.stats.consistent = self.reread(session_id) == view
+        return self.stats
+
+
+def run_loop(
+    endpoints: Endpoints, prompt: str, config: LoopConfig, on_text: Callable[[str], None]
+) -> LoopStats:
+    return Loop(endpoints, config, on_text).run(prompt)
+
+
+def _request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def _runs(flags: list[bool], start: int, stop: int):
+    """Maximal [a, b) runs of equal flags within [start, stop)."""
+    a = start
+    while a < stop:
+        b = a
+        while b < stop and flags[b] == flags[a]:
+            b += 1
+        yield a, b
+        a = b
+
+
+def _kv_slice(kv, a: int, b: int):
+    keys = codec.decode(kv.keys)[:, :, a:b]
+    values = codec.decode(kv.values)[:, :, a:b]
+    from positronic.v1 import tensor_pb2
+
+    return tensor_pb2.KVBlock(keys=codec.encode(keys), values=codec.encode(values))

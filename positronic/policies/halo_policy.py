@@ -1,0 +1,46 @@
+"""Halo Weave (the user's design): brightness decays each tick and grows with the attention the
+newest token pays a row; the adjacent pair with the lowest max-brightness is merged into one
+token chosen by a repairer. Eviction of the dimmest row is the fallback when no pair can merge.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from positronic.brightness import USER_DEFAULTS, BrightnessParams, update_brightness
+from positronic.policies.base import Plan, Policy
+from positronic.selection import select_evictions, select_pairs
+
+
+@dataclass
+class HaloPolicy(Policy):
+    name: str = "halo"
+    params: BrightnessParams = field(default_factory=lambda: USER_DEFAULTS)
+    recent_window: int = 8
+    merges: bool = True
+
+    def initial_score(self) -> float:
+        return self.params.seed
+
+    def update(self, scores: torch.Tensor, attention: torch.Tensor) -> tuple[torch.Tensor, float]:
+        return update_brightness(scores, attention[:-1], self.params), self.params.seed
+
+    def plan(self, scores: torch.Tensor, structural: torch.Tensor, excess: int) -> Plan:
+        if excess <= 0:
+            return Plan()
+        protected = self.protected(structural)
+        pairs = select_pairs(scores, protected, excess)
+        evictions: list[int] = []
+        if len(pairs) < excess:  # not enough mergeable pairs: evict the dimmest rest
+            taken = protected.clone()
+            for p in pairs:
+                taken[p] = taken[p + 1] = True
+            evictions = select_evictions(scores, taken, excess - len(pairs))
+        return Plan(merges=pairs, evictions=evictions)
+
+    @staticmethod
+    def merged_score(scores: torch.Tensor, position: int) -> float:
+        """The merged token keeps the pair's higher brightness."""
+        return float(torch.maximum(scores[position], scores[position + 1]))

@@ -1,0 +1,26 @@
+"""TOVA (Oren et al., 2024, "Transformers are Multi-State RNNs"): evict the row to which the
+newest token pays the least attention (mean over heads); no accumulation, no recent window
+beyond the token being appended."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from positronic.policies.base import Plan, Policy
+from positronic.selection import select_evictions
+
+
+@dataclass
+class TovaPolicy(Policy):
+    name: str = "tova"
+    recent_window: int = 1
+
+    def update(self, scores: torch.Tensor, attention: torch.Tensor) -> tuple[torch.Tensor, float]:
+        return attention[:-1].float().clone(), float(attention[-1])
+
+    def plan(self, scores: torch.Tensor, structural: torch.Tensor, excess: int) -> Plan:
+        if excess <= 0:
+            return Plan()
+        return Plan(evictions=select_evictions(scores, self.protected(structural), excess))
