@@ -1,0 +1,63 @@
+"""Prometheus metrics of one worker, in a private registry (no process-global state)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class WorkerMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.step_seconds = Histogram(
+            "positronic_worker_step_seconds",
+            "Forward time of Step calls",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.rpc_seconds = Histogram(
+            "positronic_worker_rpc_seconds",
+            "Wall time of each RPC, sync included",
+            ["rpc"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tokens = Counter("positronic_worker_tokens", "Tokens forwarded", ["rpc"], registry=r)
+        self.tokens_per_second = Gauge(
+            "positronic_worker_tokens_per_second",
+            "Throughput of the latest call of each kind (tokens over forward time)",
+            ["rpc"],
+            registry=r,
+        )
+        self.sync_bytes = Counter(
+            "positronic_worker_sync_bytes",
+            "Bytes received from the authority's Sync",
+            ["kind"],
+            registry=r,
+        )
+        self.errors = Counter(
+            "positronic_worker_errors", "Refused or failed RPCs", ["rpc", "code"], registry=r
+        )
+
+    def forwarded(self, rpc: str, tokens: int, seconds: float) -> None:
+        self.tokens.labels(rpc).inc(tokens)
+        if seconds > 0:
+            self.tokens_per_second.labels(rpc).set(tokens / seconds)
+
+    def add_sync_bytes(self, kind: str, n: int) -> None:
+        self.sync_bytes.labels(kind).inc(n)
+
+    def serve(self, port: int, addr: str = "0.0.0.0") -> Callable[[], None]:
+        """Serve /metrics on `port`; returns a function that stops it."""
+        server, thread = start_http_server(port, addr=addr, registry=self.registry)
+
+        def stop() -> None:
+            server.shutdown()
+            server.server_close()
+            thread.join(timeout=5)
+
+        return stop

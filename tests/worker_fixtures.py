@@ -1,0 +1,262 @@
+"""Helpers for the model worker's tests: tiny models built offline, replicas filled with
+`apply_ops` from a real forward, and a miniature authority that serves Sync from a log."""
+
+from __future__ import annotations
+
+import copy
+import functools
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from cache_authority.ops import GENESIS_DIGEST, AppendOp, Op, chain_digest, op_to_pb
+from cache_authority.state import Budget, SessionState, apply_ops
+from model_worker.errors import WorkerError
+from model_worker.forward import Rows
+from model_worker.model import LoadedModel, describe
+from positronic.v1 import cache_authority_pb2
+
+_WORDS = (
+    "once upon a time there was big little cat dog girl boy tree house sun happy sad ran "
+    "jumped saw the and to he she it . , play ball friend mom dad day park water red blue "
+    "green fun went home good bad elephant wonderful butterfly"
+)
+TINY_WORDS = tuple(_WORDS.split(" "))
+
+
+def word_tokenizer(words=TINY_WORDS, *, wordpiece: bool = False):
+    """A whitespace word-level (or WordPiece, for BERT) tokenizer built offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    if wordpiece:
+        specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+        vocab = {w: i for i, w in enumerate([*specials, *words, "##s", "##ed"])}
+        tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.decoder = decoders.WordPiece()
+        return PreTrainedTokenizerFast(
+            tokenizer_object=tok,
+            unk_token="[UNK]",
+            pad_token="[PAD]",
+            cls_token="[CLS]",
+            sep_token="[SEP]",
+            mask_token="[MASK]",
+        )
+    specials = ["<unk>", "<s>", "</s>"]
+    vocab = {w: i for i, w in enumerate([*specials, *words])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+
+
+def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """A random 2-layer Llama (GQA 4/2 heads, head dim 8) over a word-level tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = word_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=128,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).to(dtype)
+    return describe("tiny-random-llama", model, tok)
+
+
+def tiny_masked_lm(directory: Path):
+    """Save a random tiny BERT masked LM and its WordPiece tokenizer to `directory`."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    tok = word_tokenizer(wordpiece=True)
+    config = BertConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
+    torch.manual_seed(0)
+    BertForMaskedLM(config).save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return directory
+
+
+def full_forward(lm: LoadedModel, token_ids: list[int], eager: bool = False):
+    """A monolithic HF forward from scratch (no replica involved)."""
+    with torch.inference_mode():
+        return lm.model(
+            input_ids=torch.tensor([token_ids]),
+            position_ids=torch.arange(len(token_ids))[None],
+            use_cache=True,
+            output_attentions=eager,
+        )
+
+
+def kv_of(out) -> tuple[torch.Tensor, torch.Tensor]:
+    """[L, H, N, D] keys and values of a forward's cache."""
+    keys = torch.stack([layer.keys[0] for layer in out.cache.layers])
+    values = torch.stack([layer.values[0] for layer in out.cache.layers])
+    return keys.clone(), values.clone()
+
+
+def append_op(lm: LoadedModel, token_ids: list[int], position: int = 0, context=()) -> AppendOp:
+    """An AppendOp whose K/V come from a from-scratch forward of context + token_ids."""
+    keys, values = kv_of(full_forward(lm, [*context, *token_ids]))
+    n = len(token_ids)
+    return AppendOp(
+        position=position,
+        token_ids=tuple(token_ids),
+        keys=keys[:, :, -n:].contiguous(),
+        values=values[:, :, -n:].contiguous(),
+    )
+
+
+def new_state(lm: LoadedModel, session_id: str = "s", hard_max: int = 64) -> SessionState:
+    return SessionState(
+        session_id=session_id,
+        geometry=lm.geometry,
+        budget=Budget(target_rows=hard_max, hard_max_rows=hard_max),
+        digest=GENESIS_DIGEST,
+    )
+
+
+def commit(state: SessionState, ops: list[Op]) -> list:
+    """Apply ops as the next version, with the chained digest; returns the ops as protos."""
+    ops_pb = [op_to_pb(op) for op in ops]
+    version = state.version + 1
+    apply_ops(state, ops, version, chain_digest(state.digest, version, ops_pb))
+    return ops_pb
+
+
+def replica_of(lm: LoadedModel, token_ids: list[int], hard_max: int = 64) -> SessionState:
+    state = new_state(lm, hard_max=hard_max)
+    commit(state, [append_op(lm, token_ids)])
+    return state
+
+
+def rows_of(state: SessionState) -> Rows:
+    return Rows(state.live_keys(), state.live_values(), state.live_token_ids())
+
+
+def snapshot_of(state: SessionState) -> tuple[torch.Tensor, ...]:
+    """Everything a replica holds, copied, for before/after comparisons."""
+    return (
+        state.keys.clone(),
+        state.canonical_keys.clone(),
+        state.values.clone(),
+        state.token_ids.clone(),
+        state.origin_positions.clone(),
+        state.brightness.clone(),
+        torch.tensor([state.version, state.row_count]),
+        torch.tensor(list(state.digest)),
+    )
+
+
+def same(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+@dataclass
+class MiniAuthority:
+    """A test double of the authority's Sync: one master state per session and its log.
+
+    Sync from 0 (or from before `log_floor`) sends a snapshot; otherwise the retained deltas,
+    each split in `parts` messages. `corrupt_version` sends a wrong digest for that version."""
+
+    states: dict[str, SessionState] = field(default_factory=dict)
+    log: dict[str, list[cache_authority_pb2.CommittedPatch]] = field(default_factory=dict)
+    log_floor: int = 0
+    parts: int = 1
+    chunk_bytes: int = 1000
+    corrupt_version: int | None = None
+    reachable: bool = True
+    calls: list[tuple[str, int]] = field(default_factory=list)
+
+    def create(self, lm: LoadedModel, session_id: str, hard_max: int = 64) -> SessionState:
+        self.states[session_id] = new_state(lm, session_id, hard_max)
+        self.log[session_id] = []
+        return self.states[session_id]
+
+    def patch(self, session_id: str, ops: list[Op]) -> int:
+        state = self.states[session_id]
+        ops_pb = commit(state, ops)
+        self.log[session_id].append(
+            cache_authority_pb2.CommittedPatch(
+                version=state.version, digest=state.digest, ops=ops_pb
+            )
+        )
+        return state.version
+
+    def sync(
+        self, session_id: str, from_version: int
+    ) -> Iterator[cache_authority_pb2.SyncResponse]:
+        self.calls.append((session_id, from_version))
+        if not self.reachable:
+            raise WorkerError("UNAVAILABLE", "mini authority unreachable")
+        if session_id not in self.states:
+            raise WorkerError("NOT_FOUND", f"no session {session_id}")
+        return self._stream(session_id, from_version)
+
+    def _stream(self, session_id: str, from_version: int):
+        from cache_authority.snapshot import state_to_snapshot
+
+        state = self.states[session_id]
+        if from_version == 0 or from_version < self.log_floor:
+            header, data = state_to_snapshot(state)
+            yield cache_authority_pb2.SyncResponse(snapshot_header=header)
+            for off in range(0, len(data), self.chunk_bytes):
+                chunk = cache_authority_pb2.SnapshotChunk(
+                    offset=off, data=data[off : off + self.chunk_bytes]
+                )
+                yield cache_authority_pb2.SyncResponse(snapshot_chunk=chunk)
+            return
+        for patch in self.log[session_id][from_version:]:
+            digest = b"\0" * 32 if patch.version == self.corrupt_version else patch.digest
+            ops = list(patch.ops)
+            k = max(1, min(self.parts, len(ops)))
+            for i in range(k):
+                share = ops[i * len(ops) // k : (i + 1) * len(ops) // k]
+                last = i == k - 1
+                part = cache_authority_pb2.CommittedPatch(
+                    version=patch.version, digest=digest if last else b"", ops=share
+                )
+                yield cache_authority_pb2.SyncResponse(
+                    delta=cache_authority_pb2.PatchDelta(patch=part, final=last)
+                )
+
+
+STORY = "Once upon a time, there was a little girl named Lily. She loved to play in the park."
+
+
+@functools.cache
+def stories(path: str) -> LoadedModel:
+    from model_worker.model import load_model
+
+    return load_model(path, device="cpu", dtype="float32")
+
+
+def story_ids(lm: LoadedModel, text: str = STORY) -> list[int]:
+    from positronic.special_tokens import encode_prompt
+
+    return encode_prompt(lm.tokenizer, text).ids
+
+
+def eager_copy(lm: LoadedModel):
+    """The same weights with HF's eager attention (which returns full attention maps)."""
+    model = copy.deepcopy(lm.model)
+    model.set_attn_implementation("eager")
+    return model
