@@ -1,0 +1,97 @@
+"""Policies as pure functions: score updates and plans against hand-computed values."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from positronic.loop_view import View, apply_edits
+from positronic.policies import make_policy
+from positronic.policies.halo_policy import HaloPolicy
+
+
+def structural(n: int, first: bool = True) -> torch.Tensor:
+    s = torch.zeros(n, dtype=torch.bool)
+    s[0] = first
+    return s
+
+
+def test_unknown_policy_is_refused():
+    with pytest.raises(ValueError, match="unknown policy"):
+        make_policy("lru")
+
+
+def test_recent_window_must_protect_the_new_token():
+    with pytest.raises(ValueError):
+        make_policy("tova", recent_window=0)
+
+
+def test_halo_update_and_plan():
+    halo = make_policy("halo", recent_window=2)
+    scores = torch.tensor([255.0, 100.0, 50.0, 60.0, 255.0])
+    attention = torch.tensor([0.5, 0.0, 0.1, 0.0, 0.2, 0.2])  # 5 rows + itself
+    new, seed = halo.update(scores, attention)
+    assert new.tolist() == pytest.approx([255.0, 98.0, 49.0, 58.0, 255.0])
+    assert seed == 255.0
+    all_scores = torch.cat([new, torch.tensor([seed])])
+    # Pairs (1,2)=98 (2,3)=58 ; (0,1) structural, (3,4),(4,5) touch the recent window.
+    plan = halo.plan(all_scores, structural(6), excess=1)
+    assert plan.merges == [2] and plan.evictions == []
+    assert HaloPolicy.merged_score(all_scores, 2) == pytest.approx(58.0)
+    assert halo.plan(all_scores, structural(6), excess=0).merges == []
+
+
+def test_halo_falls_back_to_eviction_when_no_pair_fits():
+    halo = make_policy("halo", recent_window=1)
+    scores = torch.tensor([1.0, 5.0, 3.0, 9.0])  # rows 0 and 2 structural; row 3 recent
+    flags = torch.tensor([True, False, True, False])
+    plan = halo.plan(scores, flags, excess=1)
+    assert plan.merges == [] and plan.evictions == [1]
+
+
+def test_streaming_evicts_oldest_after_the_sinks():
+    policy = make_policy("streaming", sinks=2, recent_window=2)
+    scores = torch.zeros(8)
+    plan = policy.plan(scores, structural(8), excess=2)
+    assert plan.evictions == [2, 3] and plan.merges == []
+    assert not policy.keeps_scores
+
+
+def test_h2o_accumulates_attention():
+    policy = make_policy("h2o", recent_window=2)
+    scores = torch.tensor([0.0, 0.3, 0.1, 0.5])
+    new, own = policy.update(scores, torch.tensor([0.4, 0.1, 0.05, 0.05, 0.4]))
+    assert new.tolist() == pytest.approx([0.4, 0.4, 0.15, 0.55])
+    assert own == pytest.approx(0.4)
+    plan = policy.plan(torch.cat([new, torch.tensor([own])]), structural(5), excess=1)
+    assert plan.evictions == [2]  # lowest accumulated among rows 1, 2 (3, 4 recent; 0 BOS)
+
+
+def test_tova_uses_only_the_newest_attention():
+    policy = make_policy("tova")
+    new, own = policy.update(torch.tensor([9.0, 9.0, 9.0]), torch.tensor([0.5, 0.1, 0.3, 0.1]))
+    assert new.tolist() == pytest.approx([0.5, 0.1, 0.3]) and own == pytest.approx(0.1)
+    plan = policy.plan(torch.cat([new, torch.tensor([own])]), structural(4), excess=1)
+    assert plan.evictions == [1]  # the new row (3) is never evicted: it is not cached yet
+
+
+def test_full_never_compacts():
+    policy = make_policy("full")
+    assert policy.plan(torch.zeros(5), structural(5), excess=3).evictions == []
+
+
+def test_view_edits_match_the_patch_semantics():
+    view = View(4, [1, 10, 11, 12, 13, 14], [True] + [False] * 5, torch.arange(6.0))
+    out = apply_edits(
+        view,
+        scores=torch.arange(6.0) + 1,
+        merges=[(1, 99, 7.0)],
+        evictions=[4],
+        appended=(20, 255.0),
+        version=5,
+    )
+    # Positions name pre-patch rows: merge (1, 2) -> 99, evict row 4 (token 13), append 20.
+    assert out.token_ids == [1, 99, 12, 14, 20]
+    assert out.structural == [True, False, False, False, False]
+    assert out.scores.tolist() == [1.0, 7.0, 4.0, 6.0, 255.0]
+    assert out.version == 5
