@@ -1,0 +1,215 @@
+"""The patch engine: every session, and the one place their state changes.
+
+A patch runs under its session's lock: request_id replay -> expected_version check -> decode ->
+validate -> stage -> digest -> write-ahead log (fsynced) -> commit. Anything that fails before the
+commit changes nothing; a commit that fails restores the rows and cuts its record off the log.
+Sessions have a lock each, so patches to different sessions run concurrently.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+from cache_authority.feed import WatchEvent
+from cache_authority.metrics import Metrics
+from cache_authority.ops import PatchError, Status, chain_digest, ops_from_pb
+from cache_authority.persistence import SessionStore
+from cache_authority.sessions import (
+    Committed,
+    EngineLimits,
+    PatchResult,
+    SessionRegistry,
+    SessionSlot,
+)
+from cache_authority.snapshot import state_to_snapshot
+from cache_authority.state import commit_staged, stage_ops, validate_ops
+from positronic.v1 import cache_authority_pb2, session_pb2
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SyncPlan:
+    """What a replica at some version needs: the deltas after it, or a full snapshot."""
+
+    version: int
+    deltas: list[Committed] = field(default_factory=list)
+    snapshot: tuple[cache_authority_pb2.SnapshotHeader, bytes] | None = None
+
+
+class Engine(SessionRegistry):
+    def __init__(
+        self,
+        limits: EngineLimits | None = None,
+        store: SessionStore | None = None,
+        metrics: Metrics | None = None,
+    ):
+        super().__init__(limits, store, metrics)
+        if store is not None:
+            for rec in store.recover_all():
+                s = SessionSlot(rec.state, snapshot_version=rec.state.version - len(rec.replayed))
+                for r in rec.replayed:
+                    c = Committed(r.patch, r.row_count, r.appended, r.merged, r.evicted)
+                    self._retain(s, c)
+                    if r.patch.request_id:
+                        self._remember(
+                            s,
+                            r.patch.request_id,
+                            PatchResult(r.patch.version, r.patch.digest, r.row_count, 0),
+                        )
+                self._sessions[rec.state.session_id] = s
+                self.metrics.set_session(rec.state)
+
+    # -- the patch --------------------------------------------------------------------------
+    def patch(
+        self,
+        session_id: str,
+        expected_version: int,
+        request_id: str,
+        ops_pb: Sequence[session_pb2.PatchOp],
+    ) -> PatchResult:
+        """Apply ops at expected_version and commit version + 1, all or nothing."""
+        t0 = time.perf_counter_ns()
+        try:
+            result = self._patch(session_id, expected_version, request_id, ops_pb, t0)
+        except PatchError as e:
+            self.metrics.observe_patch(time.perf_counter_ns() - t0, e.status.value)
+            raise
+        self.metrics.observe_patch(result.apply_ns, "REPLAYED" if result.replayed else "OK")
+        return result
+
+    def _patch(self, session_id, expected_version, request_id, ops_pb, t0) -> PatchResult:
+        session = self._session(session_id)
+        with session.cond:
+            self._check_live(session)
+            if request_id and request_id in session.replies:
+                # The stored reply, whatever ops came with the id this time (see README).
+                return replace(session.replies[request_id], replayed=True)
+            st = session.state
+            if expected_version != st.version:
+                raise PatchError(
+                    Status.ABORTED,
+                    f"session {session_id} is at version {st.version}, not {expected_version}",
+                    current_version=st.version,
+                )
+            if session.broken:
+                raise PatchError(Status.UNAVAILABLE, f"session {session_id}: log needs repair")
+            ops = ops_from_pb(ops_pb)
+            validate_ops(st, ops)
+            version = st.version + 1
+            staged = stage_ops(st, ops, version)
+            digest = chain_digest(st.digest, version, list(ops_pb))
+            patch = session_pb2.CommittedPatch(
+                version=version,
+                digest=digest,
+                request_id=request_id,
+                ops=ops_pb,
+                committed_unix_ns=time.time_ns(),
+            )
+            mark = None
+            if self.store is not None:
+                mark = self._durably(lambda: self.store.append(session_id, patch), st)  # type: ignore[union-attr]
+            try:
+                commit_staged(st, staged, digest)
+            except BaseException:
+                if mark is not None:
+                    self._rollback_log(session, mark)
+                raise
+            result = PatchResult(version, digest, st.row_count, time.perf_counter_ns() - t0)
+            committed = Committed(
+                patch, st.row_count, staged.appended, staged.merged, staged.evicted
+            )
+            self._after_commit(session, committed, result)
+            return result
+
+    def _after_commit(
+        self, session: SessionSlot, committed: Committed, result: PatchResult
+    ) -> None:
+        """Bookkeeping of a commit that already happened: it must not turn a success into an
+        error, so failures here are logged, not raised."""
+        st = session.state
+        try:
+            self._retain(session, committed)
+            if committed.patch.request_id:
+                self._remember(session, committed.patch.request_id, result)
+            session.cond.notify_all()
+            self.feed.publish(committed.event(st.session_id))
+            self.metrics.set_session(st)
+            if self.store is not None and (
+                st.version - session.snapshot_version >= self.limits.snapshot_every
+            ):
+                self.store.snapshot(st)
+                session.snapshot_version = st.version
+        except Exception:
+            logger.exception(
+                "session %s v%d: bookkeeping after commit failed", st.session_id, st.version
+            )
+
+    def _retain(self, session: SessionSlot, committed: Committed) -> None:
+        session.log.append(committed)
+        session.log_bytes += committed.patch.ByteSize()
+        while session.log and (
+            len(session.log) > self.limits.log_retention
+            or session.log_bytes > self.limits.log_retention_bytes
+        ):
+            session.log_bytes -= session.log.popleft().patch.ByteSize()
+
+    def _remember(self, session: SessionSlot, request_id: str, result: PatchResult) -> None:
+        session.replies[request_id] = result
+        while len(session.replies) > self.limits.replies_kept:
+            session.replies.popitem(last=False)
+
+    def _rollback_log(self, session: SessionSlot, mark: int) -> None:
+        try:
+            self.store.rollback(session.state.session_id, mark)  # type: ignore[union-attr]
+        except OSError:
+            session.broken = True
+            logger.exception(
+                "session %s v%d: could not cut a failed commit off the log",
+                session.state.session_id,
+                session.state.version,
+            )
+
+    # -- sync and watch ---------------------------------------------------------------------
+    def sync_plan(self, session_id: str, from_version: int) -> SyncPlan:
+        """Deltas after from_version when the retained log reaches back, else a snapshot.
+
+        from_version 0 means the replica holds nothing, not even the geometry: a snapshot.
+        """
+        session = self._session(session_id)
+        with session.cond:
+            self._check_live(session)
+            st = session.state
+            if 0 < from_version == st.version:
+                return SyncPlan(st.version)
+            log = session.log
+            if 0 < from_version < st.version and log and log[0].patch.version <= from_version + 1:
+                deltas = [c for c in log if c.patch.version > from_version]
+                return SyncPlan(st.version, deltas=deltas)
+            return SyncPlan(st.version, snapshot=state_to_snapshot(st))
+
+    def wait_for_version(self, session_id: str, after: int, timeout: float) -> bool:
+        """Block until the session passes version `after` (True) or `timeout` passes (False)."""
+        session = self._session(session_id)
+        with session.cond:
+            session.cond.wait_for(
+                lambda: session.state.version > after or session.deleted or self._closed, timeout
+            )
+            self._check_live(session)
+            return session.state.version > after
+
+    def retained_events(self, session_id: str, after: int) -> list[WatchEvent]:
+        session = self._session(session_id)
+        with session.cond:
+            return [c.event(session_id) for c in session.log if c.patch.version > after]
+
+    def patch_byte_limit(self, session_id: str) -> int:
+        """Largest sensible Patch stream for this session: every row appended and merged once,
+        plus brightness, plus generous headroom for ids and pieces."""
+        row_bytes, rows = self.read(
+            session_id, lambda s: (s.geometry.row_bytes, s.budget.hard_max_rows)
+        )
+        return 2 * rows * (row_bytes + 256) + (1 << 20)

@@ -1,0 +1,276 @@
+"""Durable sessions: a write-ahead log of committed patches plus periodic snapshots.
+
+Layout under the data dir, one folder per session:
+  sessions/<id>/snapshot-<version>.safetensors  canonical keys + values, SnapshotHeader in metadata
+  sessions/<id>/wal-<version>.log               patches after that version, one record each
+A record is <u32 length><u32 crc32><CommittedPatch bytes>, written and fsynced before the patch is
+acknowledged. Recovery loads the newest readable snapshot and replays every later record through
+the same apply_ops a replica uses, checking the digest chain. A torn last record (the process died
+while writing it) was never acknowledged and is cut off; damage anywhere else refuses to start.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import shutil
+import struct
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from safetensors import safe_open
+from safetensors.torch import save as save_safetensors
+
+from cache_authority.ops import chain_digest, ops_from_pb
+from cache_authority.rows import SessionState
+from cache_authority.snapshot import state_from_parts, state_to_header
+from cache_authority.state import apply_ops
+from positronic.v1 import cache_authority_pb2, session_pb2
+
+logger = logging.getLogger(__name__)
+
+_RECORD = struct.Struct("<II")  # payload length, crc32 of the payload
+
+
+class CorruptStore(RuntimeError):
+    """Persisted state that cannot be trusted: refusing to start beats serving wrong rows."""
+
+
+@dataclass(frozen=True)
+class Replayed:
+    """A log record replayed at recovery, with what it did (the engine's retained log needs it)."""
+
+    patch: session_pb2.CommittedPatch
+    row_count: int
+    appended: int
+    merged: int
+    evicted: int
+
+
+@dataclass
+class Recovered:
+    """A session read back from disk and the records replayed on top of its snapshot."""
+
+    state: SessionState
+    replayed: list[Replayed]
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    """Write to a temporary name, fsync, rename: readers see the old file or the whole new one."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+class SessionStore:
+    """Persistence for every session of one authority. Callers hold the session's lock."""
+
+    def __init__(self, data_dir: str | Path):
+        self.root = Path(data_dir) / "sessions"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._wal: dict[str, tuple[int, BinaryIO]] = {}  # session id -> (base version, file)
+
+    # -- writing ----------------------------------------------------------------------------
+    def create(self, state: SessionState) -> None:
+        """Persist a new session: its folder appears, complete, in one rename."""
+        tmp = self.root / f".creating-{state.session_id}-{time.time_ns()}"
+        tmp.mkdir()
+        self._write_snapshot(tmp, state)
+        (tmp / _wal_name(state.version)).touch()
+        final = self.root / state.session_id
+        os.replace(tmp, final)
+        _fsync_dir(self.root)
+        self._open_wal(state.session_id, state.version)
+
+    def append(self, session_id: str, patch: session_pb2.CommittedPatch) -> int:
+        """Append and fsync one record; returns the offset to roll back to. On failure nothing
+        of the record stays in the log (or OSError says the log could not be repaired)."""
+        _, f = self._wal[session_id]
+        payload = patch.SerializeToString(deterministic=True)
+        mark = f.tell()
+        try:
+            f.write(_RECORD.pack(len(payload), zlib.crc32(payload)) + payload)
+            f.flush()
+            os.fsync(f.fileno())
+        except BaseException:
+            self.rollback(session_id, mark)
+            raise
+        return mark
+
+    def rollback(self, session_id: str, mark: int) -> None:
+        """Cut the log back to `mark` (a record whose commit then failed must not be replayed)."""
+        _, f = self._wal[session_id]
+        f.seek(mark)
+        f.truncate()
+        f.flush()
+        os.fsync(f.fileno())
+
+    def snapshot(self, state: SessionState) -> None:
+        """Write a snapshot at the state's version, start a new log after it, drop older files."""
+        folder = self.root / state.session_id
+        self._write_snapshot(folder, state)
+        (folder / _wal_name(state.version)).touch()
+        _fsync_dir(folder)
+        self._open_wal(state.session_id, state.version)
+        for p in folder.iterdir():
+            v = _version_of(p)
+            if v is not None and v < state.version:
+                p.unlink()
+        logger.info("session %s v%d: snapshot written", state.session_id, state.version)
+
+    def delete(self, session_id: str) -> None:
+        self.close_session(session_id)
+        folder = self.root / session_id
+        trash = self.root / f".deleted-{session_id}-{time.time_ns()}"
+        os.replace(folder, trash)
+        _fsync_dir(self.root)
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def close(self) -> None:
+        for session_id in list(self._wal):
+            self.close_session(session_id)
+
+    def wal_bytes(self, session_id: str) -> int:
+        return self._wal[session_id][1].tell()
+
+    def _write_snapshot(self, folder: Path, state: SessionState) -> None:
+        header = state_to_header(state)
+        blob = save_safetensors(
+            {
+                "canonical_keys": state.live_canonical_keys().contiguous(),
+                "values": state.live_values().contiguous(),
+            },
+            metadata={"header": base64.b64encode(header.SerializeToString()).decode()},
+        )
+        _write_durably(folder / f"snapshot-{state.version:012d}.safetensors", blob)
+
+    def _open_wal(self, session_id: str, base_version: int) -> None:
+        self.close_session(session_id)
+        path = self.root / session_id / _wal_name(base_version)
+        self._wal[session_id] = (base_version, open(path, "r+b"))  # noqa: SIM115 - kept open
+        self._wal[session_id][1].seek(0, os.SEEK_END)
+
+    def close_session(self, session_id: str) -> None:
+        entry = self._wal.pop(session_id, None)
+        if entry is not None:
+            entry[1].close()
+
+    # -- recovery ---------------------------------------------------------------------------
+    def recover_all(self) -> list[Recovered]:
+        """Every persisted session at its last acknowledged version, the log left open."""
+        out = []
+        for folder in sorted(self.root.iterdir()):
+            if folder.name.startswith("."):  # half-created or half-deleted: never acknowledged
+                shutil.rmtree(folder, ignore_errors=True)
+                continue
+            out.append(self._recover(folder))
+        return out
+
+    def _recover(self, folder: Path) -> Recovered:
+        snapshots = _versioned(folder, "snapshot")
+        if not snapshots:
+            raise CorruptStore(f"{folder}: no snapshot")
+        state = _load_snapshot(snapshots[-1][1])
+        replayed = []
+        wals = _versioned(folder, "wal")
+        for i, (_, wal) in enumerate(wals):
+            for patch in _read_records(wal, last=i == len(wals) - 1):
+                if patch.version <= state.version:
+                    continue  # already in the snapshot
+                if patch.version != state.version + 1:
+                    raise CorruptStore(f"{wal}: v{patch.version} after v{state.version}")
+                digest = chain_digest(state.digest, patch.version, list(patch.ops))
+                if digest != patch.digest:
+                    raise CorruptStore(f"{wal}: digest chain broken at v{patch.version}")
+                s = apply_ops(state, ops_from_pb(patch.ops), patch.version, digest)
+                replayed.append(Replayed(patch, s.new_row_count, s.appended, s.merged, s.evicted))
+        base = wals[-1][0] if wals else state.version
+        if not wals:
+            (folder / _wal_name(base)).touch()
+        self._open_wal(state.session_id, base)
+        logger.info(
+            "session %s v%d: recovered (snapshot v%d + %d log records)",
+            state.session_id,
+            state.version,
+            state.version - len(replayed),
+            len(replayed),
+        )
+        return Recovered(state, replayed)
+
+
+def _wal_name(version: int) -> str:
+    return f"wal-{version:012d}.log"
+
+
+def _version_of(path: Path) -> int | None:
+    """The version in a snapshot or log file name; None for anything else (e.g. *.tmp)."""
+    stem, _, suffix = path.name.partition(".")
+    prefix, _, number = stem.partition("-")
+    if prefix in ("wal", "snapshot") and number.isdigit() and suffix in ("log", "safetensors"):
+        return int(number)
+    return None
+
+
+def _versioned(folder: Path, prefix: str) -> list[tuple[int, Path]]:
+    """(version, path) of the folder's snapshot or log files, oldest first."""
+    found = []
+    for p in folder.glob(f"{prefix}-*"):
+        v = _version_of(p)
+        if v is not None:
+            found.append((v, p))
+    return sorted(found)
+
+
+def _load_snapshot(path: Path) -> SessionState:
+    with safe_open(str(path), "pt") as f:
+        header = cache_authority_pb2.SnapshotHeader.FromString(
+            base64.b64decode(f.metadata()["header"])
+        )
+        return state_from_parts(header, f.get_tensor("canonical_keys"), f.get_tensor("values"))
+
+
+def _read_records(path: Path, last: bool):
+    """Yield the CommittedPatch records of one log; cut a torn tail off the last log."""
+    data = path.read_bytes()
+    offset = 0
+    while offset < len(data):
+        end = offset + _RECORD.size
+        torn = end > len(data)
+        if not torn:
+            length, crc = _RECORD.unpack_from(data, offset)
+            torn = end + length > len(data)
+            if not torn and zlib.crc32(data[end : end + length]) != crc:
+                # A complete record with a bad checksum is torn only if nothing follows it.
+                torn = end + length == len(data)
+                if not torn:
+                    raise CorruptStore(f"{path}: bad record at byte {offset}")
+        if torn:
+            if not last:
+                raise CorruptStore(f"{path}: torn record at byte {offset} before a later log")
+            logger.warning(
+                "%s: discarding a torn last record (%d bytes, never acknowledged)",
+                path,
+                len(data) - offset,
+            )
+            with open(path, "r+b") as f:
+                f.truncate(offset)
+                os.fsync(f.fileno())
+            return
+        yield session_pb2.CommittedPatch.FromString(data[end : end + length])
+        offset = end + length

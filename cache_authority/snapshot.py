@@ -1,0 +1,115 @@
+"""A session as one header plus tensor bytes: what Sync sends when the log no longer reaches back,
+and what the authority writes to disk.
+
+The snapshot carries canonical keys [L, H, N, D] then values [L, H, N, D] plus the mirror. The
+rotated keys are not sent: the receiver derives them from the canonical keys and each row's
+origin position, the same single rotation the authority applied (DESIGN.md invariant 5).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cache_authority.convert import (
+    budget_from_pb,
+    geometry_from_pb,
+    mirror_to_pb,
+    rows_from_mirror,
+    session_info_to_pb,
+)
+from cache_authority.rows import SessionState
+from cache_authority.stage import check_blades
+from positronic import codec
+from positronic.rope import rerotate_from_canonical
+from positronic.v1 import cache_authority_pb2, tensor_pb2
+
+
+def state_to_header(state: SessionState) -> cache_authority_pb2.SnapshotHeader:
+    """The header of a snapshot of `state` (specs without data)."""
+    n = state.row_count
+    wire = codec.dtype_to_wire(state.geometry.dtype)
+    shape = list(state.geometry.kv_shape(n))
+    specs = [tensor_pb2.Tensor(dtype=wire, shape=shape) for _ in range(2)]
+    return cache_authority_pb2.SnapshotHeader(
+        session=session_info_to_pb(state),
+        mirror=mirror_to_pb(state),
+        tensor_specs=specs,
+        total_bytes=2 * codec.tensor_nbytes(state.geometry.dtype, shape),
+        next_ledger_id=state.next_ledger_id,
+    )
+
+
+def state_to_snapshot(state: SessionState) -> tuple[cache_authority_pb2.SnapshotHeader, bytes]:
+    """(header, canonical key bytes + value bytes) of the live rows."""
+    header = state_to_header(state)
+    data = b"".join(
+        codec.encode(t).data for t in (state.live_canonical_keys(), state.live_values())
+    )
+    return header, data
+
+
+def state_from_snapshot(header: cache_authority_pb2.SnapshotHeader, data: bytes) -> SessionState:
+    """Rebuild a session from a snapshot; ValueError when header and bytes do not fit together."""
+    if len(header.tensor_specs) != 2:
+        raise ValueError(f"snapshot has {len(header.tensor_specs)} tensor specs, expected 2")
+    if len(data) != header.total_bytes:
+        raise ValueError(f"snapshot has {len(data)} bytes, header says {header.total_bytes}")
+    tensors, offset = [], 0
+    for spec in header.tensor_specs:
+        size = codec.tensor_nbytes(codec.dtype_from_wire(spec.dtype), spec.shape)
+        msg = tensor_pb2.Tensor(
+            dtype=spec.dtype, shape=spec.shape, data=data[offset : offset + size]
+        )
+        tensors.append(codec.decode(msg))
+        offset += size
+    if offset != len(data):
+        raise ValueError(f"snapshot has {len(data) - offset} bytes beyond its tensors")
+    return state_from_parts(header, tensors[0], tensors[1])
+
+
+def state_from_parts(
+    header: cache_authority_pb2.SnapshotHeader,
+    canonical_keys: torch.Tensor,
+    values: torch.Tensor,
+) -> SessionState:
+    """Rebuild a session from its header and its live tensors, canonical_keys/values [L,H,N,D]."""
+    info = header.session
+    geometry = geometry_from_pb(info.geometry)
+    state = SessionState(
+        session_id=info.session_id,
+        geometry=geometry,
+        budget=budget_from_pb(info.budget),
+        seed_brightness=info.seed_brightness,
+        version=info.version,
+        digest=info.digest,
+        next_ledger_id=header.next_ledger_id,
+        created_unix_ns=info.created_unix_ns,
+    )
+    n = len(header.mirror)
+    want = geometry.kv_shape(n)
+    if n != info.row_count or n > state.budget.hard_max_rows:
+        raise ValueError(f"snapshot mirror has {n} rows, session info says {info.row_count}")
+    for name, t in (("canonical keys", canonical_keys), ("values", values)):
+        if t.dtype != geometry.dtype or tuple(t.shape) != want:
+            raise ValueError(f"snapshot {name} are {t.dtype} {list(t.shape)}, need {list(want)}")
+    tokens, origins, brightness, metas = rows_from_mirror(header.mirror)
+    if any(m.ledger_id >= state.next_ledger_id for m in metas):
+        raise ValueError("snapshot mirror holds a ledger id at or past next_ledger_id")
+    origin = torch.tensor(origins, dtype=torch.int64)
+    positions = torch.arange(n, dtype=torch.int64)
+    keys = canonical_keys.clone()
+    moved = positions != origin
+    if bool(moved.any()):
+        keys[:, :, moved] = rerotate_from_canonical(
+            canonical_keys[:, :, moved], origin[moved], positions[moved], geometry.rope
+        )
+    state.keys[:, :, :n] = keys
+    state.canonical_keys[:, :, :n] = canonical_keys
+    state.values[:, :, :n] = values
+    state.token_ids[:n] = torch.tensor(tokens, dtype=torch.int64)
+    state.origin_positions[:n] = origin
+    state.brightness[:n] = torch.tensor(brightness, dtype=torch.float32)
+    state.meta = metas
+    state.row_count = n
+    check_blades(state)
+    return state
