@@ -363,15 +363,23 @@ class Loop:
         return view_from_mirror(resp)
 
     # -- the whole generation ------------------------------------------------------------------
-    def run(self, prompt: str) -> LoopStats:
+    def run(self, prompt: str, prompt_ids: list[int] | None = None) -> LoopStats:
+        """Generate from `prompt` (tokenized by the worker, BOS added by the policy), or from
+        `prompt_ids` exactly as given (benchmarks; a leading BOS is marked structural)."""
         cfg = self.cfg
-        tok = self._worker_call(
-            lambda: self.ep.worker.Tokenize(
-                model_worker_pb2.TokenizeRequest(text=prompt, add_bos=True)
-            ),
-            "Tokenize",
-        )
-        ids, pieces, structural = list(tok.ids), list(tok.pieces), list(tok.structural)
+        if prompt_ids is None:
+            tok = self._worker_call(
+                lambda: self.ep.worker.Tokenize(
+                    model_worker_pb2.TokenizeRequest(text=prompt, add_bos=True)
+                ),
+                "Tokenize",
+            )
+            ids, pieces, structural = list(tok.ids), list(tok.pieces), list(tok.structural)
+        else:
+            ids = list(prompt_ids)
+            bos = self.info.special_tokens.bos_token_id
+            structural = [i == 0 and t == bos for i, t in enumerate(ids)]
+            pieces = [""] * len(ids)
         if len(ids) < 2 or all(structural):
             raise LoopError("the prompt has no text tokens")
         session_id = self.create_session()
@@ -411,7 +419,12 @@ class Loop:
                 source = session_pb2.TOKEN_SOURCE_PROMPT
             else:
                 source = session_pb2.TOKEN_SOURCE_GENERATED
-            text = "\n\n" if next_token == self.eos else detok.push(next_token)
+            if cfg.forced_tokens is not None:
+                text = ""  # teacher forcing scores text; nothing to print
+            elif next_token == self.eos:
+                text = "\n\n"
+            else:
+                text = detok.push(next_token)
             self._pending_piece = text
             if text:
                 self.on_text(text)
@@ -440,9 +453,14 @@ class Loop:
 
 
 def run_loop(
-    endpoints: Endpoints, prompt: str, config: LoopConfig, on_text: Callable[[str], None]
+    endpoints: Endpoints,
+    prompt: str,
+    config: LoopConfig,
+    on_text: Callable[[str], None],
+    *,
+    prompt_ids: list[int] | None = None,
 ) -> LoopStats:
-    return Loop(endpoints, config, on_text).run(prompt)
+    return Loop(endpoints, config, on_text).run(prompt, prompt_ids)
 
 
 def _request_id() -> str:
