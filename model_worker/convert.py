@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from cache_authority.convert import geometry_to_pb
 from model_worker.attention import LAST_LAYER, MAX_LAYERS, MEAN_LAYERS
 from model_worker.calls import StepParams, StepResult
 from model_worker.errors import invalid
@@ -11,7 +12,7 @@ from model_worker.repair import Candidate, PairRef
 from model_worker.sampling import Sampling
 from positronic import codec
 from positronic.v1 import model_worker_pb2 as pb
-from positronic.v1 import session_pb2, tensor_pb2
+from positronic.v1 import tensor_pb2
 
 _REDUCTIONS = {
     pb.ATTENTION_REDUCTION_UNSPECIFIED: LAST_LAYER,
@@ -88,21 +89,6 @@ def repairs_to_pb(pairs: list[PairRef], results: list[list[Candidate]]) -> pb.Re
     )
 
 
-def geometry_to_pb(lm: LoadedModel) -> session_pb2.ModelGeometry:
-    """The authority's conversion of the shared Geometry, plus the RoPE fields it lacks."""
-    from cache_authority.convert import geometry_to_pb as shared_geometry_to_pb
-
-    msg = shared_geometry_to_pb(lm.geometry)
-    if not msg.rope.rope_type:
-        msg.rope.rope_type = lm.rope_type
-    if not msg.rope.rope_theta:
-        msg.rope.rope_theta = lm.rope_theta
-    for k, v in lm.rope_scaling.items():
-        if k not in msg.rope.scaling:
-            msg.rope.scaling[k] = v
-    return msg
-
-
 def _id_or_minus_one(value: int | None) -> int:
     return -1 if value is None else value
 
@@ -110,7 +96,7 @@ def _id_or_minus_one(value: int | None) -> int:
 def info_to_pb(lm: LoadedModel, repairer: str) -> pb.InfoResponse:
     s = lm.special
     return pb.InfoResponse(
-        geometry=geometry_to_pb(lm),
+        geometry=geometry_to_pb(lm.geometry),
         special_tokens=pb.SpecialTokens(
             bos_token_id=_id_or_minus_one(s.bos),
             eos_token_id=_id_or_minus_one(s.eos),

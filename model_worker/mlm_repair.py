@@ -65,7 +65,7 @@ class MLMRepairer:
         pieces = ["" if t in self._banned else s for t, s in zip(ids, pieces, strict=True)]
         first = pieces[p - lo]
         lead = first[: len(first) - len(first.lstrip())]
-        return "".join(pieces[: p - lo]), lead, "".join(pieces[p + 2 - lo :])
+        return "".join(pieces[: p - lo]).lstrip(), lead, "".join(pieces[p + 2 - lo :])
 
     def predictions(self, left: str, lead: str, right: str) -> list[tuple[int, float]]:
         """Masked-LM (id, log-prob) for the masked word, best first, special tokens left out."""

@@ -48,10 +48,7 @@ class LoadedModel:
     name: str
     model: PreTrainedModel  # eval mode, attention implementation = attention.NAME
     tokenizer: object
-    geometry: Geometry
-    rope_type: str
-    rope_theta: float
-    rope_scaling: dict[str, float]
+    geometry: Geometry  # L, H, D, dtype, RoPE, vocabulary, positions, fingerprint
     special: SpecialIds
     num_attention_heads: int
 
@@ -122,6 +119,11 @@ def describe(name: str, model: PreTrainedModel, tokenizer) -> LoadedModel:
     n_heads = int(config.num_attention_heads)
     head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // n_heads)
     dtype = next(model.parameters()).dtype
+    scaling = {
+        k: float(v)
+        for k, v in params.items()
+        if k not in ("rope_type", "rope_theta") and isinstance(v, int | float)
+    }
     geometry = Geometry(
         num_layers=int(config.num_hidden_layers),
         num_kv_heads=int(getattr(config, "num_key_value_heads", None) or n_heads),
@@ -131,20 +133,15 @@ def describe(name: str, model: PreTrainedModel, tokenizer) -> LoadedModel:
         vocab_size=int(config.vocab_size),
         model_fingerprint=fingerprint(model),
         max_position_embeddings=int(config.max_position_embeddings),
+        rope_type=str(params.get("rope_type", "default")),
+        rope_theta=float(params.get("rope_theta", 10000.0)),
+        rope_scaling=tuple(sorted(scaling.items())),
     )
-    scaling = {
-        k: float(v)
-        for k, v in params.items()
-        if k not in ("rope_type", "rope_theta") and isinstance(v, int | float)
-    }
     return LoadedModel(
         name=name,
         model=model,
         tokenizer=tokenizer,
         geometry=geometry,
-        rope_type=str(params.get("rope_type", "default")),
-        rope_theta=float(params.get("rope_theta", 10000.0)),
-        rope_scaling=scaling,
         special=special_ids(tokenizer),
         num_attention_heads=n_heads,
     )
