@@ -134,7 +134,7 @@ def start_server(
 
     Health checks stay open when auth is on, so orchestrators can probe without the token.
     """
-    interceptors = []
+    interceptors: list[grpc.ServerInterceptor] = []
     if auth_token:
         interceptors.append(
             BearerAuthInterceptor(
