@@ -174,19 +174,27 @@ class Engine(SessionRegistry):
             )
 
     # -- sync and watch ---------------------------------------------------------------------
-    def sync_plan(self, session_id: str, from_version: int) -> SyncPlan:
+    def sync_plan(self, session_id: str, from_version: int, holds_state: bool = False) -> SyncPlan:
         """Deltas after from_version when the retained log reaches back, else a snapshot.
 
-        from_version 0 means the replica holds nothing, not even the geometry: a snapshot.
+        A replica at from_version 0 holds nothing, not even the geometry, so it gets a snapshot
+        unless `holds_state` says it has the empty session already (a follower after its first
+        snapshot). A replica ahead of the authority gets a snapshot: its history is not ours.
         """
         session = self._session(session_id)
         with session.cond:
             self._check_live(session)
             st = session.state
-            if 0 < from_version == st.version:
+            holds = holds_state or from_version > 0
+            if holds and from_version == st.version:
                 return SyncPlan(st.version)
             log = session.log
-            if 0 < from_version < st.version and log and log[0].patch.version <= from_version + 1:
+            if (
+                holds
+                and from_version < st.version
+                and log
+                and log[0].patch.version <= from_version + 1
+            ):
                 deltas = [c for c in log if c.patch.version > from_version]
                 return SyncPlan(st.version, deltas=deltas)
             return SyncPlan(st.version, snapshot=state_to_snapshot(st))

@@ -1,0 +1,100 @@
+"""Configuration and start-up of one cache authority process (or of one in a test)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cache_authority.engine import Engine
+from cache_authority.metrics import Metrics
+from cache_authority.persistence import SessionStore
+from cache_authority.servicer import SERVICE_NAME, CacheAuthorityServicer
+from cache_authority.sessions import EngineLimits
+from positronic.rpc import RunningServer, start_server
+from positronic.v1 import cache_authority_pb2_grpc
+
+
+@dataclass(frozen=True)
+class AuthorityConfig:
+    listen: str = "127.0.0.1:50051"  # HOST:PORT; port 0 picks a free one
+    data_dir: str | None = None  # None keeps every session in memory only
+    auth_token: str | None = None  # None: no bearer-token check
+    metrics_port: int | None = None  # None: no /metrics endpoint; 0: any free port
+    snapshot_every: int = 1000  # versions between snapshots; the WAL covers the rest
+    log_retention: int = 1024  # patches kept in memory so replicas can catch up with deltas
+    log_retention_bytes: int = 256 << 20
+    max_session_bytes: int = 8 << 30  # preallocation limit of one session (hard_max_rows)
+    max_total_bytes: int = 32 << 30  # ... and of all sessions together
+    # Every Sync/Watch follower holds a worker thread for its whole life.
+    max_workers: int = 64
+    grace_s: float = 2.0  # how long in-flight calls may finish on shutdown
+
+    def __post_init__(self) -> None:
+        host, sep, port = self.listen.rpartition(":")
+        if not sep or not host or not port.isdigit() or int(port) > 65535:
+            raise ValueError(f"listen must be HOST:PORT, not {self.listen!r}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics port {self.metrics_port} out of range")
+        for name in (
+            "snapshot_every",
+            "log_retention",
+            "log_retention_bytes",
+            "max_session_bytes",
+            "max_total_bytes",
+            "max_workers",
+        ):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+        if self.grace_s < 0:
+            raise ValueError("grace_s must not be negative")
+
+    def limits(self) -> EngineLimits:
+        return EngineLimits(
+            max_session_bytes=self.max_session_bytes,
+            max_total_bytes=self.max_total_bytes,
+            log_retention=self.log_retention,
+            log_retention_bytes=self.log_retention_bytes,
+            snapshot_every=self.snapshot_every,
+        )
+
+
+@dataclass
+class AuthorityServer(RunningServer):
+    """A running authority: the gRPC server plus its engine and metrics endpoint."""
+
+    engine: Engine | None = None
+    metrics_port: int | None = None
+
+
+def start_authority(config: AuthorityConfig) -> AuthorityServer:
+    """Recover persisted sessions (if any), then serve CacheAuthority, health and reflection."""
+    store = SessionStore(config.data_dir) if config.data_dir else None
+    metrics = Metrics()
+    engine = Engine(config.limits(), store, metrics)
+    servicer = CacheAuthorityServicer(engine)
+    try:
+        running = start_server(
+            config.listen,
+            lambda server: cache_authority_pb2_grpc.add_CacheAuthorityServicer_to_server(
+                servicer, server
+            ),
+            [SERVICE_NAME],
+            auth_token=config.auth_token,
+            max_workers=config.max_workers,
+        )
+    except BaseException:
+        engine.close()
+        raise
+    metrics_port = None
+    if config.metrics_port is not None:
+        host = config.listen.rpartition(":")[0].strip("[]") or "0.0.0.0"
+        metrics_port = metrics.serve(config.metrics_port, host=host)
+    server = AuthorityServer(
+        running.server,
+        running.port,
+        running.health,
+        running.service_names,
+        engine=engine,
+        metrics_port=metrics_port,
+    )
+    server.on_stop.extend([engine.close, metrics.stop])
+    return server
