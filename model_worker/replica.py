@@ -2,9 +2,10 @@
 
 `ReplicaStore.reading(session, version)` holds the session's lock, brings the replica to exactly
 `version` by pulling `CacheAuthority.Sync`, and yields its live rows for read-only forwards.
-Deltas are applied with `cache_authority.state.apply_ops` — the authority's own commit code —
-after each one's digest is checked against the chain (`chain_digest`); a gap, a mismatch or a
-patch that does not apply makes the replica resync fully (`from_version=0`, a snapshot).
+Messages go through the authority's own receiving end (`cache_authority.sync.SyncReceiver`):
+each delta's digest is checked against the chain, then applied with `apply_ops` — the code the
+authority commits with. A gap, a mismatch or a patch that does not apply makes the replica
+resync fully (`from_version=0`, a snapshot).
 
 Versions that cannot be computed on are refused, never approximated:
 - the replica (after syncing) holds another version — the authority is behind the request, or
@@ -30,8 +31,9 @@ from typing import Protocol
 
 import torch
 
-from cache_authority.ops import PatchError, chain_digest, ops_from_pb
-from cache_authority.state import Geometry, SessionState, apply_ops
+from cache_authority.ops import PatchError
+from cache_authority.state import Geometry, SessionState
+from cache_authority.sync import SyncError, SyncReceiver
 from model_worker.errors import WorkerError
 from model_worker.forward import Rows
 from positronic.v1 import cache_authority_pb2
@@ -57,17 +59,6 @@ class _Entry:
     state: SessionState | None = None
     device_rows: Rows | None = None  # cached copy on an accelerator, for device_version
     device_version: int = -1
-
-
-@dataclass
-class _Snapshot:
-    header: cache_authority_pb2.SnapshotHeader
-    data: bytearray
-    received: int = 0
-
-    @property
-    def complete(self) -> bool:
-        return self.received >= self.header.total_bytes
 
 
 class ReplicaStore:
@@ -179,70 +170,39 @@ class ReplicaStore:
         return state
 
     def _pull(self, entry: _Entry, session_id: str, from_version: int, target: int) -> None:
-        """Read Sync from `from_version`, stop as soon as the replica reaches `target`."""
+        """Read Sync from `from_version`; stop as soon as the replica reaches `target`.
+
+        The receiving end is the authority's own `SyncReceiver` (snapshot assembly, the digest
+        chain, apply_ops); a stream it rejects means "resync fully"."""
+        receiver = SyncReceiver(entry.state if from_version > 0 else None)
         stream = self._source.sync(session_id, from_version)
-        snapshot: _Snapshot | None = None
-        ops: list = []
         try:
             for msg in stream:
                 kind = msg.WhichOneof("payload")
-                self._on_bytes("snapshot" if kind != "delta" else "delta", msg.ByteSize())
-                if kind == "snapshot_header":
-                    header = msg.snapshot_header
-                    snapshot = _Snapshot(header, bytearray(header.total_bytes))
-                elif kind == "snapshot_chunk":
-                    if snapshot is None:
-                        raise _Resync("snapshot chunk without a header")
-                    _add_chunk(snapshot, msg.snapshot_chunk)
-                elif kind == "delta":
-                    if snapshot is not None and not snapshot.complete:
-                        raise _Resync("delta before the snapshot was complete")
-                    ops.extend(msg.delta.patch.ops)
-                    if msg.delta.final:
-                        self._apply(entry, session_id, msg.delta.patch, ops)
-                        ops = []
-                if snapshot is not None and snapshot.complete:
-                    self._install(entry, session_id, snapshot)
-                    snapshot = None
-                if entry.state is not None and entry.state.version >= target:
+                self._on_bytes("delta" if kind == "delta" else "snapshot", msg.ByteSize())
+                before = receiver.state
+                try:
+                    if not receiver.receive(msg):
+                        continue
+                except (SyncError, PatchError) as e:
+                    raise _Resync(getattr(e, "message", None) or str(e)) from None
+                state = receiver.state
+                assert state is not None
+                if state is not before:  # a snapshot replaced the replica
+                    self._accept(state.geometry)
+                    logger.info(
+                        "session %s: replica rebuilt from a snapshot at version %d (%d rows)",
+                        session_id,
+                        state.version,
+                        state.row_count,
+                    )
+                entry.state = state
+                if state.version >= target:
                     break
-            if snapshot is not None:
-                raise _Resync("the stream ended inside a snapshot")
         finally:
             cancel = getattr(stream, "cancel", None)
             if cancel is not None:
                 cancel()
-
-    def _install(self, entry: _Entry, session_id: str, snapshot: _Snapshot) -> None:
-        from cache_authority.snapshot import state_from_snapshot
-
-        try:
-            state = state_from_snapshot(snapshot.header, bytes(snapshot.data))
-        except (PatchError, ValueError) as e:
-            raise _Resync(f"snapshot does not load: {e}") from None
-        self._accept(state.geometry)
-        entry.state = state
-        logger.info(
-            "session %s: replica rebuilt from a snapshot at version %d (%d rows)",
-            session_id,
-            state.version,
-            state.row_count,
-        )
-
-    def _apply(self, entry: _Entry, session_id: str, patch, ops: list) -> None:
-        state = entry.state
-        if state is None:
-            raise _Resync(f"delta {patch.version} arrived with no snapshot to apply it to")
-        if patch.version != state.version + 1:
-            raise _Resync(f"gap: replica at {state.version}, delta for {patch.version}")
-        digest = chain_digest(state.digest, patch.version, ops)
-        if digest != patch.digest:
-            raise _Resync(f"digest of version {patch.version} does not match the chain")
-        try:
-            apply_ops(state, ops_from_pb(ops), patch.version, digest)
-        except PatchError as e:
-            raise _Resync(f"version {patch.version} does not apply: {e.message}") from None
-        logger.debug("session %s: replica at version %d", session_id, state.version)
 
     # -- rows -------------------------------------------------------------------------------
 
@@ -258,11 +218,3 @@ class ReplicaStore:
             )
             entry.device_version = state.version
         return entry.device_rows
-
-
-def _add_chunk(snapshot: _Snapshot, chunk) -> None:
-    end = chunk.offset + len(chunk.data)
-    if chunk.offset < 0 or end > len(snapshot.data):
-        raise _Resync(f"snapshot chunk [{chunk.offset}, {end}) outside {len(snapshot.data)} bytes")
-    snapshot.data[chunk.offset : end] = chunk.data
-    snapshot.received += len(chunk.data)

@@ -16,7 +16,7 @@ from cache_authority.state import Budget, SessionState, apply_ops
 from model_worker.errors import WorkerError
 from model_worker.forward import Rows
 from model_worker.model import LoadedModel, describe
-from positronic.v1 import cache_authority_pb2
+from positronic.v1 import cache_authority_pb2, session_pb2
 
 _WORDS = (
     "once upon a time there was big little cat dog girl boy tree house sun happy sad ran "
@@ -152,16 +152,18 @@ def rows_of(state: SessionState) -> Rows:
     return Rows(state.live_keys(), state.live_values(), state.live_token_ids())
 
 
-def snapshot_of(state: SessionState) -> tuple[torch.Tensor, ...]:
-    """Everything a replica holds, copied, for before/after comparisons."""
+def snapshot_of(state: SessionState, live: bool = False) -> tuple[torch.Tensor, ...]:
+    """What a replica holds, copied, for before/after comparisons: every buffer, or only the
+    live rows (what a snapshot carries)."""
+    n = state.row_count if live else state.budget.hard_max_rows
     return (
-        state.keys.clone(),
-        state.canonical_keys.clone(),
-        state.values.clone(),
-        state.token_ids.clone(),
-        state.origin_positions.clone(),
-        state.brightness.clone(),
-        torch.tensor([state.version, state.row_count]),
+        state.keys[:, :, :n].clone(),
+        state.canonical_keys[:, :, :n].clone(),
+        state.values[:, :, :n].clone(),
+        state.token_ids[:n].clone(),
+        state.origin_positions[:n].clone(),
+        state.brightness[:n].clone(),
+        torch.tensor([state.version, state.row_count, state.next_ledger_id]),
         torch.tensor(list(state.digest)),
     )
 
@@ -178,7 +180,7 @@ class MiniAuthority:
     each split in `parts` messages. `corrupt_version` sends a wrong digest for that version."""
 
     states: dict[str, SessionState] = field(default_factory=dict)
-    log: dict[str, list[cache_authority_pb2.CommittedPatch]] = field(default_factory=dict)
+    log: dict[str, list[session_pb2.CommittedPatch]] = field(default_factory=dict)
     log_floor: int = 0
     parts: int = 1
     chunk_bytes: int = 1000
@@ -195,9 +197,7 @@ class MiniAuthority:
         state = self.states[session_id]
         ops_pb = commit(state, ops)
         self.log[session_id].append(
-            cache_authority_pb2.CommittedPatch(
-                version=state.version, digest=state.digest, ops=ops_pb
-            )
+            session_pb2.CommittedPatch(version=state.version, digest=state.digest, ops=ops_pb)
         )
         return state.version
 
@@ -231,7 +231,7 @@ class MiniAuthority:
             for i in range(k):
                 share = ops[i * len(ops) // k : (i + 1) * len(ops) // k]
                 last = i == k - 1
-                part = cache_authority_pb2.CommittedPatch(
+                part = session_pb2.CommittedPatch(
                     version=patch.version, digest=digest if last else b"", ops=share
                 )
                 yield cache_authority_pb2.SyncResponse(

@@ -1,0 +1,185 @@
+"""Replicas follow the authority's log exactly: snapshots, verified deltas, resync on mismatch,
+and a refusal (never an approximation) for versions they cannot reach."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from worker_fixtures import MiniAuthority, append_op, new_state, same, snapshot_of
+from worker_fixtures import tiny_llama as _tiny_llama
+
+from cache_authority.ops import EvictOp, ReplacePairOp, SetBrightnessOp
+from model_worker.errors import WorkerError
+from model_worker.model import check_session_geometry
+from model_worker.replica import ReplicaStore
+from positronic.v1 import cache_authority_pb2
+
+IDS = [1, 5, 9, 14, 20, 7, 30, 11, 12, 40]
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return _tiny_llama()
+
+
+@pytest.fixture
+def authority(lm):
+    """A session at version 2: 8 prompt rows, then one generated row."""
+    a = MiniAuthority()
+    a.create(lm, "s")
+    a.patch("s", [append_op(lm, IDS[:8])])
+    a.patch("s", [append_op(lm, IDS[8:9], 8, context=IDS[:8])])
+    return a
+
+
+def _store(authority, lm, **kw):
+    return ReplicaStore(
+        authority,
+        accept=lambda g: check_session_geometry(g, lm.geometry),
+        **kw,
+    )
+
+
+def _edit(lm, authority):
+    """Version +1: brightness, a merge, an eviction and an append in one patch."""
+    state = authority.states["s"]
+    n = state.row_count
+    ids = state.live_token_ids()
+    kv = append_op(lm, [ids[2]], 2, context=ids[:2])
+    ops = [
+        SetBrightnessOp(n, tuple(float(i) for i in range(n))),
+        ReplacePairOp(2, (ids[2], ids[3]), ids[2], kv.keys, kv.values, "x", 9.0),
+        EvictOp(5, ids[5]),
+        append_op(lm, [IDS[9]], n, context=ids),
+    ]
+    return authority.patch("s", ops)
+
+
+def _assert_mirrors(store, authority, session_id="s"):
+    replica, master = store.held(session_id), authority.states[session_id]
+    assert replica.version == master.version and replica.digest == master.digest
+    assert same(snapshot_of(replica, live=True), snapshot_of(master, live=True))
+    assert [m.ledger_id for m in replica.meta] == [m.ledger_id for m in master.meta]
+
+
+def test_first_read_builds_from_a_snapshot(lm, authority):
+    store = _store(authority, lm)
+    with store.reading("s", 2) as rows:
+        assert rows.count == 9 and list(rows.token_ids) == IDS[:9]
+        torch.testing.assert_close(rows.keys, authority.states["s"].live_keys(), atol=0, rtol=0)
+    assert authority.calls == [("s", 0)]
+    _assert_mirrors(store, authority)
+
+
+@pytest.mark.parametrize("parts", [1, 3])
+def test_deltas_are_replayed_bit_for_bit(lm, authority, parts):
+    store = _store(authority, lm)
+    with store.reading("s", 2):
+        pass
+    authority.parts = parts
+    v = _edit(lm, authority)
+    v = authority.patch("s", [append_op(lm, [IDS[0]], authority.states["s"].row_count)])
+    with store.reading("s", v):
+        pass
+    assert authority.calls == [("s", 0), ("s", 2)]
+    _assert_mirrors(store, authority)
+
+
+def test_sync_stops_at_the_version_asked_for(lm, authority):
+    store = _store(authority, lm)
+    with store.reading("s", 2):
+        pass
+    v = _edit(lm, authority)
+    v2 = authority.patch("s", [append_op(lm, [IDS[0]], authority.states["s"].row_count)])
+    with store.reading("s", v):  # the authority is already at v2: stop at v
+        assert store.held("s").version == v
+    with store.reading("s", v2):
+        pass
+    assert authority.calls == [("s", 0), ("s", 2), ("s", v)]
+    _assert_mirrors(store, authority)
+
+
+def test_a_new_replica_cannot_go_back(lm, authority):
+    with pytest.raises(WorkerError) as e, _store(authority, lm).reading("s", 1):
+        pass  # the snapshot is at 2; version 1 is gone
+    assert e.value.code == "ABORTED"
+
+
+def test_version_ahead_of_the_authority_is_aborted(lm, authority):
+    store = _store(authority, lm)
+    with pytest.raises(WorkerError) as e, store.reading("s", 5):
+        pass
+    assert e.value.code == "ABORTED"
+    (detail,) = e.value.details
+    assert isinstance(detail, cache_authority_pb2.VersionConflict)
+    assert (detail.current_version, detail.expected_version) == (2, 5)
+
+
+def test_version_behind_the_replica_is_aborted(lm, authority):
+    store = _store(authority, lm)
+    with store.reading("s", 2):
+        pass
+    with pytest.raises(WorkerError) as e, store.reading("s", 1):
+        pass
+    assert e.value.code == "ABORTED"
+    with pytest.raises(WorkerError) as e, store.reading("s", -1):
+        pass
+    assert e.value.code == "INVALID_ARGUMENT"
+
+
+def test_digest_mismatch_resyncs_from_a_snapshot(lm, authority):
+    store = _store(authority, lm)
+    with store.reading("s", 2):
+        pass
+    v = _edit(lm, authority)
+    authority.corrupt_version = v
+    with store.reading("s", v):
+        pass
+    assert authority.calls == [("s", 0), ("s", 2), ("s", 0)]
+    _assert_mirrors(store, authority)
+
+
+def test_a_log_that_does_not_verify_even_from_a_snapshot_is_aborted(lm, authority):
+    """A delta arriving where a snapshot was due (from 0) cannot be verified."""
+    authority.log_floor = 0
+    real = authority._stream
+
+    def deltas_only(session_id, from_version):
+        yield from real(session_id, max(from_version, 1))
+
+    authority._stream = deltas_only
+    store = _store(authority, lm)
+    with pytest.raises(WorkerError) as e, store.reading("s", 2):
+        pass
+    assert e.value.code == "ABORTED"
+
+
+def test_unknown_session_and_unreachable_authority(lm, authority):
+    store = _store(authority, lm)
+    with pytest.raises(WorkerError) as e, store.reading("nope", 0):
+        pass
+    assert e.value.code == "NOT_FOUND"
+    assert store.held("nope") is None
+    authority.reachable = False
+    with pytest.raises(WorkerError) as e, store.reading("s", 2):
+        pass
+    assert e.value.code == "UNAVAILABLE"
+
+
+def test_sessions_of_another_model_are_refused(lm, authority):
+    other = _tiny_llama(seed=1)  # same shape, other weights: another fingerprint
+    store = _store(authority, other)
+    with pytest.raises(WorkerError) as e, store.reading("s", 2):
+        pass
+    assert e.value.code == "FAILED_PRECONDITION"
+
+
+def test_least_recently_used_replicas_are_dropped(lm, authority):
+    authority.states["t"] = new_state(lm, "t")
+    authority.log["t"] = []
+    store = _store(authority, lm, max_replicas=1)
+    with store.reading("s", 2):
+        pass
+    with store.reading("t", 0) as rows:
+        assert rows.count == 0
+    assert store.held("s") is None and store.held("t") is not None
