@@ -54,13 +54,18 @@ def check_positions(lm: LoadedModel, first: int, count: int, what: str) -> None:
         )
 
 
-def step(lm: LoadedModel, rows: Rows, params: StepParams) -> StepResult:
-    """Forward the input token at position rows.count; sample (or force) the next token."""
+def check_step(lm: LoadedModel, params: StepParams) -> None:
+    """What can be checked without the replica (so that it is checked before syncing)."""
     check_token(lm, params.input_token_id, "input token")
     if params.forced_next_token_id is not None:
         check_token(lm, params.forced_next_token_id, "forced next token")
     if not 0 <= params.top_logprobs <= sampling.MAX_TOP_LOGPROBS:
         raise invalid(f"top_logprobs must be in [0, {sampling.MAX_TOP_LOGPROBS}]")
+
+
+def step(lm: LoadedModel, rows: Rows, params: StepParams) -> StepResult:
+    """Forward the input token at position rows.count; sample (or force) the next token."""
+    check_step(lm, params)
     check_positions(lm, rows.count, 1, "step")
     out = forward.step(lm, rows, params.input_token_id, params.reduction)
     logprobs = out.logits.log_softmax(dim=-1)
@@ -76,6 +81,11 @@ def step(lm: LoadedModel, rows: Rows, params: StepParams) -> StepResult:
         output=out,
         logits=out.logits if params.return_logits else None,
     )
+
+
+def check_tokens(lm: LoadedModel, token_ids: Sequence[int], what: str) -> None:
+    for i, t in enumerate(token_ids):
+        check_token(lm, t, f"{what} {i}")
 
 
 def compute_kv(lm: LoadedModel, rows: Rows, insertions: Sequence[tuple[int, int]]) -> list[KV]:
@@ -98,8 +108,7 @@ def check_prefill(
         raise invalid(f"start_position {start} outside [0, {row_count}]")
     if chunk_tokens < 0:
         raise invalid(f"chunk_tokens must be >= 0, got {chunk_tokens}")
-    for i, t in enumerate(token_ids):
-        check_token(lm, t, f"token {i}")
+    check_tokens(lm, token_ids, "token")
     check_positions(lm, start, len(token_ids), "prefill")
     return chunk_tokens or DEFAULT_CHUNK_TOKENS
 

@@ -51,8 +51,9 @@ class WorkerMetrics:
     def add_sync_bytes(self, kind: str, n: int) -> None:
         self.sync_bytes.labels(kind).inc(n)
 
-    def serve(self, port: int, addr: str = "0.0.0.0") -> Callable[[], None]:
-        """Serve /metrics on `port`; returns a function that stops it."""
+    def serve(self, port: int, addr: str = "0.0.0.0") -> tuple[int, Callable[[], None]]:
+        """Serve /metrics on `port` (0: any); returns the bound port and a function that stops
+        the endpoint."""
         server, thread = start_http_server(port, addr=addr, registry=self.registry)
 
         def stop() -> None:
@@ -60,4 +61,4 @@ class WorkerMetrics:
             server.server_close()
             thread.join(timeout=5)
 
-        return stop
+        return int(server.server_port), stop

@@ -75,6 +75,7 @@ class RunningWorker(RunningServer):
     """A started worker: the gRPC server plus its servicer (model, replicas, metrics)."""
 
     servicer: ModelWorkerServicer | None = None
+    metrics_port: int | None = None  # bound /metrics port, when served
 
 
 class _NoAuthority:
@@ -138,10 +139,13 @@ def start_worker(
         max_workers=config.max_workers,
         serving=lm is not None,
     )
+    metrics_port = None
     if config.metrics_port is not None:
-        on_stop.append(metrics.serve(config.metrics_port))
+        host = config.listen.rsplit(":", 1)[0].strip("[]") or "0.0.0.0"
+        metrics_port, stop_metrics = metrics.serve(config.metrics_port, host)
+        on_stop.append(stop_metrics)
     fields = {f.name: getattr(running, f.name) for f in dataclasses.fields(running)}
-    worker = RunningWorker(**fields, servicer=servicer)
+    worker = RunningWorker(**fields, servicer=servicer, metrics_port=metrics_port)
     worker.on_stop.extend(on_stop)
     logger.info(
         "worker serving %s on port %d (%s)",

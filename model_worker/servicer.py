@@ -86,6 +86,7 @@ class ModelWorkerServicer(model_worker_pb2_grpc.ModelWorkerServicer):
             sid, version = request.session_id, request.version
             ids = list(request.token_ids)
             start = request.start_position
+            calls.check_tokens(lm, ids, "token")  # malformed before stale
             with replicas.reading(sid, version) as rows:
                 chunk = calls.check_prefill(lm, rows.count, ids, start, request.chunk_tokens)
                 context_rows = rows.prefix(start).detached()  # streaming outlives the lock
@@ -109,6 +110,7 @@ class ModelWorkerServicer(model_worker_pb2_grpc.ModelWorkerServicer):
         with self._boundary(context, "Step"):
             lm, replicas = self._ready()
             params = convert.step_params_from_pb(request)
+            calls.check_step(lm, params)  # malformed before stale
             with replicas.reading(request.session_id, request.version) as rows:
                 result = calls.step(lm, rows, params)
             seconds = result.output.forward_ns / 1e9
@@ -120,6 +122,7 @@ class ModelWorkerServicer(model_worker_pb2_grpc.ModelWorkerServicer):
         with self._boundary(context, "ComputeKV"):
             lm, replicas = self._ready()
             insertions = [(i.position, i.token_id) for i in request.insertions]
+            calls.check_tokens(lm, [t for _, t in insertions], "insertion")
             t0 = time.perf_counter()
             with replicas.reading(request.session_id, request.version) as rows:
                 kvs = calls.compute_kv(lm, rows, insertions)

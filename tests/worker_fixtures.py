@@ -260,3 +260,71 @@ def eager_copy(lm: LoadedModel):
     model = copy.deepcopy(lm.model)
     model.set_attn_implementation("eager")
     return model
+
+
+def health_status(address: str, service: str = "") -> str:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        resp = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+
+
+def reflected_services(address: str, token: str | None = None) -> list[str]:
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    from positronic.rpc import open_channel
+
+    with open_channel(address, token) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        (resp,) = list(stub.ServerReflectionInfo(iter([request]), timeout=10))
+    return [s.name for s in resp.list_services_response.service]
+
+
+def prime_session(authority, worker, geometry, prompt_ids: list[int], session_id: str = "s"):
+    """CreateSession, Prefill on the worker at version 0, Patch the K/V in: version 1."""
+    from cache_authority.ops import AppendOp, op_to_pb
+    from positronic import codec
+    from positronic.v1 import model_worker_pb2, session_pb2
+
+    authority.CreateSession(
+        cache_authority_pb2.CreateSessionRequest(
+            session_id=session_id,
+            geometry=geometry,
+            budget=session_pb2.Budget(target_rows=64, hard_max_rows=128),
+        )
+    )
+    chunks = list(
+        worker.Prefill(
+            model_worker_pb2.PrefillRequest(
+                session_id=session_id, version=0, token_ids=prompt_ids, chunk_tokens=5
+            )
+        )
+    )
+    keys = torch.cat([codec.decode(c.kv.keys) for c in chunks], dim=2)
+    values = torch.cat([codec.decode(c.kv.values) for c in chunks], dim=2)
+    op = AppendOp(0, tuple(prompt_ids), keys, values)
+    return patch(authority, session_id, 0, [op_to_pb(op)])
+
+
+def patch(authority, session_id: str, version: int, ops) -> int:
+    import uuid
+
+    request = cache_authority_pb2.PatchRequest(
+        session_id=session_id,
+        expected_version=version,
+        request_id=uuid.uuid4().hex,
+        ops=ops,
+    )
+    return authority.Patch(iter([request])).version
+
+
+def append_step(authority, session_id: str, version: int, token_id: int, step) -> int:
+    """Commit a Step's input token and its K/V, as the loop does."""
+    op = session_pb2.PatchOp(
+        append=session_pb2.AppendOp(position=step.position, token_ids=[token_id], kv=step.input_kv)
+    )
+    return patch(authority, session_id, version, [op])

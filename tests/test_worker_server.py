@@ -1,0 +1,257 @@
+"""The worker as a gRPC server beside a real (in-process) authority: health, reflection, auth,
+metrics, the full read-only protocol, and a status code for every kind of bad request."""
+
+from __future__ import annotations
+
+import urllib.request
+
+import grpc
+import pytest
+import torch
+from worker_fixtures import (
+    append_step,
+    full_forward,
+    health_status,
+    prime_session,
+    reflected_services,
+    same,
+    snapshot_of,
+    stories,
+    story_ids,
+)
+
+from cache_authority.server import AuthorityConfig, start_authority
+from model_worker.server import SERVICE_NAME, WorkerConfig, start_worker
+from positronic import codec
+from positronic.rpc import open_channel, status_details
+from positronic.v1 import cache_authority_pb2, cache_authority_pb2_grpc, model_worker_pb2_grpc
+from positronic.v1 import model_worker_pb2 as pb
+
+TOKEN = "s3cret"
+
+
+@pytest.fixture(scope="module")
+def services(stories260k_dir):
+    authority = start_authority(AuthorityConfig(listen="127.0.0.1:0", auth_token=TOKEN))
+    address = f"127.0.0.1:{authority.port}"
+    worker = start_worker(
+        WorkerConfig(
+            model=str(stories260k_dir),
+            authority=address,
+            listen="127.0.0.1:0",
+            device="cpu",
+            auth_token=TOKEN,
+            metrics_port=0,
+        )
+    )
+    a_channel = open_channel(address, TOKEN)
+    w_channel = open_channel(f"127.0.0.1:{worker.port}", TOKEN)
+    yield (
+        cache_authority_pb2_grpc.CacheAuthorityStub(a_channel),
+        model_worker_pb2_grpc.ModelWorkerStub(w_channel),
+        worker,
+    )
+    a_channel.close()
+    w_channel.close()
+    worker.stop(0)
+    authority.stop(0)
+
+
+@pytest.fixture(scope="module")
+def session(services, stories260k_dir):
+    """A session primed with the story's first 12 tokens (version 1)."""
+    authority, worker, _ = services
+    lm = stories(str(stories260k_dir))
+    ids = story_ids(lm)
+    info = worker.Info(pb.InfoRequest())
+    version = prime_session(authority, worker, info.geometry, ids[:12], "story")
+    return lm, ids, version
+
+
+def _code(call) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as e:
+        call()
+    return e.value.code()
+
+
+def test_health_reflection_and_auth(services):
+    _, _, running = services
+    address = f"127.0.0.1:{running.port}"
+    assert health_status(address) == "SERVING"  # health stays open without the token
+    assert health_status(address, SERVICE_NAME) == "SERVING"
+    assert SERVICE_NAME == "positronic.v1.ModelWorker"
+    assert SERVICE_NAME in reflected_services(address, TOKEN)
+    with grpc.insecure_channel(address) as channel:  # no token
+        stub = model_worker_pb2_grpc.ModelWorkerStub(channel)
+        assert _code(lambda: stub.Info(pb.InfoRequest())) == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_info_describes_the_model(services, stories260k_dir):
+    _, worker, _ = services
+    lm = stories(str(stories260k_dir))
+    info = worker.Info(pb.InfoRequest())
+    g = info.geometry
+    assert (g.num_layers, g.num_kv_heads, g.head_dim) == (5, 4, 8)
+    assert (g.vocab_size, g.max_position_embeddings) == (512, 512)
+    assert g.dtype == codec.dtype_to_wire(torch.float32)
+    assert g.model_fingerprint == lm.geometry.model_fingerprint and len(g.model_fingerprint) == 64
+    assert g.rope.rope_type == "default" and g.rope.rope_theta == 10000.0
+    torch.testing.assert_close(torch.tensor(list(g.rope.inv_freq)), lm.geometry.rope.inv_freq)
+    assert info.special_tokens.bos_token_id == 1 and info.special_tokens.eos_token_id == 2
+    assert info.special_tokens.pad_token_id == -1
+    assert (info.repairer, info.device, info.num_attention_heads) == ("lm", "cpu", 8)
+
+
+def test_tokenize_and_detokenize(services):
+    _, worker, _ = services
+    with_bos = worker.Tokenize(pb.TokenizeRequest(text="Once upon a time", add_bos=True))
+    plain = worker.Tokenize(pb.TokenizeRequest(text="Once upon a time"))
+    assert with_bos.ids[0] == 1 and list(with_bos.structural) == [True] + [False] * len(plain.ids)
+    assert list(with_bos.ids[1:]) == list(plain.ids) and plain.ids[0] != 1
+    assert plain.pieces[0] == "▁Once"
+    out = worker.Detokenize(pb.DetokenizeRequest(ids=with_bos.ids, skip_special_tokens=True))
+    assert out.text == "Once upon a time" and "".join(out.pieces) == out.text
+    assert out.pieces[0] == ""
+    kept = worker.Detokenize(pb.DetokenizeRequest(ids=with_bos.ids))
+    assert "".join(kept.pieces) == kept.text and kept.text.startswith("<s>")
+
+
+def test_steps_over_the_authoritys_session_equal_a_monolithic_forward(services, session):
+    authority, worker, running = services
+    lm, ids, version = session
+    replicas = running.servicer.replicas
+    for i in range(12, 16):
+        step = worker.Step(
+            pb.StepRequest(
+                session_id="story",
+                version=version,
+                input_token_id=ids[i],
+                top_logprobs=3,
+                return_logits=True,
+            )
+        )
+        want = full_forward(lm, ids[: i + 1]).logits[0, -1]
+        torch.testing.assert_close(codec.decode(step.logits), want, atol=1e-4, rtol=0)
+        assert step.position == i and len(step.attention) == i + 1
+        assert step.next_token_id == int(torch.argmax(want))  # temperature 0: greedy
+        assert step.top_logprobs[0].token_id == step.next_token_id
+        version = append_step(authority, "story", version, ids[i], step)
+    info = authority.GetSession(cache_authority_pb2.GetSessionRequest(session_id="story")).session
+    worker.Step(pb.StepRequest(session_id="story", version=version, input_token_id=ids[16]))
+    assert replicas.held("story").digest == info.digest  # the replica is the authority's
+
+
+def test_no_rpc_changes_the_replica(services, session):
+    _, worker, running = services
+    _, ids, _ = session
+    sid = "story"
+    state = running.servicer.replicas.held(sid)
+    version = state.version
+    before = snapshot_of(state)
+    n = state.row_count
+    tokens = state.live_token_ids()
+    worker.Step(pb.StepRequest(session_id=sid, version=version, input_token_id=ids[3]))
+    list(worker.Prefill(pb.PrefillRequest(session_id=sid, version=version, token_ids=ids[:5])))
+    list(
+        worker.Prefill(
+            pb.PrefillRequest(session_id=sid, version=version, token_ids=ids[:5], start_position=4)
+        )
+    )
+    worker.ComputeKV(
+        pb.ComputeKVRequest(
+            session_id=sid,
+            version=version,
+            insertions=[pb.Insertion(position=3, token_id=ids[9]), pb.Insertion(position=n)],
+        )
+    )
+    repair = worker.Repair(
+        pb.RepairRequest(
+            session_id=sid,
+            version=version,
+            pairs=[pb.PairRef(position=5, expected_token_ids=tokens[5:7])],
+            max_candidates=4,
+        )
+    )
+    assert len(repair.repairs[0].candidates) == 4
+    assert same(before, snapshot_of(running.servicer.replicas.held(sid)))
+
+
+def test_bad_requests_get_specific_codes(services, session):
+    authority, worker, _ = services
+    _, ids, _ = session
+    sid = "story"
+    get = cache_authority_pb2.GetSessionRequest(session_id=sid)
+    v = authority.GetSession(get).session.version
+    C = grpc.StatusCode
+
+    def step(**kw):
+        return lambda: worker.Step(pb.StepRequest(**{"session_id": sid, "version": v, **kw}))
+
+    assert _code(step(input_token_id=512)) == C.INVALID_ARGUMENT
+    assert _code(step(input_token_id=-1, version=0)) == C.INVALID_ARGUMENT  # malformed > stale
+    assert _code(step(input_token_id=3, sampling=pb.SamplingParams(top_p=2))) == C.INVALID_ARGUMENT
+    assert _code(step(session_id="nope", input_token_id=3)) == C.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as e:
+        worker.Step(pb.StepRequest(session_id=sid, version=10**6, input_token_id=3))
+    assert e.value.code() == C.ABORTED
+    (detail,) = status_details(e.value)
+    conflict = cache_authority_pb2.VersionConflict()
+    assert detail.Unpack(conflict) and conflict.expected_version == 10**6
+    assert _code(step(version=0, input_token_id=3)) == C.ABORTED  # the replica is past 0
+    held = conflict.current_version
+    assert held == v
+    bad_pair = pb.PairRef(position=2, expected_token_ids=[ids[2], ids[2] + 1])
+    repair = pb.RepairRequest(session_id=sid, version=held, pairs=[bad_pair])
+    assert _code(lambda: worker.Repair(repair)) == C.FAILED_PRECONDITION
+    far = pb.ComputeKVRequest(
+        session_id=sid, version=held, insertions=[pb.Insertion(position=10**4, token_id=3)]
+    )
+    assert _code(lambda: worker.ComputeKV(far)) == C.INVALID_ARGUMENT
+    prefill = pb.PrefillRequest(session_id=sid, version=held, token_ids=[3], start_position=10**4)
+    assert _code(lambda: list(worker.Prefill(prefill))) == C.INVALID_ARGUMENT
+    too_long = pb.PrefillRequest(session_id=sid, version=held, token_ids=[3] * 600)
+    assert _code(lambda: list(worker.Prefill(too_long))) == C.RESOURCE_EXHAUSTED
+    bad_ids = pb.DetokenizeRequest(ids=[-1])
+    assert _code(lambda: worker.Detokenize(bad_ids)) == C.INVALID_ARGUMENT
+
+
+def test_metrics_endpoint(services, session):
+    _, _, running = services
+    url = f"http://127.0.0.1:{running.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        text = resp.read().decode()
+    assert "positronic_worker_step_seconds_count" in text
+    assert 'positronic_worker_sync_bytes_total{kind="snapshot"}' in text
+    assert "positronic_worker_tokens_per_second" in text
+
+
+def test_a_model_that_fails_to_load_is_not_serving(tmp_path):
+    running = start_worker(
+        WorkerConfig(model=str(tmp_path / "missing"), authority="127.0.0.1:1", listen="127.0.0.1:0")
+    )
+    try:
+        address = f"127.0.0.1:{running.port}"
+        assert health_status(address) == "NOT_SERVING"
+        assert SERVICE_NAME in reflected_services(address)
+        with grpc.insecure_channel(address) as channel:
+            stub = model_worker_pb2_grpc.ModelWorkerStub(channel)
+            assert _code(lambda: stub.Info(pb.InfoRequest())) == grpc.StatusCode.UNAVAILABLE
+    finally:
+        running.stop(0)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"model": ""},
+        {"listen": "nowhere"},
+        {"repair": "magic"},
+        {"repair": "mlm"},
+        {"device": "tpu"},
+        {"dtype": "int8"},
+        {"metrics_port": 70000},
+    ],
+)
+def test_worker_config_is_validated(bad):
+    with pytest.raises(ValueError):
+        WorkerConfig(**{"model": "m", **bad})
