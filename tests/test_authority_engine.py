@@ -1,0 +1,219 @@
+"""The engine without gRPC: a fault at every stage of a patch changes nothing (in memory or on
+disk), retries are idempotent, and the write-ahead log plus snapshots recover every commit."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from cache_authority import engine as engine_mod
+from cache_authority import persistence, stage, validate
+from cache_authority.engine import Engine
+from cache_authority.ops import PatchError, Status
+from cache_authority.persistence import CorruptStore, SessionStore
+from cache_authority.rows import Budget
+from cache_authority.sessions import EngineLimits
+from cache_authority.snapshot import state_from_snapshot, state_to_snapshot
+from cache_authority.sync import SyncReceiver, delta_messages, snapshot_messages
+from tests.authority_fixtures import (
+    Reference,
+    append_pb,
+    assert_same_state,
+    brightness_pb,
+    evict_pb,
+    replace_pb,
+    tiny_geometry,
+)
+
+
+def make_engine(data_dir=None, **limits) -> Engine:
+    store = SessionStore(data_dir) if data_dir is not None else None
+    return Engine(EngineLimits(**limits), store)
+
+
+def prime(engine: Engine, sid: str = "s", n: int = 6) -> None:
+    engine.create_session(sid, tiny_geometry(), Budget(16, 16), 0.0, lambda s: None)
+    engine.patch(sid, 0, "p0", [append_pb(0, list(range(10, 10 + n)), seed=1)])
+    engine.patch(sid, 1, "p1", [evict_pb(2, 12), append_pb(n, [30], seed=2)])
+
+
+def a_patch():
+    """One patch with every kind of op; against prime()'s rows [10, 11, 13, 14, 15, 30]."""
+    return [
+        brightness_pb([5.0, 4, 3, 2, 1, 0]),
+        replace_pb(0, [10, 11], 40, seed=3),
+        evict_pb(3, 14),
+        append_pb(6, [41, 42], seed=4),
+    ]
+
+
+def snapshot_of(engine: Engine, sid: str = "s"):
+    return engine.read(sid, state_to_snapshot)
+
+
+def raise_on_call(n: int, real, error: Exception | None = None):
+    """A stand-in for `real` that raises on its n-th call: a fault midway through a stage."""
+    calls = [0]
+
+    def fake(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == n:
+            raise error or RuntimeError("injected fault")
+        return real(*args, **kwargs)
+
+    return fake
+
+
+FAULTS = [
+    # (stage, module, attribute, which call raises)
+    ("decode", engine_mod, "ops_from_pb", 1),
+    ("validate, second expected-token check", validate, "_check_expected", 2),
+    ("validate, kv of the append", validate, "_check_kv", 2),
+    ("stage, second splice", stage, "_splice", 2),
+    ("stage, re-rotation", stage, "rerotate_from_canonical", 1),
+    ("digest", engine_mod, "chain_digest", 1),
+    ("commit, after every row was written", stage, "check_blades", 1),
+]
+
+
+@pytest.mark.parametrize("where,module,name,call", FAULTS, ids=[f[0] for f in FAULTS])
+def test_a_fault_at_any_stage_changes_nothing(tmp_path, monkeypatch, where, module, name, call):
+    engine = make_engine(tmp_path)
+    prime(engine)
+    before = snapshot_of(engine)
+    wal = engine.store.root / "s" / "wal-000000000000.log"
+    wal_bytes = wal.stat().st_size
+    monkeypatch.setattr(module, name, raise_on_call(call, getattr(module, name)))
+    with pytest.raises(RuntimeError, match="injected"):
+        engine.patch("s", 2, "x", a_patch())
+    assert snapshot_of(engine) == before  # rows, mirror, version and digest
+    assert wal.stat().st_size == wal_bytes  # and nothing of it on disk
+    monkeypatch.undo()
+    # Nothing stayed locked or half-done: the same patch now commits, and survives a restart.
+    assert engine.patch("s", 2, "x", a_patch()).version == 3
+    engine.close()
+    recovered = make_engine(tmp_path)
+    assert_same_state(recovered._sessions["s"].state, make_state_copy(before, a_patch()))
+
+
+def make_state_copy(snapshot, ops):
+    """The snapshot's state with `ops` applied as the next version (what the authority holds)."""
+    ref = Reference("s", 16)
+    ref.state = state_from_snapshot(*snapshot)
+    ref.apply(ops)
+    return ref.state
+
+
+@pytest.mark.parametrize("fail_on", ["write", "fsync"])
+def test_a_failed_log_write_is_unavailable_and_leaves_no_record(tmp_path, monkeypatch, fail_on):
+    engine = make_engine(tmp_path)
+    prime(engine)
+    before = snapshot_of(engine)
+    session_wal = engine.store._wal["s"][1]
+    wal_bytes = session_wal.tell()
+    if fail_on == "write":
+        real_write = session_wal.write
+
+        def half_write(data):  # the disk fills up halfway through the record
+            real_write(data[: len(data) // 2])
+            session_wal.flush()
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(session_wal, "write", half_write)
+    else:
+        monkeypatch.setattr(persistence.os, "fsync", raise_on_call(1, os.fsync, OSError(5, "EIO")))
+    with pytest.raises(PatchError) as err:
+        engine.patch("s", 2, "x", a_patch())
+    assert err.value.status is Status.UNAVAILABLE
+    assert snapshot_of(engine) == before
+    assert os.path.getsize(session_wal.name) == wal_bytes
+    monkeypatch.undo()
+    engine.patch("s", 2, "x", a_patch())
+    engine.close()
+    assert_same_state(
+        make_engine(tmp_path)._sessions["s"].state, make_state_copy(before, a_patch())
+    )
+
+
+def test_stale_version_is_aborted_with_the_current_version():
+    engine = make_engine()
+    prime(engine)
+    with pytest.raises(PatchError) as err:
+        engine.patch("s", 1, "late", a_patch())
+    assert (err.value.status, err.value.current_version) == (Status.ABORTED, 2)
+
+
+def test_a_retried_request_id_gets_the_first_reply_and_applies_once():
+    engine = make_engine()
+    prime(engine)
+    first = engine.patch("s", 2, "once", a_patch())
+    again = engine.patch("s", 2, "once", a_patch())
+    assert again.replayed and not first.replayed
+    assert (again.version, again.digest, again.row_count) == (3, first.digest, first.row_count)
+    assert engine.read("s", lambda s: s.version) == 3
+
+
+def test_unknown_session_is_not_found():
+    with pytest.raises(PatchError) as err:
+        make_engine().patch("nope", 0, "", a_patch())
+    assert err.value.status is Status.NOT_FOUND
+
+
+def test_restart_recovers_snapshot_plus_log_and_request_ids(tmp_path):
+    engine = make_engine(tmp_path, snapshot_every=3)
+    prime(engine)
+    for v in range(2, 8):  # snapshots at v3 and v6, log records v7 and v8
+        rows = engine.read("s", lambda s: s.live_token_ids())
+        engine.patch("s", v, f"r{v}", [evict_pb(0, rows[0]), append_pb(len(rows), [v], v)])
+    expected = snapshot_of(engine)
+    engine.close()
+    files = sorted(p.name for p in (tmp_path / "sessions" / "s").iterdir())
+    assert files == ["snapshot-000000000006.safetensors", "wal-000000000006.log"]
+    recovered = make_engine(tmp_path, snapshot_every=3)
+    assert snapshot_of(recovered) == expected
+    assert recovered.patch("s", 0, "r7", []).replayed  # the reply to v8 came from the log
+
+
+def test_a_torn_last_record_is_discarded_but_damage_before_it_refuses_to_start(tmp_path):
+    engine = make_engine(tmp_path)
+    prime(engine)
+    expected = snapshot_of(engine)
+    engine.close()
+    wal = tmp_path / "sessions" / "s" / "wal-000000000000.log"
+    good = wal.read_bytes()
+    wal.write_bytes(good + good[: len(good) // 3])  # the process died inside a write
+    assert snapshot_of(make_engine(tmp_path)) == expected
+    assert wal.read_bytes() == good  # cut back to the last acknowledged record
+    damaged = bytearray(good)
+    damaged[12] ^= 0xFF  # a flipped byte in the first of two records
+    wal.write_bytes(bytes(damaged))
+    with pytest.raises(CorruptStore):
+        make_engine(tmp_path)
+
+
+def test_deleted_sessions_are_gone_after_restart(tmp_path):
+    engine = make_engine(tmp_path)
+    prime(engine, "a")
+    prime(engine, "b")
+    assert engine.delete_session("a") == 2
+    engine.close()
+    assert make_engine(tmp_path).session_ids() == ["b"]
+
+
+def test_sync_plan_gives_deltas_while_the_log_reaches_back_then_a_snapshot():
+    engine = make_engine(log_retention=2)
+    prime(engine)
+    replica = SyncReceiver()
+    plan = engine.sync_plan("s", 0)  # a replica holding nothing gets a snapshot
+    replica.receive_all(snapshot_messages(*plan.snapshot))
+    engine.patch("s", 2, "", a_patch())
+    plan = engine.sync_plan("s", 2)
+    assert plan.snapshot is None and [c.patch.version for c in plan.deltas] == [3]
+    for c in plan.deltas:
+        replica.receive_all(delta_messages(c.patch, max_chunk_bytes=200))  # several parts
+    assert_same_state(replica.state, engine._sessions["s"].state)
+    engine.patch("s", 3, "", [evict_pb(0, 40)])
+    engine.patch("s", 4, "", [evict_pb(0, 13)])
+    assert engine.sync_plan("s", 2).snapshot is not None  # v3 fell out of the retained log
+    assert engine.sync_plan("s", 5).deltas == []
