@@ -150,3 +150,20 @@ def test_no_forward_changes_the_replica(case):
         tensors, (state.keys, state.canonical_keys, state.values, state.token_ids), strict=True
     ):
         assert torch.equal(before, after)
+
+
+def test_bfloat16_model_keeps_its_dtype_end_to_end():
+    """A bf16 model: geometry, replica and returned K/V are bf16; Step still tracks the
+    monolithic forward (bf16 tolerance)."""
+    from positronic import codec
+
+    lm = tiny_llama(dtype=torch.bfloat16)
+    assert lm.geometry.dtype == torch.bfloat16
+    ids = [1, 5, 9, 14, 20, 7, 30, 11]
+    state = replica_of(lm, ids[:-1])
+    out = forward.step(lm, rows_of(state), ids[-1])
+    assert out.kv.keys.dtype == torch.bfloat16 and out.logits.dtype == torch.float32
+    full = full_forward(lm, ids)
+    torch.testing.assert_close(out.logits, full.logits[0, -1].float(), atol=5e-2, rtol=0)
+    wire = codec.encode(out.kv.keys)
+    assert torch.equal(codec.decode(wire), out.kv.keys)
