@@ -220,4 +220,4 @@ class Engine(SessionRegistry):
         row_bytes, rows = self.read(
             session_id, lambda s: (s.geometry.row_bytes, s.budget.hard_max_rows)
         )
-        return 2 * rows * (row_bytes + 256) + (1 << 20)
+        return 2 * rows * (row_bytes + 256) + (64 << 10)

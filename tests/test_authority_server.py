@@ -1,0 +1,413 @@
+"""The authority through a real gRPC server on port 0: standard services, auth, the status of
+every refusal (state unchanged after each), racing clients, Sync and Watch."""
+
+from __future__ import annotations
+
+import struct
+import threading
+import time
+import urllib.request
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
+
+from cache_authority import stage
+from cache_authority.convert import geometry_to_pb
+from cache_authority.sync import SyncReceiver
+from positronic import codec, rpc
+from positronic.rope import Rope
+from positronic.v1 import cache_authority_pb2 as ca
+from positronic.v1 import session_pb2, tensor_pb2
+from tests.authority_fixtures import (
+    VOCAB,
+    append_pb,
+    assert_same_state,
+    create_request,
+    evict_pb,
+    kv_pb,
+    patch_stream,
+    replace_pb,
+    running_authority,
+    stub,
+    tiny_geometry,
+)
+
+C = grpc.StatusCode
+
+
+@pytest.fixture
+def authority():
+    with running_authority() as (server, channel):
+        yield server, stub(channel)
+
+
+def primed(authority, sid: str = "s", tokens=(10, 11, 12, 13), hard_max: int = 16):
+    server, client = authority
+    client.CreateSession(create_request(sid, hard_max=hard_max))
+    client.Patch(patch_stream(sid, 0, "prime", [append_pb(0, tokens, seed=1)]))
+    return server, client
+
+
+def version_and_digest(client, sid: str = "s") -> tuple[int, bytes, list[int]]:
+    got = client.GetSession(ca.GetSessionRequest(session_id=sid))
+    return got.session.version, got.session.digest, [e.token_id for e in got.mirror]
+
+
+def test_health_serving_and_reflection_lists_the_service(authority):
+    server, _ = authority
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    health = health_pb2_grpc.HealthStub(channel)
+    for name in ("", "positronic.v1.CacheAuthority"):
+        reply = health.Check(health_pb2.HealthCheckRequest(service=name))
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    assert (
+        "positronic.v1.CacheAuthority" in ProtoReflectionDescriptorDatabase(channel).get_services()
+    )
+
+
+def test_missing_or_wrong_token_is_unauthenticated():
+    with running_authority(auth_token="sesame") as (server, good):
+        address = f"127.0.0.1:{server.port}"
+        for channel in (rpc.open_channel(address), rpc.open_channel(address, "wrong")):
+            with pytest.raises(grpc.RpcError) as err:
+                stub(channel).ListSessions(ca.ListSessionsRequest())
+            assert err.value.code() == C.UNAUTHENTICATED
+            with pytest.raises(grpc.RpcError) as err:
+                stub(channel).Patch(patch_stream("s", 0, "", [evict_pb(0, 1)]))
+            assert err.value.code() == C.UNAUTHENTICATED
+        stub(good).CreateSession(create_request("s"))
+        assert [
+            s.session_id for s in stub(good).ListSessions(ca.ListSessionsRequest()).sessions
+        ] == ["s"]
+
+
+def _geometry(**changes):
+    g = geometry_to_pb(tiny_geometry())
+    for k, v in changes.items():
+        setattr(g, k, v)
+    return g
+
+
+BAD_CREATES = [
+    ("zero layers", dict(geometry=_geometry(num_layers=0)), C.INVALID_ARGUMENT),
+    ("negative heads", dict(geometry=_geometry(num_kv_heads=-2)), C.INVALID_ARGUMENT),
+    ("odd head dim", dict(geometry=_geometry(head_dim=7)), C.INVALID_ARGUMENT),
+    ("inv_freq length", dict(geometry=_geometry(head_dim=16)), C.INVALID_ARGUMENT),
+    ("unknown dtype", dict(geometry=_geometry(dtype=99)), C.INVALID_ARGUMENT),
+    ("integer dtype", dict(geometry=_geometry(dtype=tensor_pb2.DTYPE_INT64)), C.INVALID_ARGUMENT),
+    ("no vocabulary", dict(geometry=_geometry(vocab_size=0)), C.INVALID_ARGUMENT),
+    ("no geometry", dict(geometry=session_pb2.ModelGeometry()), C.INVALID_ARGUMENT),
+    ("target > hard", dict(budget=session_pb2.Budget(target_rows=9, hard_max_rows=8)),
+     C.INVALID_ARGUMENT),
+    ("no budget", dict(budget=session_pb2.Budget()), C.INVALID_ARGUMENT),
+    ("path in id", dict(session_id="../etc"), C.INVALID_ARGUMENT),
+    ("NaN seed", dict(seed_brightness=float("nan")), C.INVALID_ARGUMENT),
+    ("too many rows", dict(budget=session_pb2.Budget(target_rows=1, hard_max_rows=10**12)),
+     C.RESOURCE_EXHAUSTED),
+    ("existing id", dict(session_id="taken"), C.ALREADY_EXISTS),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "fields,code", [c[1:] for c in BAD_CREATES], ids=[c[0] for c in BAD_CREATES]
+)
+def test_bad_create_session_gets_its_status(authority, fields, code):
+    _, client = authority
+    client.CreateSession(create_request("taken"))
+    request = create_request(fields.pop("session_id", "new"))
+    for name, value in fields.items():
+        if isinstance(value, str | float):
+            setattr(request, name, value)
+        else:
+            getattr(request, name).CopyFrom(value)
+    with pytest.raises(grpc.RpcError) as err:
+        client.CreateSession(request)
+    assert err.value.code() == code, err.value.details()
+    listed = [s.session_id for s in client.ListSessions(ca.ListSessionsRequest()).sessions]
+    assert listed == ["taken"]
+
+
+def _kv_with(**tensor_changes):
+    """A one-token KVBlock whose keys tensor is altered (dtype, shape or raw bytes)."""
+    block = kv_pb(1, seed=9)
+    for k, v in tensor_changes.items():
+        if k == "shape":
+            del block.keys.shape[:]
+            block.keys.shape.extend(v)
+        else:
+            setattr(block.keys, k, v)
+    return block
+
+
+def _append_kv(block, token=5):
+    return session_pb2.PatchOp(
+        append=session_pb2.AppendOp(position=4, token_ids=[token], kv=block, pieces=["x"])
+    )
+
+
+_rng = torch.Generator().manual_seed(7)
+_RANDOM = bytes(
+    torch.randint(0, 256, (2 * 2 * 1 * 8 * 4,), generator=_rng, dtype=torch.uint8).tolist()
+)
+_NAN = struct.pack("<f", float("nan")) + _RANDOM[4:]
+
+HOSTILE = [
+    ("random bytes, wrong length", [_append_kv(_kv_with(data=_RANDOM[:-3]))], C.INVALID_ARGUMENT),
+    ("random bytes with NaN", [_append_kv(_kv_with(data=_NAN))], C.INVALID_ARGUMENT),
+    ("unknown wire dtype", [_append_kv(_kv_with(dtype=42))], C.INVALID_ARGUMENT),
+    ("wrong dtype", [_append_kv(kv_pb(1, seed=9, dtype=torch.float16))], C.INVALID_ARGUMENT),
+    ("wrong shape", [_append_kv(_kv_with(shape=[2, 2, 2, 4]))], C.INVALID_ARGUMENT),
+    ("negative dim", [_append_kv(_kv_with(shape=[2, -2, 1, 8]))], C.INVALID_ARGUMENT),
+    ("huge shape", [_append_kv(_kv_with(shape=[2**40, 2**20, 1, 8]))], C.INVALID_ARGUMENT),
+    ("two tokens, one row of kv", [session_pb2.PatchOp(append=session_pb2.AppendOp(
+        position=4, token_ids=[1, 2], kv=kv_pb(1, 9)))], C.INVALID_ARGUMENT),
+    ("id >= vocabulary", [append_pb(4, [VOCAB], 9)], C.INVALID_ARGUMENT),
+    ("negative id", [append_pb(4, [-7], 9)], C.INVALID_ARGUMENT),
+    ("merge into a bad id", [replace_pb(0, [10, 11], 2**40, 9)], C.INVALID_ARGUMENT),
+    ("negative position", [evict_pb(-1, 10)], C.INVALID_ARGUMENT),
+    ("huge position", [evict_pb(2**62, 10)], C.INVALID_ARGUMENT),
+    ("append far away", [append_pb(2**50, [1], 9)], C.FAILED_PRECONDITION),
+    ("expected tokens not there", [replace_pb(1, [11, 99], 3, 9)], C.FAILED_PRECONDITION),
+    ("beyond the hard max", [append_pb(4, list(range(13)), 9)], C.RESOURCE_EXHAUSTED),
+    ("empty ops", [], C.INVALID_ARGUMENT),
+    ("an empty op", [session_pb2.PatchOp()], C.INVALID_ARGUMENT),
+    ("unknown source", [append_pb(4, [1], 9, source=77)], C.INVALID_ARGUMENT),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("ops,code", [c[1:] for c in HOSTILE], ids=[c[0] for c in HOSTILE])
+def test_hostile_patch_gets_its_status_and_changes_nothing(authority, ops, code):
+    _, client = primed(authority)
+    before = version_and_digest(client)
+    with pytest.raises(grpc.RpcError) as err:
+        client.Patch(patch_stream("s", 1, "hostile", ops))
+    assert err.value.code() == code, err.value.details()
+    assert version_and_digest(client) == before
+    # The request id was not burned by the refusal: a good patch under it commits.
+    assert client.Patch(patch_stream("s", 1, "hostile", [evict_pb(0, 10)])).version == 2
+
+
+STREAMS = [
+    ("empty stream", lambda: iter([]), C.INVALID_ARGUMENT),
+    ("no session id", lambda: patch_stream("", 1, "", [evict_pb(0, 10)]), C.INVALID_ARGUMENT),
+    ("unknown session", lambda: patch_stream("zz", 1, "", [evict_pb(0, 10)]), C.NOT_FOUND),
+    ("header changes midway", lambda: iter([
+        ca.PatchRequest(session_id="s", expected_version=1, ops=[evict_pb(0, 10)]),
+        ca.PatchRequest(session_id="s", expected_version=2, ops=[evict_pb(1, 11)])]),
+     C.INVALID_ARGUMENT),
+    ("more bytes than the session can hold", lambda: patch_stream(
+        "s", 1, "", [append_pb(4, [1] * 12, 9)] * 40, per_message=1), C.RESOURCE_EXHAUSTED),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("make,code", [c[1:] for c in STREAMS], ids=[c[0] for c in STREAMS])
+def test_malformed_patch_streams(authority, make, code):
+    _, client = primed(authority)
+    before = version_and_digest(client)
+    with pytest.raises(grpc.RpcError) as err:
+        client.Patch(make())
+    assert err.value.code() == code, err.value.details()
+    assert version_and_digest(client) == before
+
+
+def test_a_message_over_the_grpc_limit_is_resource_exhausted(authority):
+    server, client = primed(authority)
+    big = grpc.insecure_channel(
+        f"127.0.0.1:{server.port}", options=[("grpc.max_send_message_length", 100 << 20)]
+    )
+    huge = tensor_pb2.Tensor(
+        dtype=tensor_pb2.DTYPE_FLOAT32, shape=[1], data=b"\0" * (rpc.MAX_MESSAGE_BYTES + 1)
+    )
+    append = session_pb2.AppendOp(position=4, token_ids=[1], kv=tensor_pb2.KVBlock(keys=huge))
+    op = session_pb2.PatchOp(append=append)
+    before = version_and_digest(client)
+    with pytest.raises(grpc.RpcError) as err:
+        stub(big).Patch(patch_stream("s", 1, "", [op]))
+    assert err.value.code() == C.RESOURCE_EXHAUSTED
+    assert version_and_digest(client) == before
+
+
+def test_stale_version_is_aborted_with_a_version_conflict_detail(authority):
+    _, client = primed(authority)
+    with pytest.raises(grpc.RpcError) as err:
+        client.Patch(patch_stream("s", 0, "late", [evict_pb(0, 10)]))
+    assert err.value.code() == C.ABORTED and "version 1" in err.value.details()
+    (detail,) = rpc.status_details(err.value)
+    conflict = ca.VersionConflict()
+    assert detail.Unpack(conflict)
+    assert (conflict.current_version, conflict.expected_version) == (1, 0)
+
+
+def test_a_bug_is_internal_never_unknown_and_changes_nothing(authority, monkeypatch):
+    _, client = primed(authority)
+    before = version_and_digest(client)
+
+    def broken(state):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(stage, "check_blades", broken)
+    with pytest.raises(grpc.RpcError) as err:
+        client.Patch(patch_stream("s", 1, "", [evict_pb(0, 10)]))
+    assert err.value.code() == C.INTERNAL
+    monkeypatch.undo()
+    assert version_and_digest(client) == before
+
+
+def test_retry_with_the_same_request_id_is_replayed(authority):
+    _, client = primed(authority)
+    first = client.Patch(patch_stream("s", 1, "tick-1", [evict_pb(0, 10)]))
+    again = client.Patch(patch_stream("s", 1, "tick-1", [evict_pb(0, 10)]))
+    assert again.replayed and (again.version, again.digest) == (first.version, first.digest)
+    assert version_and_digest(client)[2] == [11, 12, 13]
+
+
+def test_eight_racing_clients_one_success_per_version(authority):
+    server, client = authority
+    client.CreateSession(create_request("race", hard_max=64))
+    rounds, threads = 12, 8
+    barrier = threading.Barrier(threads)
+    outcomes: dict[int, list] = {r: [] for r in range(rounds)}
+
+    def racer(i: int) -> None:
+        channel = rpc.open_channel(f"127.0.0.1:{server.port}")
+        mine = stub(channel)
+        for r in range(rounds):
+            barrier.wait()
+            ops = [append_pb(r, [i], seed=100 * r + i)]
+            try:
+                reply = mine.Patch(patch_stream("race", r, f"{i}-{r}", ops))
+                outcomes[r].append(("OK", reply.version, i))
+            except grpc.RpcError as e:
+                conflict = ca.VersionConflict()
+                rpc.status_details(e)[0].Unpack(conflict)
+                outcomes[r].append((e.code().name, conflict.current_version, i))
+            barrier.wait()  # nobody starts the next round before every reply is in
+        channel.close()
+
+    pool = [threading.Thread(target=racer, args=(i,)) for i in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join(60)
+    winners = []
+    for r in range(rounds):
+        codes = sorted(o[0] for o in outcomes[r])
+        assert codes == ["ABORTED"] * 7 + ["OK"], (r, outcomes[r])
+        assert {o[1] for o in outcomes[r]} == {r + 1}  # the winner's version, the losers' current
+        winners += [o[2] for o in outcomes[r] if o[0] == "OK"]
+    assert version_and_digest(client, "race")[2] == winners
+
+
+def test_sync_deltas_and_snapshots_reproduce_the_authority(authority):
+    server, client = primed(authority, tokens=tuple(range(10, 22)))
+    engine = server.engine
+    client.Patch(patch_stream("s", 1, "", [replace_pb(2, [12, 13], 40, 5), evict_pb(7, 17),
+                                           append_pb(12, [41, 42], 6)]))  # fmt: skip
+    replica = SyncReceiver()
+    replica.receive_all(client.Sync(ca.SyncRequest(session_id="s", from_version=0)))
+    assert_same_state(replica.state, engine._sessions["s"].state)
+    for v in range(2, 5):
+        rows = version_and_digest(client)[2]
+        ops = [evict_pb(0, rows[0]), append_pb(len(rows), [v, v], v)]
+        client.Patch(patch_stream("s", v, "", ops))
+    messages = list(
+        client.Sync(ca.SyncRequest(session_id="s", from_version=2, max_chunk_bytes=300))
+    )
+    assert all(m.WhichOneof("payload") == "delta" for m in messages)
+    assert len(messages) > 3  # each version's ops were split, the digest on the final part
+    replica.receive_all(messages)
+    assert_same_state(replica.state, engine._sessions["s"].state)
+    with pytest.raises(grpc.RpcError) as err:
+        list(client.Sync(ca.SyncRequest(session_id="nope")))
+    assert err.value.code() == C.NOT_FOUND
+
+
+def collect(stream, into: list) -> None:
+    """Read a streaming call into a list until the client cancels it."""
+    try:
+        for msg in stream:
+            into.append(msg)
+    except grpc.RpcError as e:
+        assert e.code() == C.CANCELLED, e
+
+
+def test_a_large_prime_streams_in_chunks_and_follow_sends_it_as_deltas(authority):
+    _, client = authority
+    g = geometry_to_pb(tiny_geometry())
+    g.num_kv_heads, g.head_dim = 4, 64
+    g.rope.inv_freq[:] = Rope.from_theta(64).inv_freq.tolist()
+    budget = session_pb2.Budget(target_rows=1600, hard_max_rows=1600)
+    client.CreateSession(ca.CreateSessionRequest(session_id="big", geometry=g, budget=budget))
+    row = 2 * 4 * 64 * 4  # bytes of one row's keys (and of its values), all layers
+    ops = []
+    for start in range(0, 1500, 256):  # each Append op carries 1 MiB of K/V
+        n = min(256, 1500 - start)
+        k = torch.randn(2, 4, n, 64)
+        block = tensor_pb2.KVBlock(keys=codec.encode(k), values=codec.encode(k * 2))
+        tokens = [(start + j) % VOCAB for j in range(n)]
+        append = session_pb2.AppendOp(position=start, token_ids=tokens, kv=block)
+        ops.append(session_pb2.PatchOp(append=append))
+    received: list[ca.SyncResponse] = []
+    follow = client.Sync(ca.SyncRequest(session_id="big", from_version=0, follow=True))
+    reader = threading.Thread(target=collect, args=(follow, received))
+    reader.start()
+    reply = client.Patch(patch_stream("big", 0, "prime", ops, per_message=2))
+    assert (reply.version, reply.row_count) == (1, 1500)
+    for _ in range(400):  # up to 20 s for the follower to see the prime's final part
+        if received and received[-1].HasField("delta") and received[-1].delta.final:
+            break
+        time.sleep(0.05)
+    follow.cancel()
+    reader.join(10)
+    replica = SyncReceiver()
+    replica.receive_all(received)
+    assert replica.state.version == 1 and replica.state.row_count == 1500
+    deltas = [m for m in received if m.WhichOneof("payload") == "delta"]
+    assert len(deltas) >= 3 and all(m.ByteSize() <= (2 << 20) + 4096 for m in deltas)
+    snapshot = list(client.Sync(ca.SyncRequest(session_id="big", from_version=0)))
+    assert all(len(m.snapshot_chunk.data) <= 2 << 20 for m in snapshot[1:]) and len(snapshot) >= 4
+    assert snapshot[0].snapshot_header.total_bytes == 2 * 1500 * row
+
+
+def test_watch_sees_commits_and_deletions(authority):
+    _, client = primed(authority)
+    everything = client.Watch(ca.WatchRequest())
+    backlog = client.Watch(ca.WatchRequest(session_id="s", from_version=0))
+    client.Patch(patch_stream("s", 1, "w1", [evict_pb(0, 10)]))
+    client.CreateSession(create_request("t"))
+    client.Patch(patch_stream("t", 0, "w2", [append_pb(0, [1, 2], 3)]))
+    client.DeleteSession(ca.DeleteSessionRequest(session_id="s"))
+    seen = [next(everything) for _ in range(3)]
+    assert [(e.session_id, e.version, e.request_id, e.deleted) for e in seen] == [
+        ("s", 2, "w1", False), ("t", 1, "w2", False), ("s", 2, "", True)]  # fmt: skip
+    assert (seen[0].evicted, seen[0].row_count, seen[1].appended) == (1, 3, 2)
+    assert [(e.version, e.deleted) for e in backlog] == [(2, False), (2, True)]
+    everything.cancel()
+    with pytest.raises(grpc.RpcError) as err:
+        client.GetSession(ca.GetSessionRequest(session_id="s"))
+    assert err.value.code() == C.NOT_FOUND
+
+
+def test_get_session_mirror_and_metrics():
+    with running_authority(metrics_port=0) as (server, channel):
+        client = stub(channel)
+        primed((server, client))
+        client.Patch(patch_stream("s", 1, "m", [replace_pb(1, [11, 12], 44, 3, brightness=7.5)]))
+        got = client.GetSession(ca.GetSessionRequest(session_id="s"))
+        merged = got.mirror[1]
+        assert [e.position for e in got.mirror] == [0, 1, 2]
+        assert (merged.token_id, merged.brightness, merged.source, merged.origin_position) == (
+            44, 7.5, session_pb2.TOKEN_SOURCE_MERGED, 1)  # fmt: skip
+        assert list(merged.replaced_token_ids) == [11, 12]
+        assert list(merged.replaced_ledger_ids) == [1, 2] and merged.created_version == 2
+        assert got.mirror[2].brightness == 255.0  # the seed brightness (0 in the request)
+        url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+        assert 'positronic_authority_session_rows{session_id="s"} 3.0' in text
+        assert 'positronic_authority_patch_seconds_count{outcome="OK"} 2.0' in text
+        assert "positronic_authority_bytes_in_total" in text
