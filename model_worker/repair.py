@@ -65,7 +65,7 @@ def check_pairs(rows: Rows, pairs: Sequence[PairRef], max_candidates: int) -> in
         raise invalid(f"max_candidates must be >= 0, got {max_candidates}")
     for i, pair in enumerate(pairs):
         p = pair.position
-        if not p >= 0 or p + 1 >= rows.count:
+        if p < 0 or p + 1 >= rows.count:
             raise invalid(f"pair {i}: position {p} needs rows {p}, {p + 1} of {rows.count}")
         if len(pair.expected_token_ids) != 2:
             raise invalid(f"pair {i}: needs 2 expected token ids")
