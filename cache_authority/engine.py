@@ -86,7 +86,8 @@ class Engine(SessionRegistry):
         with session.cond:
             self._check_live(session)
             if request_id and request_id in session.replies:
-                # The stored reply, whatever ops came with the id this time (see README).
+                # The stored reply, whatever ops came with the id this time: ids are the
+                # client's promise that a retry carries the same patch; we do not re-check it.
                 return replace(session.replies[request_id], replayed=True)
             st = session.state
             if expected_version != st.version:

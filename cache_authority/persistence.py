@@ -135,10 +135,11 @@ class SessionStore:
         logger.info("session %s v%d: snapshot written", state.session_id, state.version)
 
     def delete(self, session_id: str) -> None:
-        self.close_session(session_id)
+        """Move the folder aside in one rename (a restart ignores it), then remove it."""
         folder = self.root / session_id
         trash = self.root / f".deleted-{session_id}-{time.time_ns()}"
-        os.replace(folder, trash)
+        os.replace(folder, trash)  # if this fails the session is untouched, log still open
+        self.close_session(session_id)
         _fsync_dir(self.root)
         shutil.rmtree(trash, ignore_errors=True)
 

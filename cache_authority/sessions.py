@@ -12,7 +12,7 @@ import time
 import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 from cache_authority.feed import Feed, WatchEvent
@@ -157,30 +157,20 @@ class SessionRegistry:
                 return describe(state)
 
     def delete_session(self, session_id: str) -> int:
-        with self._lock:
-            session = self._sessions.pop(session_id, None)
-        if session is None:
-            raise PatchError(Status.NOT_FOUND, f"no session {session_id}")
+        """Forget a session, on disk first: a failed delete leaves it whole, not half gone."""
+        session = self._session(session_id)
         with session.cond:
+            self._check_live(session)
+            st = session.state
+            if self.store is not None:
+                self._durably(lambda: self.store.delete(session_id), st)  # type: ignore[union-attr]
             session.deleted = True
             session.cond.notify_all()
-            version = session.state.version
-            if self.store is not None:
-                self._durably(lambda: self.store.delete(session_id), session.state)  # type: ignore[union-attr]
-        self.feed.publish(
-            WatchEvent(
-                session_id,
-                version,
-                session.state.digest,
-                "",
-                0,
-                0,
-                0,
-                0,
-                time.time_ns(),
-                deleted=True,
-            )
-        )
+            with self._lock:
+                self._sessions.pop(session_id, None)
+            event = WatchEvent(session_id, st.version, st.digest, "", 0, 0, 0, 0, time.time_ns())
+            self.feed.publish(replace(event, deleted=True))
+        version = st.version
         self.metrics.remove_session(session_id)
         logger.info("session %s v%d: deleted", session_id, version)
         return version
