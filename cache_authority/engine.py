@@ -110,14 +110,14 @@ class Engine(SessionRegistry):
                 ops=ops_pb,
                 committed_unix_ns=time.time_ns(),
             )
-            mark = None
-            if self.store is not None:
-                mark = self._durably(lambda: self.store.append(session_id, patch), st)  # type: ignore[union-attr]
+            mark, store = None, self.store
+            if store is not None:
+                mark = self._durably(lambda: store.append(session_id, patch), st)
             try:
                 commit_staged(st, staged, digest)
             except BaseException:
-                if mark is not None:
-                    self._rollback_log(session, mark)
+                if store is not None and mark is not None:
+                    self._rollback_log(store, session, mark)
                 raise
             result = PatchResult(version, digest, st.row_count, time.perf_counter_ns() - t0)
             committed = Committed(
@@ -163,9 +163,9 @@ class Engine(SessionRegistry):
         while len(session.replies) > self.limits.replies_kept:
             session.replies.popitem(last=False)
 
-    def _rollback_log(self, session: SessionSlot, mark: int) -> None:
+    def _rollback_log(self, store: SessionStore, session: SessionSlot, mark: int) -> None:
         try:
-            self.store.rollback(session.state.session_id, mark)  # type: ignore[union-attr]
+            store.rollback(session.state.session_id, mark)
         except OSError:
             session.broken = True
             logger.exception(

@@ -145,8 +145,9 @@ class SessionRegistry:
                 digest=GENESIS_DIGEST,
                 created_unix_ns=time.time_ns(),
             )
-            if self.store is not None:
-                self._durably(lambda: self.store.create(state), state)  # type: ignore[union-attr]
+            store = self.store
+            if store is not None:
+                self._durably(lambda: store.create(state), state)
             session = SessionSlot(state)
             self._sessions[session_id] = session
             with session.cond:
@@ -162,8 +163,9 @@ class SessionRegistry:
         with session.cond:
             self._check_live(session)
             st = session.state
-            if self.store is not None:
-                self._durably(lambda: self.store.delete(session_id), st)  # type: ignore[union-attr]
+            store = self.store
+            if store is not None:
+                self._durably(lambda: store.delete(session_id), st)
             session.deleted = True
             session.cond.notify_all()
             with self._lock:

@@ -130,13 +130,11 @@ def patch_stream(session_id: str, version: int, request_id: str, ops, per_messag
     """One Patch as PatchRequest messages; per_message > 0 spreads ops over several messages,
     the header only on the first."""
     ops = list(ops)
-    if per_message <= 0:
-        return iter([ca.PatchRequest(session_id=session_id, expected_version=version,
-                                     request_id=request_id, ops=ops)])  # fmt: skip
+    header = dict(session_id=session_id, expected_version=version, request_id=request_id)
+    step = per_message if per_message > 0 else max(len(ops), 1)
     msgs = []
-    for i in range(0, max(len(ops), 1), per_message):
-        header = dict(session_id=session_id, expected_version=version, request_id=request_id)
-        msgs.append(ca.PatchRequest(ops=ops[i : i + per_message], **(header if i == 0 else {})))
+    for i in range(0, max(len(ops), 1), step):
+        msgs.append(ca.PatchRequest(ops=ops[i : i + step], **(header if i == 0 else {})))
     return iter(msgs)
 
 
@@ -165,9 +163,13 @@ class AuthorityProcess:
         env = dict(os.environ, PYTHONPATH=str(REPO))
         cmd = [sys.executable, "-m", "positronic.cli", "authority", "--listen", "127.0.0.1:0"]
         self.proc = subprocess.Popen(
-            [*cmd, *args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            [*cmd, *args],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
-        )  # fmt: skip
+        )
         self.stderr: list[str] = []
         threading.Thread(target=self._drain, daemon=True).start()
         line = [""]
@@ -191,3 +193,17 @@ class AuthorityProcess:
     def terminate(self) -> int:
         self.proc.terminate()
         return self.proc.wait(30)
+
+
+def primed(authority, sid: str = "s", tokens=(10, 11, 12, 13), hard_max: int = 16):
+    """(server, client) with session `sid` created and primed with `tokens` at version 1."""
+    server, client = authority
+    client.CreateSession(create_request(sid, hard_max=hard_max))
+    client.Patch(patch_stream(sid, 0, "prime", [append_pb(0, tokens, seed=1)]))
+    return server, client
+
+
+def version_and_digest(client, sid: str = "s") -> tuple[int, bytes, list[int]]:
+    """What GetSession says: version, digest and the token id of every row."""
+    got = client.GetSession(ca.GetSessionRequest(session_id=sid))
+    return got.session.version, got.session.digest, [e.token_id for e in got.mirror]
