@@ -129,7 +129,11 @@ def test_compose_file_runs_as_local_processes(tmp_path):
             text=True,
             timeout=300,
         )
-        assert r.returncode == 0, r.stderr[-3000:]
+        if r.returncode != 0:
+            for p in procs:
+                p.terminate()
+            logs = [p.communicate(timeout=15)[1][-2000:] for p in procs]
+            raise AssertionError(f"demo failed: {r.stderr[-2000:]}\nservices: {logs}")
         assert len(r.stdout.split()) > 30  # readable text streamed to stdout
         # The authority kept its state in the mapped data volume.
         assert any((tmp_path / "authority-data").iterdir())
