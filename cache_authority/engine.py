@@ -124,6 +124,10 @@ class Engine(SessionRegistry):
                 patch, st.row_count, staged.appended, staged.merged, staged.evicted
             )
             self._after_commit(session, committed, result)
+            logger.debug(
+                "session %s v%d: committed, %d rows (+%d, %d merged, %d evicted)",
+                session_id, version, st.row_count, staged.appended, staged.merged, staged.evicted,
+            )  # fmt: skip
             return result
 
     def _after_commit(

@@ -33,6 +33,7 @@ POLL_S = 0.5  # how often a following stream checks that its client is still the
 
 def _abort(context: grpc.ServicerContext, method: str, error: BaseException) -> None:
     if isinstance(error, PatchError):
+        logger.debug("%s refused: %s %s", method, error.status.value, error.message)
         details = []
         if error.status is Status.ABORTED and error.current_version is not None:
             details.append(ca.VersionConflict(current_version=error.current_version))
@@ -169,6 +170,9 @@ class CacheAuthorityServicer(cache_authority_pb2_grpc.CacheAuthorityServicer):
     def Watch(self, request: ca.WatchRequest, context) -> Iterator[ca.WatchResponse]:
         sid = request.session_id
         cursor = self.engine.feed.cursor()  # before the backlog: a commit in between shows twice
+        # Initial metadata now tells a client that waits for it that it is subscribed: every
+        # commit from here on reaches it.
+        context.send_initial_metadata(())
         sent: dict[str, int] = {}  # session -> newest version sent, to drop those repeats
         sessions = [sid] if sid else self.engine.session_ids()
         if sid:

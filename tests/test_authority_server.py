@@ -65,10 +65,39 @@ def test_missing_or_wrong_token_is_unauthenticated():
             with pytest.raises(grpc.RpcError) as err:
                 stub(channel).Patch(patch_stream("s", 0, "", [evict_pb(0, 1)]))
             assert err.value.code() == C.UNAUTHENTICATED
-        stub(good).CreateSession(create_request("s"))
-        assert [
-            s.session_id for s in stub(good).ListSessions(ca.ListSessionsRequest()).sessions
-        ] == ["s"]
+        # Orchestrators probe health without the token.
+        health = health_pb2_grpc.HealthStub(rpc.open_channel(address))
+        assert health.Check(health_pb2.HealthCheckRequest()).status == 1  # SERVING
+        created = stub(good).CreateSession(create_request(""))  # the authority picks the id
+        listed = stub(good).ListSessions(ca.ListSessionsRequest()).sessions
+        assert [s.session_id for s in listed] == [created.session.session_id]
+        assert len(created.session.session_id) == 32 and created.session.version == 0
+
+
+UNKNOWN = [
+    ("GetSession", lambda c: c.GetSession(ca.GetSessionRequest(session_id="zz"))),
+    ("DeleteSession", lambda c: c.DeleteSession(ca.DeleteSessionRequest(session_id="zz"))),
+    ("Sync", lambda c: list(c.Sync(ca.SyncRequest(session_id="zz")))),
+    ("Watch", lambda c: next(c.Watch(ca.WatchRequest(session_id="zz")))),
+]
+
+
+@pytest.mark.parametrize("call", [u[1] for u in UNKNOWN], ids=[u[0] for u in UNKNOWN])
+def test_unknown_session_is_not_found(authority, call):
+    with pytest.raises(grpc.RpcError) as err:
+        call(authority[1])
+    assert err.value.code() == C.NOT_FOUND
+
+
+def test_negative_sync_arguments_are_invalid(authority):
+    _, client = primed(authority)
+    for request in (
+        ca.SyncRequest(session_id="s", from_version=-1),
+        ca.SyncRequest(session_id="s", max_chunk_bytes=-5),
+    ):
+        with pytest.raises(grpc.RpcError) as err:
+            list(client.Sync(request))
+        assert err.value.code() == C.INVALID_ARGUMENT
 
 
 def _geometry(**changes):

@@ -114,17 +114,29 @@ def test_a_large_prime_streams_in_chunks_and_follow_sends_it_as_deltas(authority
 
 def test_watch_sees_commits_and_deletions(authority):
     _, client = primed(authority)
-    everything = client.Watch(ca.WatchRequest())
-    backlog = client.Watch(ca.WatchRequest(session_id="s", from_version=0))
     client.Patch(patch_stream("s", 1, "w1", [evict_pb(0, 10)]))
+    everything = client.Watch(ca.WatchRequest())
+    backlog = client.Watch(ca.WatchRequest(session_id="s", from_version=1))
+    for stream in (everything, backlog):
+        stream.initial_metadata()  # the server sends it once the watch is subscribed
+    client.Patch(patch_stream("s", 2, "w2", [evict_pb(0, 11)]))
     client.CreateSession(create_request("t"))
-    client.Patch(patch_stream("t", 0, "w2", [append_pb(0, [1, 2], 3)]))
+    client.Patch(patch_stream("t", 0, "w3", [append_pb(0, [1, 2], 3)]))
     client.DeleteSession(ca.DeleteSessionRequest(session_id="s"))
     seen = [next(everything) for _ in range(3)]
     assert [(e.session_id, e.version, e.request_id, e.deleted) for e in seen] == [
-        ("s", 2, "w1", False), ("t", 1, "w2", False), ("s", 2, "", True)]  # fmt: skip
-    assert (seen[0].evicted, seen[0].row_count, seen[1].appended) == (1, 3, 2)
-    assert [(e.version, e.deleted) for e in backlog] == [(2, False), (2, True)]
+        ("s", 3, "w2", False),
+        ("t", 1, "w3", False),
+        ("s", 3, "", True),
+    ]
+    assert (seen[0].evicted, seen[0].row_count, seen[1].appended) == (1, 2, 2)
+    # A watch of one session with from_version: the retained commit v2 first, then live ones;
+    # the stream ends with the deletion.
+    assert [(e.version, e.request_id, e.deleted) for e in backlog] == [
+        (2, "w1", False),
+        (3, "w2", False),
+        (3, "", True),
+    ]
     everything.cancel()
     with pytest.raises(grpc.RpcError) as err:
         client.GetSession(ca.GetSessionRequest(session_id="s"))
