@@ -4,8 +4,10 @@ disk), retries are idempotent, and the write-ahead log plus snapshots recover ev
 from __future__ import annotations
 
 import os
+import threading
 
 import pytest
+import torch
 
 from cache_authority import engine as engine_mod
 from cache_authority import persistence, stage, validate
@@ -16,12 +18,14 @@ from cache_authority.rows import Budget
 from cache_authority.sessions import EngineLimits
 from cache_authority.snapshot import state_from_snapshot, state_to_snapshot
 from cache_authority.sync import SyncReceiver, delta_messages, snapshot_messages
+from positronic.v1 import session_pb2
 from tests.authority_fixtures import (
     Reference,
     append_pb,
     assert_same_state,
     brightness_pb,
     evict_pb,
+    kv_pb,
     replace_pb,
     tiny_geometry,
 )
@@ -217,3 +221,33 @@ def test_sync_plan_gives_deltas_while_the_log_reaches_back_then_a_snapshot():
     engine.patch("s", 4, "", [evict_pb(0, 13)])
     assert engine.sync_plan("s", 2).snapshot is not None  # v3 fell out of the retained log
     assert engine.sync_plan("s", 5).deltas == []
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_sessions_survive_snapshot_and_log(tmp_path, dtype):
+    engine = make_engine(tmp_path, snapshot_every=3)
+    engine.create_session("h", tiny_geometry(dtype), Budget(8, 8), 0.0, lambda s: None)
+    for v in range(3):  # v1..v3, a snapshot at v3
+        op = session_pb2.PatchOp(
+            append=session_pb2.AppendOp(position=v, token_ids=[v], kv=kv_pb(1, v, dtype))
+        )
+        engine.patch("h", v, "", [op])
+    engine.patch("h", 3, "", [evict_pb(0, 0)])  # v4 in the log; the rows after it move
+    expected = snapshot_of(engine, "h")
+    engine.close()
+    assert snapshot_of(make_engine(tmp_path), "h") == expected
+
+
+def test_patches_to_different_sessions_do_not_wait_for_each_other():
+    engine = make_engine()
+    prime(engine, "a")
+    prime(engine, "b")
+    done = threading.Event()
+    with engine._sessions["a"].cond:  # someone holds session a's lock for a long time
+        t = threading.Thread(
+            target=lambda: (engine.patch("b", 2, "", [evict_pb(0, 10)]), done.set())
+        )
+        t.start()
+        assert done.wait(10)  # b committed while a stayed locked
+    t.join()
+    assert engine.read("b", lambda s: s.version) == 3
