@@ -15,6 +15,7 @@ import sys
 import threading
 from collections.abc import Mapping
 
+from cache_authority.persistence import CorruptStore
 from cache_authority.server import AuthorityConfig, start_authority
 from positronic.rpc import bound_address, read_token_file
 
@@ -57,7 +58,11 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as e:
         print(f"positronic authority: {e}", file=sys.stderr)
         return 2
-    server = start_authority(config)
+    try:
+        server = start_authority(config)
+    except (OSError, CorruptStore) as e:  # port taken, data dir unreadable or damaged
+        logger.error("cannot start: %s", e)
+        return 1
     print(bound_address(config.listen, server.port), flush=True)
     if config.data_dir is None:
         print(
