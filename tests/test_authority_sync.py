@@ -115,8 +115,8 @@ def test_a_large_prime_streams_in_chunks_and_follow_sends_it_as_deltas(authority
 def test_watch_sees_commits_and_deletions(authority):
     _, client = primed(authority)
     client.Patch(patch_stream("s", 1, "w1", [evict_pb(0, 10)]))
-    everything = client.Watch(ca.WatchRequest())
-    backlog = client.Watch(ca.WatchRequest(session_id="s", from_version=1))
+    everything = client.Watch(ca.WatchRequest(), timeout=60)  # a missed event fails, not hangs
+    backlog = client.Watch(ca.WatchRequest(session_id="s", from_version=1), timeout=60)
     for stream in (everything, backlog):
         stream.initial_metadata()  # the server sends it once the watch is subscribed
     client.Patch(patch_stream("s", 2, "w2", [evict_pb(0, 11)]))
