@@ -8,6 +8,8 @@ import threading
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cache_authority import engine as engine_mod
 from cache_authority import persistence, stage, validate
@@ -18,7 +20,7 @@ from cache_authority.rows import Budget
 from cache_authority.sessions import EngineLimits
 from cache_authority.snapshot import state_from_snapshot, state_to_snapshot
 from cache_authority.sync import SyncReceiver, delta_messages, snapshot_messages
-from positronic.v1 import session_pb2
+from positronic.v1 import session_pb2, tensor_pb2
 from tests.authority_fixtures import (
     Reference,
     append_pb,
@@ -251,3 +253,27 @@ def test_patches_to_different_sessions_do_not_wait_for_each_other():
         assert done.wait(10)  # b committed while a stayed locked
     t.join()
     assert engine.read("b", lambda s: s.version) == 3
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    data=st.binary(max_size=600),
+    shape=st.lists(st.integers(-2, 2**33), max_size=5) | st.just([2, 2, 1, 8]),
+    dtype=st.integers(0, 7),
+    tokens=st.lists(st.integers(-3, 60), max_size=3),
+)
+def test_hostile_tensors_are_refused_as_invalid_and_change_nothing(data, shape, dtype, tokens):
+    engine = make_engine()
+    prime(engine)
+    before = snapshot_of(engine)
+    keys = tensor_pb2.Tensor(dtype=dtype, shape=shape, data=data)
+    block = tensor_pb2.KVBlock(keys=keys, values=keys)
+    op = session_pb2.PatchOp(append=session_pb2.AppendOp(position=6, token_ids=tokens, kv=block))
+    try:
+        engine.patch("s", 2, "", [op])
+    except PatchError as e:
+        assert e.status is Status.INVALID_ARGUMENT, e.message
+        assert snapshot_of(engine) == before
+    else:  # only a well-formed append can commit: the right shape, dtype, bytes and ids
+        assert shape == [2, 2, len(tokens), 8] and dtype == tensor_pb2.DTYPE_FLOAT32
+        assert engine.read("s", lambda s: s.live_token_ids()[6:]) == tokens
