@@ -169,14 +169,14 @@ class CacheAuthorityServicer(cache_authority_pb2_grpc.CacheAuthorityServicer):
     @_streaming
     def Watch(self, request: ca.WatchRequest, context) -> Iterator[ca.WatchResponse]:
         sid = request.session_id
+        if sid:
+            self.engine.read(sid, lambda s: None)  # NOT_FOUND now, not silence
         cursor = self.engine.feed.cursor()  # before the backlog: a commit in between shows twice
         # Initial metadata now tells a client that waits for it that it is subscribed: every
         # commit from here on reaches it.
         context.send_initial_metadata(())
         sent: dict[str, int] = {}  # session -> newest version sent, to drop those repeats
         sessions = [sid] if sid else self.engine.session_ids()
-        if sid:
-            self.engine.read(sid, lambda s: None)  # NOT_FOUND now, not silence
         if request.from_version > 0:
             for name in sessions:
                 try:
