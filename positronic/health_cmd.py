@@ -20,9 +20,7 @@ def run(args: argparse.Namespace) -> int:
     channel = open_channel(args.address)
     try:
         stub = health_pb2_grpc.HealthStub(channel)
-        resp = stub.Check(
-            health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
-        )
+        resp = stub.Check(health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
     except grpc.RpcError as e:
         print(f"{args.address}: {e.code().name}")  # type: ignore[attr-defined]
         return 1
