@@ -255,3 +255,40 @@ def test_a_model_that_fails_to_load_is_not_serving(tmp_path):
 def test_worker_config_is_validated(bad):
     with pytest.raises(ValueError):
         WorkerConfig(**{"model": "m", **bad})
+
+
+def test_bugs_are_internal_and_logged(caplog):
+    """An in-process worker on an injected model, repairer and sync source; a repairer that
+    crashes is a bug: INTERNAL, with its traceback in the log."""
+    from worker_fixtures import MiniAuthority, append_op, tiny_llama
+
+    class Broken:
+        name = "broken"
+
+        def candidates(self, rows, position, max_candidates):
+            raise RuntimeError("boom")
+
+    lm = tiny_llama()
+    mini = MiniAuthority()
+    mini.create(lm, "s")
+    version = mini.patch("s", [append_op(lm, [1, 5, 6, 7, 8])])
+    running = start_worker(
+        WorkerConfig(model="tiny", listen="127.0.0.1:0"),
+        model=lm,
+        repairer=Broken(),
+        sync_source=mini,
+    )
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            stub = model_worker_pb2_grpc.ModelWorkerStub(channel)
+            step = stub.Step(pb.StepRequest(session_id="s", version=version, input_token_id=9))
+            assert step.position == 5 and len(step.attention) == 6
+            request = pb.RepairRequest(
+                session_id="s",
+                version=version,
+                pairs=[pb.PairRef(position=1, expected_token_ids=[5, 6])],
+            )
+            assert _code(lambda: stub.Repair(request)) == grpc.StatusCode.INTERNAL
+        assert any(r.exc_info and "Repair failed" in r.getMessage() for r in caplog.records)
+    finally:
+        running.stop(0)
