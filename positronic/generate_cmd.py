@@ -9,6 +9,8 @@ import logging
 import os
 import sys
 
+import grpc
+
 from positronic.clients import Endpoints
 from positronic.loop import REDUCTIONS, LoopConfig, LoopError, run_loop
 from positronic.policies import POLICIES, make_policy
@@ -139,6 +141,9 @@ def run(args: argparse.Namespace) -> int:
             stats = run_loop(endpoints, prompt, config, write)
         except LoopError as e:
             logger.error("%s", e)
+            return 1
+        except grpc.RpcError as e:
+            logger.error("%s: %s", e.code().name, e.details())  # type: ignore[attr-defined]
             return 1
     sys.stdout.write("\n")
     logger.info(

@@ -18,6 +18,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import grpc
 import torch
@@ -40,6 +41,9 @@ REDUCTIONS = {
     "mean": model_worker_pb2.ATTENTION_REDUCTION_MEAN_LAYERS,
     "max": model_worker_pb2.ATTENTION_REDUCTION_MAX_LAYERS,
 }
+
+
+MAX_STALE_IN_A_ROW = 20
 
 
 class LoopError(RuntimeError):
@@ -223,7 +227,7 @@ class Loop:
             )
 
     # -- 1..4: one iteration -------------------------------------------------------------------
-    def iterate(self, session_id: str, view: View, token: int, iteration: int, source: int):
+    def iterate(self, session_id: str, view: View, token: int, iteration: int, source: Any):
         """Step, score, plan, repair, patch. Returns (new view, next token, step response)."""
         n = len(view.token_ids)
         policy = self.cfg.policy
@@ -399,7 +403,7 @@ class Loop:
         detok = Detokenizer(self.ep)
         steps = len(cfg.forced_tokens) if cfg.forced_tokens is not None else cfg.max_new_tokens
         t0 = time.perf_counter()
-        i = 0
+        i = stale_in_a_row = 0
         while i < steps:
             try:
                 view, next_token, step = self.iterate(session_id, view, token, i, source)
@@ -408,10 +412,17 @@ class Loop:
                     raise
                 # Another writer committed first: re-read the committed state and go on.
                 self.stats.stale_retries += 1
+                stale_in_a_row += 1
+                if stale_in_a_row > MAX_STALE_IN_A_ROW:
+                    raise LoopError(
+                        f"session {session_id}: {stale_in_a_row} stale versions in a row; "
+                        "another writer keeps committing first"
+                    ) from e
                 logger.warning("session %s@%d: stale version, re-reading", session_id, view.version)
                 view = self.reread(session_id)
                 continue
             i += 1
+            stale_in_a_row = 0
             self.stats.iterations = i
             self.stats.token_ids.append(next_token)
             if cfg.forced_tokens is not None:

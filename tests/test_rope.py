@@ -135,6 +135,7 @@ def test_session_ops_rerotate_to_the_recomputed_sequence():
     assert torch.allclose(state.live_keys()[0], layer0_keys(model, edited), atol=1e-5, rtol=0)
 
 
+@pytest.mark.timeout(1200)  # 10,000 patches; about 25 s on an idle 2-core machine
 def test_ten_thousand_shifts_do_not_accumulate_error_bf16():
     """Evict row 1 ten thousand times: the last row moves 10,000 positions one step at a time,
     and its key still equals ONE rotation of its canonical key (bf16 within its rounding)."""
