@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from cache_authority.feed import WatchEvent
 from cache_authority.metrics import Metrics
 from cache_authority.ops import PatchError, Status, chain_digest, ops_from_pb
-from cache_authority.persistence import SessionStore
+from cache_authority.persistence import SessionStore, StoredReply
 from cache_authority.sessions import (
     Committed,
     EngineLimits,
@@ -51,6 +51,12 @@ class Engine(SessionRegistry):
         if store is not None:
             for rec in store.recover_all():
                 s = SessionSlot(rec.state, snapshot_version=rec.state.version - len(rec.replayed))
+                for reply in rec.replies:  # patches in the snapshot, then those in the log
+                    self._remember(
+                        s,
+                        reply.request_id,
+                        PatchResult(reply.version, reply.digest, reply.row_count, 0),
+                    )
                 for r in rec.replayed:
                     c = Committed(r.patch, r.row_count, r.appended, r.merged, r.evicted)
                     self._retain(s, c)
@@ -146,7 +152,11 @@ class Engine(SessionRegistry):
             if self.store is not None and (
                 st.version - session.snapshot_version >= self.limits.snapshot_every
             ):
-                self.store.snapshot(st)
+                replies = [
+                    StoredReply(rid, r.version, r.digest, r.row_count)
+                    for rid, r in session.replies.items()
+                ]
+                self.store.snapshot(st, replies)
                 session.snapshot_version = st.version
         except Exception:
             logger.exception(

@@ -1,7 +1,8 @@
 """Durable sessions: a write-ahead log of committed patches plus periodic snapshots.
 
 Layout under the data dir, one folder per session:
-  sessions/<id>/snapshot-<version>.safetensors  canonical keys + values, SnapshotHeader in metadata
+  sessions/<id>/snapshot-<version>.safetensors  canonical keys + values, SnapshotHeader and the
+                                                recent request ids' replies in metadata
   sessions/<id>/wal-<version>.log               patches after that version, one record each
 A record is <u32 length><u32 crc32><CommittedPatch bytes>, written and fsynced before the patch is
 acknowledged. Recovery loads the newest readable snapshot and replays every later record through
@@ -12,13 +13,15 @@ while writing it) was never acknowledged and is cut off; damage anywhere else re
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import os
 import shutil
 import struct
 import time
 import zlib
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
@@ -51,12 +54,25 @@ class Replayed:
     evicted: int
 
 
+@dataclass(frozen=True)
+class StoredReply:
+    """The reply to a committed patch, kept with the snapshot so that a retry of its request id
+    after a restart gets it back (the log after the snapshot no longer holds that patch)."""
+
+    request_id: str
+    version: int
+    digest: bytes
+    row_count: int
+
+
 @dataclass
 class Recovered:
-    """A session read back from disk and the records replayed on top of its snapshot."""
+    """A session read back from disk: its snapshot's stored replies (oldest first) and the log
+    records replayed on top of the snapshot."""
 
     state: SessionState
     replayed: list[Replayed]
+    replies: list[StoredReply] = field(default_factory=list)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -121,10 +137,11 @@ class SessionStore:
         f.flush()
         os.fsync(f.fileno())
 
-    def snapshot(self, state: SessionState) -> None:
-        """Write a snapshot at the state's version, start a new log after it, drop older files."""
+    def snapshot(self, state: SessionState, replies: Iterable[StoredReply] = ()) -> None:
+        """Write a snapshot at the state's version with the replies to recent request ids (the
+        caller bounds them), start a new log after it, drop older files."""
         folder = self.root / state.session_id
-        self._write_snapshot(folder, state)
+        self._write_snapshot(folder, state, replies)
         (folder / _wal_name(state.version)).touch()
         _fsync_dir(folder)
         self._open_wal(state.session_id, state.version)
@@ -150,14 +167,20 @@ class SessionStore:
     def wal_bytes(self, session_id: str) -> int:
         return self._wal[session_id][1].tell()
 
-    def _write_snapshot(self, folder: Path, state: SessionState) -> None:
+    def _write_snapshot(
+        self, folder: Path, state: SessionState, replies: Iterable[StoredReply] = ()
+    ) -> None:
         header = state_to_header(state)
+        stored = [[r.request_id, r.version, r.digest.hex(), r.row_count] for r in replies]
         blob = save_safetensors(
             {
                 "canonical_keys": state.live_canonical_keys().contiguous(),
                 "values": state.live_values().contiguous(),
             },
-            metadata={"header": base64.b64encode(header.SerializeToString()).decode()},
+            metadata={
+                "header": base64.b64encode(header.SerializeToString()).decode(),
+                "replies": json.dumps(stored),
+            },
         )
         _write_durably(folder / f"snapshot-{state.version:012d}.safetensors", blob)
 
@@ -187,7 +210,7 @@ class SessionStore:
         snapshots = _versioned(folder, "snapshot")
         if not snapshots:
             raise CorruptStore(f"{folder}: no snapshot")
-        state = _load_snapshot(snapshots[-1][1])
+        state, replies = _load_snapshot(snapshots[-1][1])
         replayed = []
         wals = _versioned(folder, "wal")
         for i, (_, wal) in enumerate(wals):
@@ -212,7 +235,7 @@ class SessionStore:
             state.version - len(replayed),
             len(replayed),
         )
-        return Recovered(state, replayed)
+        return Recovered(state, replayed, replies)
 
 
 def _wal_name(version: int) -> str:
@@ -238,12 +261,17 @@ def _versioned(folder: Path, prefix: str) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def _load_snapshot(path: Path) -> SessionState:
+def _load_snapshot(path: Path) -> tuple[SessionState, list[StoredReply]]:
     with safe_open(str(path), "pt") as f:
-        header = cache_authority_pb2.SnapshotHeader.FromString(
-            base64.b64decode(f.metadata()["header"])
-        )
-        return state_from_parts(header, f.get_tensor("canonical_keys"), f.get_tensor("values"))
+        metadata = f.metadata()
+        header = cache_authority_pb2.SnapshotHeader.FromString(base64.b64decode(metadata["header"]))
+        state = state_from_parts(header, f.get_tensor("canonical_keys"), f.get_tensor("values"))
+    # Snapshots written before replies were kept have none.
+    replies = [
+        StoredReply(rid, version, bytes.fromhex(digest), rows)
+        for rid, version, digest, rows in json.loads(metadata.get("replies", "[]"))
+    ]
+    return state, replies
 
 
 def _read_records(path: Path, last: bool):

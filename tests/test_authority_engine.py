@@ -181,6 +181,33 @@ def test_restart_recovers_snapshot_plus_log_and_request_ids(tmp_path):
     assert recovered.patch("s", 0, "r7", []).replayed  # the reply to v8 came from the log
 
 
+def test_a_retry_after_restart_gets_the_reply_of_a_patch_inside_the_snapshot(tmp_path):
+    engine = make_engine(tmp_path, snapshot_every=2)
+    prime(engine)  # p0 -> v1, p1 -> v2, and v2 triggers a snapshot: the log after it is empty
+    first = {rid: engine.patch("s", 0, rid, []) for rid in ("p0", "p1")}  # the stored replies
+    expected = snapshot_of(engine)
+    engine.close()
+    assert (tmp_path / "sessions" / "s" / "wal-000000000002.log").stat().st_size == 0
+    recovered = make_engine(tmp_path, snapshot_every=2)
+    again = recovered.patch("s", 1, "p1", [evict_pb(2, 12), append_pb(6, [30], seed=2)])
+    assert again.replayed and (again.version, again.digest, again.row_count) == (
+        2, first["p1"].digest, first["p1"].row_count)  # fmt: skip
+    older = recovered.patch("s", 0, "p0", [])  # an earlier patch, still within the window
+    assert older.replayed and (older.version, older.digest) == (1, first["p0"].digest)
+    assert snapshot_of(recovered) == expected  # applied once, version unchanged
+
+
+def test_the_replies_kept_with_a_snapshot_are_bounded_by_the_window(tmp_path):
+    engine = make_engine(tmp_path, snapshot_every=5, replies_kept=3)
+    prime(engine)
+    for v in range(2, 5):
+        engine.patch("s", v, f"r{v}", [brightness_pb([float(v)] * 6)])  # v5: a snapshot
+    engine.close()
+    recovered = make_engine(tmp_path, snapshot_every=5, replies_kept=3)
+    assert list(recovered._sessions["s"].replies) == ["r2", "r3", "r4"]
+    assert recovered.patch("s", 0, "r2", []).version == 3
+
+
 def test_a_torn_last_record_is_discarded_but_damage_before_it_refuses_to_start(tmp_path):
     engine = make_engine(tmp_path)
     prime(engine)
