@@ -84,11 +84,12 @@ class ReplicaStore:
     # -- public -----------------------------------------------------------------------------
 
     @contextmanager
-    def reading(self, session_id: str, version: int) -> Iterator[Rows]:
-        """The session's rows at exactly `version`, read-only, valid inside the block."""
+    def reading(self, session_id: str, version: int, digest: bytes = b"") -> Iterator[Rows]:
+        """The session's rows at exactly `version` (and `digest`, when given), read-only,
+        valid inside the block."""
         entry = self._entry(session_id)
         with entry.lock:
-            state = self._ensure(entry, session_id, version)
+            state = self._ensure(entry, session_id, version, digest)
             yield self._rows(entry, state)
 
     def held(self, session_id: str) -> SessionState | None:
@@ -123,11 +124,34 @@ class ReplicaStore:
                 finally:
                     entry.lock.release()
 
-    def _ensure(self, entry: _Entry, session_id: str, version: int) -> SessionState:
+    def _ensure(self, entry: _Entry, session_id: str, version: int, digest: bytes) -> SessionState:
         if version < 0:
             raise WorkerError("INVALID_ARGUMENT", f"version must be >= 0, got {version}")
         try:
-            return self._sync_to(entry, session_id, version)
+            held = entry.state
+            if (
+                digest
+                and held is not None
+                and (held.version > version or (held.version == version and held.digest != digest))
+            ):
+                # Not this session's past (a re-created session, an authority that lost state):
+                # start again from a snapshot. Behind the request, the digest chain checks it.
+                logger.warning(
+                    "session %s: replica at version %d is not on the history the request names; "
+                    "resyncing fully",
+                    session_id,
+                    held.version,
+                )
+                entry.state = None
+            state = self._sync_to(entry, session_id, version)
+            if digest and state.digest != digest:
+                entry.state = None
+                raise WorkerError(
+                    "ABORTED",
+                    f"session {session_id}: the authority's version {version} has another digest "
+                    "than the request names",
+                )
+            return state
         except WorkerError as e:
             if e.code == "NOT_FOUND":
                 self.drop(session_id)

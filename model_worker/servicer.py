@@ -87,7 +87,7 @@ class ModelWorkerServicer(model_worker_pb2_grpc.ModelWorkerServicer):
             ids = list(request.token_ids)
             start = request.start_position
             calls.check_tokens(lm, ids, "token")  # malformed before stale
-            with replicas.reading(sid, version) as rows:
+            with replicas.reading(sid, version, request.expected_digest) as rows:
                 chunk = calls.check_prefill(lm, rows.count, ids, start, request.chunk_tokens)
                 context_rows = rows.prefix(start).detached()  # streaming outlives the lock
 
@@ -111,7 +111,9 @@ class ModelWorkerServicer(model_worker_pb2_grpc.ModelWorkerServicer):
             lm, replicas = self._ready()
             params = convert.step_params_from_pb(request)
             calls.check_step(lm, params)  # malformed before stale
-            with replicas.reading(request.session_id, request.version) as rows:
+            with replicas.reading(
+                request.session_id, request.version, request.expected_digest
+            ) as rows:
                 result = calls.step(lm, rows, params)
             seconds = result.output.forward_ns / 1e9
             self.metrics.step_seconds.observe(seconds)
@@ -124,7 +126,9 @@ class ModelWorkerServicer(model_worker_pb2_grpc.ModelWorkerServicer):
             insertions = [(i.position, i.token_id) for i in request.insertions]
             calls.check_tokens(lm, [t for _, t in insertions], "insertion")
             t0 = time.perf_counter()
-            with replicas.reading(request.session_id, request.version) as rows:
+            with replicas.reading(
+                request.session_id, request.version, request.expected_digest
+            ) as rows:
                 kvs = calls.compute_kv(lm, rows, insertions)
             self.metrics.forwarded("ComputeKV", len(kvs), time.perf_counter() - t0)
             return pb.ComputeKVResponse(kv=[convert.kv_to_pb(kv) for kv in kvs])
@@ -135,6 +139,8 @@ class ModelWorkerServicer(model_worker_pb2_grpc.ModelWorkerServicer):
             if self.repairer is None:
                 raise WorkerError("UNAVAILABLE", "no repairer is loaded")
             pairs = convert.pairs_from_pb(request.pairs)
-            with replicas.reading(request.session_id, request.version) as rows:
+            with replicas.reading(
+                request.session_id, request.version, request.expected_digest
+            ) as rows:
                 results = repair_pairs(self.repairer, rows, pairs, request.max_candidates)
             return convert.repairs_to_pb(pairs, results)

@@ -31,11 +31,9 @@ from positronic.v1 import cache_authority_pb2, model_worker_pb2, session_pb2
 
 logger = logging.getLogger(__name__)
 
-WORKER_RETRY = (
-    grpc.StatusCode.UNAVAILABLE,
-    grpc.StatusCode.DEADLINE_EXCEEDED,
-    grpc.StatusCode.ABORTED,
-)
+# A worker that is down or hung is retried; ABORTED (it cannot reach the version we name) is
+# permanent for that version, so it goes back to the loop, which re-reads the session.
+WORKER_RETRY = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 REDUCTIONS = {
     "last": model_worker_pb2.ATTENTION_REDUCTION_LAST_LAYER,
     "mean": model_worker_pb2.ATTENTION_REDUCTION_MEAN_LAYERS,
@@ -63,7 +61,8 @@ class LoopConfig:
     repetition_penalty: float = 1.0
     attention_reduction: str = "last"
     repair_candidates: int = 5
-    retry_timeout_s: float = 60.0
+    retry_timeout_s: float = 60.0  # how long to retry a peer that is down
+    call_timeout_s: float = 30.0  # deadline of one read-only call (Prefill: 10x)
     stop_at_eos: bool = False
     forced_tokens: list[int] | None = None  # teacher forcing (benchmarks): feed these, score them
     session_id: str = ""
@@ -76,6 +75,12 @@ class LoopConfig:
             raise ValueError("need 2 <= target_rows <= hard_max_rows")
         if self.max_new_tokens < 0:
             raise ValueError("max_new_tokens must be >= 0")
+        protected = self.policy.recent_window + getattr(self.policy, "sinks", 0) + 1
+        if protected >= self.target_rows:
+            raise ValueError(
+                f"policy {self.policy.name} protects {protected} rows (recent window, sinks, BOS);"
+                f" target_rows {self.target_rows} leaves nothing to compact"
+            )
         if self.attention_reduction not in REDUCTIONS:
             raise ValueError(f"attention_reduction must be one of {', '.join(REDUCTIONS)}")
 
@@ -156,7 +161,7 @@ class Loop:
         )
 
     # -- 0: create and prime -------------------------------------------------------------------
-    def create_session(self) -> str:
+    def create_session(self) -> tuple[str, bytes]:
         req = cache_authority_pb2.CreateSessionRequest(
             session_id=self.cfg.session_id,
             geometry=self.info.geometry,
@@ -166,9 +171,16 @@ class Loop:
             seed_brightness=self.cfg.policy.initial_score() or 0.0,
         )
         resp = call_with_retry(lambda: self.ep.authority.CreateSession(req), "CreateSession")
-        return resp.session.session_id
+        return resp.session.session_id, resp.session.digest
 
-    def prime(self, session_id: str, ids: list[int], pieces: list[str], structural: list[bool]):
+    def prime(
+        self,
+        session_id: str,
+        digest: bytes,
+        ids: list[int],
+        pieces: list[str],
+        structural: list[bool],
+    ) -> View:
         """Prefill all prompt tokens but the last, and commit them as version 1."""
         n = len(ids)
         if n > self.cfg.hard_max_rows:
@@ -179,9 +191,16 @@ class Loop:
         if self.cfg.policy.name == "full":
             self._check_positions(n)
         req = model_worker_pb2.PrefillRequest(
-            session_id=session_id, version=0, token_ids=ids, start_position=0
+            session_id=session_id,
+            version=0,
+            token_ids=ids,
+            start_position=0,
+            expected_digest=digest,
         )
-        chunks = self._worker_call(lambda: list(self.ep.worker.Prefill(req)), "Prefill")
+        chunks = self._worker_call(
+            lambda: list(self.ep.worker.Prefill(req, timeout=10 * self.cfg.call_timeout_s)),
+            "Prefill",
+        )
         score = self.cfg.policy.initial_score()
         ops = []
         for chunk in chunks:
@@ -213,6 +232,7 @@ class Loop:
         self.stats.max_rows = max(self.stats.max_rows, resp.row_count)
         return View(
             version=resp.version,
+            digest=resp.digest,
             token_ids=list(ids),
             structural=list(structural),
             scores=torch.full((n,), float(score)),
@@ -237,13 +257,16 @@ class Loop:
         step_req = model_worker_pb2.StepRequest(
             session_id=session_id,
             version=view.version,
+            expected_digest=view.digest,
             input_token_id=token,
             sampling=_sampling(self.cfg, iteration),
             attention_reduction=REDUCTIONS[self.cfg.attention_reduction],
         )
         if forced is not None:
             step_req.forced_next_token_id = forced[iteration]
-        step = self._worker_call(lambda: self.ep.worker.Step(step_req), "Step")
+        step = self._worker_call(
+            lambda: self.ep.worker.Step(step_req, timeout=self.cfg.call_timeout_s), "Step"
+        )
         attention = torch.tensor(step.attention, dtype=torch.float32)
         if attention.numel() != n + 1:
             raise LoopError(f"attention row of {attention.numel()} values for {n} rows + 1")
@@ -309,6 +332,7 @@ class Loop:
             evictions=evictions,
             appended=(token, new_score),
             version=resp.version,
+            digest=resp.digest,
         )
         if len(new_view.token_ids) != resp.row_count:
             raise LoopError(
@@ -328,13 +352,16 @@ class Loop:
         req = model_worker_pb2.RepairRequest(
             session_id=session_id,
             version=view.version,
+            expected_digest=view.digest,
             pairs=[
                 model_worker_pb2.PairRef(position=p, expected_token_ids=view.token_ids[p : p + 2])
                 for p in pairs
             ],
             max_candidates=self.cfg.repair_candidates,
         )
-        repairs = self._worker_call(lambda: self.ep.worker.Repair(req), "Repair").repairs
+        repairs = self._worker_call(
+            lambda: self.ep.worker.Repair(req, timeout=self.cfg.call_timeout_s), "Repair"
+        ).repairs
         chosen, fallback = [], []
         for p, rep in zip(pairs, repairs, strict=True):
             if rep.candidates:
@@ -346,13 +373,16 @@ class Loop:
         kv_req = model_worker_pb2.ComputeKVRequest(
             session_id=session_id,
             version=view.version,
+            expected_digest=view.digest,
             insertions=[
                 model_worker_pb2.Insertion(position=p, token_id=c.token_id) for p, c in chosen
             ],
         )
-        kvs = self._worker_call(lambda: self.ep.worker.ComputeKV(kv_req), "ComputeKV").kv
+        kvs = self._worker_call(
+            lambda: self.ep.worker.ComputeKV(kv_req, timeout=self.cfg.call_timeout_s), "ComputeKV"
+        ).kv
         merges = [
-            (p, c.token_id, kv, c.piece, float(torch.maximum(scores[p], scores[p + 1])))
+            (p, c.token_id, kv, c.piece, self.cfg.policy.merged_score(scores, p))
             for (p, c), kv in zip(chosen, kvs, strict=True)
         ]
         return merges, fallback
@@ -386,7 +416,7 @@ class Loop:
             pieces = [""] * len(ids)
         if len(ids) < 2 or all(structural):
             raise LoopError("the prompt has no text tokens")
-        session_id = self.create_session()
+        session_id, digest = self.create_session()
         self.stats.session_id = session_id
         logger.info(
             "session %s: prompt of %d tokens (%d structural), policy %s, target %d, hard max %d",
@@ -397,7 +427,7 @@ class Loop:
             cfg.target_rows,
             cfg.hard_max_rows,
         )
-        view = self.prime(session_id, ids[:-1], pieces[:-1], structural[:-1])
+        view = self.prime(session_id, digest, ids[:-1], pieces[:-1], structural[:-1])
         token, source = ids[-1], session_pb2.TOKEN_SOURCE_PROMPT
         self._pending_piece = pieces[-1]
         detok = Detokenizer(self.ep)

@@ -16,6 +16,7 @@ from positronic.v1 import session_pb2
 @dataclass
 class View:
     version: int
+    digest: bytes  # the authority's hash-chain digest at `version`
     token_ids: list[int]
     structural: list[bool]
     scores: torch.Tensor  # [S] float32
@@ -25,6 +26,7 @@ class View:
             return NotImplemented
         return (
             self.version == other.version
+            and self.digest == other.digest
             and self.token_ids == other.token_ids
             and self.structural == other.structural
             and torch.allclose(self.scores.float(), other.scores.float())
@@ -39,6 +41,7 @@ def apply_edits(
     evictions: list[int],
     appended: tuple[int, float],
     version: int,
+    digest: bytes,
 ) -> View:
     """The view after a committed patch: scores set, pairs merged, rows evicted, one appended."""
     tokens = list(view.token_ids)
@@ -57,7 +60,7 @@ def apply_edits(
             values[p : p + 2] = [s]
         else:
             del tokens[p], structural[p], values[p]
-    return View(version, tokens, structural, torch.tensor(values, dtype=torch.float32))
+    return View(version, digest, tokens, structural, torch.tensor(values, dtype=torch.float32))
 
 
 def view_from_mirror(resp) -> View:
@@ -65,6 +68,7 @@ def view_from_mirror(resp) -> View:
     mirror = resp.mirror
     return View(
         version=resp.session.version,
+        digest=resp.session.digest,
         token_ids=[m.token_id for m in mirror],
         structural=[m.source == session_pb2.TOKEN_SOURCE_STRUCTURAL for m in mirror],
         scores=torch.tensor([m.brightness for m in mirror], dtype=torch.float32),

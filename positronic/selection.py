@@ -27,14 +27,12 @@ def select_pairs(scores: torch.Tensor, protected: torch.Tensor, count: int = 1) 
     if n < 2 or count <= 0:
         return []
     pair_score = torch.maximum(scores[:-1], scores[1:]).double()  # [S-1]
-    allowed = ~(protected[:-1] | protected[1:])
-    candidates = [
-        i for _, i in sorted((float(pair_score[i]), i) for i in range(n - 1) if bool(allowed[i]))
-    ]
-    taken: set[int] = set()
+    pair_score[protected[:-1] | protected[1:]] = float("inf")
+    order = torch.sort(pair_score, stable=True).indices  # ties: lower position first
     chosen: list[int] = []
-    for i in candidates:
-        if len(chosen) == count:
+    taken: set[int] = set()
+    for i in order.tolist():
+        if len(chosen) == count or pair_score[i] == float("inf"):
             break
         if i in taken or i + 1 in taken:
             continue
@@ -47,5 +45,6 @@ def select_evictions(scores: torch.Tensor, protected: torch.Tensor, count: int =
     """The `count` unprotected rows with the lowest score (ties: lower position), ascending."""
     if count <= 0:
         return []
-    order = sorted((float(scores[i]), i) for i in range(scores.numel()) if not bool(protected[i]))
-    return sorted(i for _, i in order[:count])
+    masked = scores.double().masked_fill(protected.bool(), float("inf"))
+    order = torch.sort(masked, stable=True).indices[:count]  # ties: lower position first
+    return sorted(i for i in order.tolist() if masked[i] != float("inf"))

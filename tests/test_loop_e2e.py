@@ -159,3 +159,33 @@ def test_stale_version_is_reread_not_fatal(services):
     assert fired.is_set()
     assert stats.stale_retries >= 1
     assert stats.iterations == 40 and stats.consistent
+
+
+def test_a_recreated_session_id_is_not_served_from_the_old_replica(services):
+    """Delete a session and create one with the same id: the worker must not compute on the
+    replica of the deleted one (requests name the digest, the worker resyncs)."""
+    channel = open_channel(services[0])
+    stub = cache_authority_pb2_grpc.CacheAuthorityStub(channel)
+
+    def run(prompt: str, session_id: str):
+        c = Counted(services)
+        config = LoopConfig(
+            policy=make_policy("halo"),
+            target_rows=20,
+            max_new_tokens=30,
+            seed=11,
+            session_id=session_id,
+        )
+        try:
+            return run_loop(c.endpoints, prompt, config, lambda t: None)
+        finally:
+            c.endpoints.close()
+
+    first = run("Once upon a time", "reused")
+    stub.DeleteSession(cache_authority_pb2.DeleteSessionRequest(session_id="reused"))
+    second = run("The cat sat down", "reused")
+    fresh = run("The cat sat down", "fresh")
+    channel.close()
+    assert first.final_version == second.final_version  # same versions, other history
+    assert second.token_ids == fresh.token_ids
+    assert second.consistent

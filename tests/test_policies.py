@@ -7,7 +7,6 @@ import torch
 
 from positronic.loop_view import View, apply_edits
 from positronic.policies import make_policy
-from positronic.policies.halo_policy import HaloPolicy
 
 
 def structural(n: int, first: bool = True) -> torch.Tensor:
@@ -37,7 +36,7 @@ def test_halo_update_and_plan():
     # Pairs (1,2)=98 (2,3)=58 ; (0,1) structural, (3,4),(4,5) touch the recent window.
     plan = halo.plan(all_scores, structural(6), excess=1)
     assert plan.merges == [2] and plan.evictions == []
-    assert HaloPolicy.merged_score(all_scores, 2) == pytest.approx(58.0)
+    assert halo.merged_score(all_scores, 2) == pytest.approx(58.0)  # the pair's higher
     assert halo.plan(all_scores, structural(6), excess=0).merges == []
 
 
@@ -81,7 +80,7 @@ def test_full_never_compacts():
 
 
 def test_view_edits_match_the_patch_semantics():
-    view = View(4, [1, 10, 11, 12, 13, 14], [True] + [False] * 5, torch.arange(6.0))
+    view = View(4, b"d4", [1, 10, 11, 12, 13, 14], [True] + [False] * 5, torch.arange(6.0))
     out = apply_edits(
         view,
         scores=torch.arange(6.0) + 1,
@@ -89,6 +88,7 @@ def test_view_edits_match_the_patch_semantics():
         evictions=[4],
         appended=(20, 255.0),
         version=5,
+        digest=b"d5",
     )
     # Positions name pre-patch rows: merge (1, 2) -> 99, evict row 4 (token 13), append 20.
     assert out.token_ids == [1, 99, 12, 14, 20]

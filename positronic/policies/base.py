@@ -50,5 +50,9 @@ class Policy:
         """Compaction that removes `excess` rows. scores, structural: [S + 1] (new row last)."""
         return Plan()
 
+    def merged_score(self, scores: torch.Tensor, position: int) -> float:
+        """Score of the token replacing the pair (position, position + 1): the higher one."""
+        return float(torch.maximum(scores[position], scores[position + 1]))
+
     def protected(self, structural: torch.Tensor) -> torch.Tensor:
         return protected_mask(structural, self.recent_window)

@@ -19,7 +19,13 @@ class HaloPolicy(Policy):
     name: str = "halo"
     params: BrightnessParams = field(default_factory=lambda: USER_DEFAULTS)
     recent_window: int = 8
+    sinks: int = 0  # oldest rows never compacted besides structural ones (StreamingLLM's sinks)
     merges: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.sinks < 0:
+            raise ValueError("sinks must not be negative")
 
     def initial_score(self) -> float:
         return self.params.seed
@@ -31,6 +37,7 @@ class HaloPolicy(Policy):
         if excess <= 0:
             return Plan()
         protected = self.protected(structural)
+        protected[: self.sinks] = True
         pairs = select_pairs(scores, protected, excess)
         evictions: list[int] = []
         if len(pairs) < excess:  # not enough mergeable pairs: evict the dimmest rest
@@ -39,8 +46,3 @@ class HaloPolicy(Policy):
                 taken[p] = taken[p + 1] = True
             evictions = select_evictions(scores, taken, excess - len(pairs))
         return Plan(merges=pairs, evictions=evictions)
-
-    @staticmethod
-    def merged_score(scores: torch.Tensor, position: int) -> float:
-        """The merged token keeps the pair's higher brightness."""
-        return float(torch.maximum(scores[position], scores[position + 1]))

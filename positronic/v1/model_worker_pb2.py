@@ -26,15 +26,15 @@ from positronic.v1 import session_pb2 as positronic_dot_v1_dot_session__pb2
 from positronic.v1 import tensor_pb2 as positronic_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n positronic/v1/model_worker.proto\x12\rpositronic.v1\x1a\x1bpositronic/v1/session.proto\x1a\x1apositronic/v1/tensor.proto\"\r\n\x0bInfoRequest\"g\n\rSpecialTokens\x12\x14\n\x0c\x62os_token_id\x18\x01 \x01(\x03\x12\x14\n\x0c\x65os_token_id\x18\x02 \x01(\x03\x12\x14\n\x0cpad_token_id\x18\x03 \x01(\x03\x12\x14\n\x0cunk_token_id\x18\x04 \x01(\x03\"\xc7\x01\n\x0cInfoResponse\x12.\n\x08geometry\x18\x01 \x01(\x0b\x32\x1c.positronic.v1.ModelGeometry\x12\x34\n\x0especial_tokens\x18\x02 \x01(\x0b\x32\x1c.positronic.v1.SpecialTokens\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x10\n\x08repairer\x18\x05 \x01(\t\x12\x1b\n\x13num_attention_heads\x18\x06 \x01(\x05\"0\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64_bos\x18\x02 \x01(\x08\"C\n\x10TokenizeResponse\x12\x0b\n\x03ids\x18\x01 \x03(\x03\x12\x0e\n\x06pieces\x18\x02 \x03(\t\x12\x12\n\nstructural\x18\x03 \x03(\x08\"=\n\x11\x44\x65tokenizeRequest\x12\x0b\n\x03ids\x18\x01 \x03(\x03\x12\x1b\n\x13skip_special_tokens\x18\x02 \x01(\x08\"2\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06pieces\x18\x02 \x03(\t\"v\n\x0ePrefillRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x11\n\ttoken_ids\x18\x03 \x03(\x03\x12\x16\n\x0estart_position\x18\x04 \x01(\x03\x12\x14\n\x0c\x63hunk_tokens\x18\x05 \x01(\x03\"{\n\x0fPrefillResponse\x12\x19\n\x11\x66irst_token_index\x18\x01 \x01(\x03\x12\"\n\x02kv\x18\x02 \x01(\x0b\x32\x16.positronic.v1.KVBlock\x12\x13\n\x0btokens_done\x18\x03 \x01(\x03\x12\x14\n\x0ctokens_total\x18\x04 \x01(\x03\"m\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x04 \x01(\x02\x12\x0c\n\x04seed\x18\x05 \x01(\x04\"1\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"\xa4\x02\n\x0bStepRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x16\n\x0einput_token_id\x18\x03 \x01(\x03\x12/\n\x08sampling\x18\x04 \x01(\x0b\x32\x1d.positronic.v1.SamplingParams\x12\x14\n\x0ctop_logprobs\x18\x05 \x01(\x05\x12!\n\x14\x66orced_next_token_id\x18\x06 \x01(\x03H\x00\x88\x01\x01\x12>\n\x13\x61ttention_reduction\x18\x07 \x01(\x0e\x32!.positronic.v1.AttentionReduction\x12\x15\n\rreturn_logits\x18\x08 \x01(\x08\x42\x17\n\x15_forced_next_token_id\"\xfe\x01\n\x0cStepResponse\x12\x15\n\rnext_token_id\x18\x01 \x01(\x03\x12\x1a\n\x12next_token_logprob\x18\x02 \x01(\x02\x12\x31\n\x0ctop_logprobs\x18\x03 \x03(\x0b\x32\x1b.positronic.v1.TokenLogprob\x12\x11\n\tattention\x18\x04 \x03(\x02\x12(\n\x08input_kv\x18\x05 \x01(\x0b\x32\x16.positronic.v1.KVBlock\x12\x10\n\x08position\x18\x06 \x01(\x03\x12%\n\x06logits\x18\x07 \x01(\x0b\x32\x15.positronic.v1.Tensor\x12\x12\n\nforward_ns\x18\x08 \x01(\x03\"/\n\tInsertion\x12\x10\n\x08position\x18\x01 \x01(\x03\x12\x10\n\x08token_id\x18\x02 \x01(\x03\"e\n\x10\x43omputeKVRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12,\n\ninsertions\x18\x03 \x03(\x0b\x32\x18.positronic.v1.Insertion\"7\n\x11\x43omputeKVResponse\x12\"\n\x02kv\x18\x01 \x03(\x0b\x32\x16.positronic.v1.KVBlock\"7\n\x07PairRef\x12\x10\n\x08position\x18\x01 \x01(\x03\x12\x1a\n\x12\x65xpected_token_ids\x18\x02 \x03(\x03\"s\n\rRepairRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12%\n\x05pairs\x18\x03 \x03(\x0b\x32\x16.positronic.v1.PairRef\x12\x16\n\x0emax_candidates\x18\x04 \x01(\x05\"A\n\x0fRepairCandidate\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\r\n\x05piece\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\"R\n\nPairRepair\x12\x10\n\x08position\x18\x01 \x01(\x03\x12\x32\n\ncandidates\x18\x02 \x03(\x0b\x32\x1e.positronic.v1.RepairCandidate\"<\n\x0eRepairResponse\x12*\n\x07repairs\x18\x01 \x03(\x0b\x32\x19.positronic.v1.PairRepair*\xa6\x01\n\x12\x41ttentionReduction\x12#\n\x1f\x41TTENTION_REDUCTION_UNSPECIFIED\x10\x00\x12\"\n\x1e\x41TTENTION_REDUCTION_LAST_LAYER\x10\x01\x12#\n\x1f\x41TTENTION_REDUCTION_MEAN_LAYERS\x10\x02\x12\"\n\x1e\x41TTENTION_REDUCTION_MAX_LAYERS\x10\x03\x32\x92\x04\n\x0bModelWorker\x12?\n\x04Info\x12\x1a.positronic.v1.InfoRequest\x1a\x1b.positronic.v1.InfoResponse\x12K\n\x08Tokenize\x12\x1e.positronic.v1.TokenizeRequest\x1a\x1f.positronic.v1.TokenizeResponse\x12Q\n\nDetokenize\x12 .positronic.v1.DetokenizeRequest\x1a!.positronic.v1.DetokenizeResponse\x12J\n\x07Prefill\x12\x1d.positronic.v1.PrefillRequest\x1a\x1e.positronic.v1.PrefillResponse0\x01\x12?\n\x04Step\x12\x1a.positronic.v1.StepRequest\x1a\x1b.positronic.v1.StepResponse\x12N\n\tComputeKV\x12\x1f.positronic.v1.ComputeKVRequest\x1a .positronic.v1.ComputeKVResponse\x12\x45\n\x06Repair\x12\x1c.positronic.v1.RepairRequest\x1a\x1d.positronic.v1.RepairResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n positronic/v1/model_worker.proto\x12\rpositronic.v1\x1a\x1bpositronic/v1/session.proto\x1a\x1apositronic/v1/tensor.proto\"\r\n\x0bInfoRequest\"g\n\rSpecialTokens\x12\x14\n\x0c\x62os_token_id\x18\x01 \x01(\x03\x12\x14\n\x0c\x65os_token_id\x18\x02 \x01(\x03\x12\x14\n\x0cpad_token_id\x18\x03 \x01(\x03\x12\x14\n\x0cunk_token_id\x18\x04 \x01(\x03\"\xc7\x01\n\x0cInfoResponse\x12.\n\x08geometry\x18\x01 \x01(\x0b\x32\x1c.positronic.v1.ModelGeometry\x12\x34\n\x0especial_tokens\x18\x02 \x01(\x0b\x32\x1c.positronic.v1.SpecialTokens\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x10\n\x08repairer\x18\x05 \x01(\t\x12\x1b\n\x13num_attention_heads\x18\x06 \x01(\x05\"0\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64_bos\x18\x02 \x01(\x08\"C\n\x10TokenizeResponse\x12\x0b\n\x03ids\x18\x01 \x03(\x03\x12\x0e\n\x06pieces\x18\x02 \x03(\t\x12\x12\n\nstructural\x18\x03 \x03(\x08\"=\n\x11\x44\x65tokenizeRequest\x12\x0b\n\x03ids\x18\x01 \x03(\x03\x12\x1b\n\x13skip_special_tokens\x18\x02 \x01(\x08\"2\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06pieces\x18\x02 \x03(\t\"\x8f\x01\n\x0ePrefillRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x11\n\ttoken_ids\x18\x03 \x03(\x03\x12\x16\n\x0estart_position\x18\x04 \x01(\x03\x12\x14\n\x0c\x63hunk_tokens\x18\x05 \x01(\x03\x12\x17\n\x0f\x65xpected_digest\x18\x06 \x01(\x0c\"{\n\x0fPrefillResponse\x12\x19\n\x11\x66irst_token_index\x18\x01 \x01(\x03\x12\"\n\x02kv\x18\x02 \x01(\x0b\x32\x16.positronic.v1.KVBlock\x12\x13\n\x0btokens_done\x18\x03 \x01(\x03\x12\x14\n\x0ctokens_total\x18\x04 \x01(\x03\"m\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x04 \x01(\x02\x12\x0c\n\x04seed\x18\x05 \x01(\x04\"1\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"\xbd\x02\n\x0bStepRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x16\n\x0einput_token_id\x18\x03 \x01(\x03\x12/\n\x08sampling\x18\x04 \x01(\x0b\x32\x1d.positronic.v1.SamplingParams\x12\x14\n\x0ctop_logprobs\x18\x05 \x01(\x05\x12!\n\x14\x66orced_next_token_id\x18\x06 \x01(\x03H\x00\x88\x01\x01\x12>\n\x13\x61ttention_reduction\x18\x07 \x01(\x0e\x32!.positronic.v1.AttentionReduction\x12\x15\n\rreturn_logits\x18\x08 \x01(\x08\x12\x17\n\x0f\x65xpected_digest\x18\t \x01(\x0c\x42\x17\n\x15_forced_next_token_id\"\xfe\x01\n\x0cStepResponse\x12\x15\n\rnext_token_id\x18\x01 \x01(\x03\x12\x1a\n\x12next_token_logprob\x18\x02 \x01(\x02\x12\x31\n\x0ctop_logprobs\x18\x03 \x03(\x0b\x32\x1b.positronic.v1.TokenLogprob\x12\x11\n\tattention\x18\x04 \x03(\x02\x12(\n\x08input_kv\x18\x05 \x01(\x0b\x32\x16.positronic.v1.KVBlock\x12\x10\n\x08position\x18\x06 \x01(\x03\x12%\n\x06logits\x18\x07 \x01(\x0b\x32\x15.positronic.v1.Tensor\x12\x12\n\nforward_ns\x18\x08 \x01(\x03\"/\n\tInsertion\x12\x10\n\x08position\x18\x01 \x01(\x03\x12\x10\n\x08token_id\x18\x02 \x01(\x03\"~\n\x10\x43omputeKVRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12,\n\ninsertions\x18\x03 \x03(\x0b\x32\x18.positronic.v1.Insertion\x12\x17\n\x0f\x65xpected_digest\x18\x04 \x01(\x0c\"7\n\x11\x43omputeKVResponse\x12\"\n\x02kv\x18\x01 \x03(\x0b\x32\x16.positronic.v1.KVBlock\"7\n\x07PairRef\x12\x10\n\x08position\x18\x01 \x01(\x03\x12\x1a\n\x12\x65xpected_token_ids\x18\x02 \x03(\x03\"\x8c\x01\n\rRepairRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12%\n\x05pairs\x18\x03 \x03(\x0b\x32\x16.positronic.v1.PairRef\x12\x16\n\x0emax_candidates\x18\x04 \x01(\x05\x12\x17\n\x0f\x65xpected_digest\x18\x05 \x01(\x0c\"A\n\x0fRepairCandidate\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\r\n\x05piece\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\"R\n\nPairRepair\x12\x10\n\x08position\x18\x01 \x01(\x03\x12\x32\n\ncandidates\x18\x02 \x03(\x0b\x32\x1e.positronic.v1.RepairCandidate\"<\n\x0eRepairResponse\x12*\n\x07repairs\x18\x01 \x03(\x0b\x32\x19.positronic.v1.PairRepair*\xa6\x01\n\x12\x41ttentionReduction\x12#\n\x1f\x41TTENTION_REDUCTION_UNSPECIFIED\x10\x00\x12\"\n\x1e\x41TTENTION_REDUCTION_LAST_LAYER\x10\x01\x12#\n\x1f\x41TTENTION_REDUCTION_MEAN_LAYERS\x10\x02\x12\"\n\x1e\x41TTENTION_REDUCTION_MAX_LAYERS\x10\x03\x32\x92\x04\n\x0bModelWorker\x12?\n\x04Info\x12\x1a.positronic.v1.InfoRequest\x1a\x1b.positronic.v1.InfoResponse\x12K\n\x08Tokenize\x12\x1e.positronic.v1.TokenizeRequest\x1a\x1f.positronic.v1.TokenizeResponse\x12Q\n\nDetokenize\x12 .positronic.v1.DetokenizeRequest\x1a!.positronic.v1.DetokenizeResponse\x12J\n\x07Prefill\x12\x1d.positronic.v1.PrefillRequest\x1a\x1e.positronic.v1.PrefillResponse0\x01\x12?\n\x04Step\x12\x1a.positronic.v1.StepRequest\x1a\x1b.positronic.v1.StepResponse\x12N\n\tComputeKV\x12\x1f.positronic.v1.ComputeKVRequest\x1a .positronic.v1.ComputeKVResponse\x12\x45\n\x06Repair\x12\x1c.positronic.v1.RepairRequest\x1a\x1d.positronic.v1.RepairResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'positronic.v1.model_worker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ATTENTIONREDUCTION']._serialized_start=2220
-  _globals['_ATTENTIONREDUCTION']._serialized_end=2386
+  _globals['_ATTENTIONREDUCTION']._serialized_start=2322
+  _globals['_ATTENTIONREDUCTION']._serialized_end=2488
   _globals['_INFOREQUEST']._serialized_start=108
   _globals['_INFOREQUEST']._serialized_end=121
   _globals['_SPECIALTOKENS']._serialized_start=123
@@ -49,34 +49,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DETOKENIZEREQUEST']._serialized_end=610
   _globals['_DETOKENIZERESPONSE']._serialized_start=612
   _globals['_DETOKENIZERESPONSE']._serialized_end=662
-  _globals['_PREFILLREQUEST']._serialized_start=664
-  _globals['_PREFILLREQUEST']._serialized_end=782
-  _globals['_PREFILLRESPONSE']._serialized_start=784
-  _globals['_PREFILLRESPONSE']._serialized_end=907
-  _globals['_SAMPLINGPARAMS']._serialized_start=909
-  _globals['_SAMPLINGPARAMS']._serialized_end=1018
-  _globals['_TOKENLOGPROB']._serialized_start=1020
-  _globals['_TOKENLOGPROB']._serialized_end=1069
-  _globals['_STEPREQUEST']._serialized_start=1072
-  _globals['_STEPREQUEST']._serialized_end=1364
-  _globals['_STEPRESPONSE']._serialized_start=1367
-  _globals['_STEPRESPONSE']._serialized_end=1621
-  _globals['_INSERTION']._serialized_start=1623
-  _globals['_INSERTION']._serialized_end=1670
-  _globals['_COMPUTEKVREQUEST']._serialized_start=1672
-  _globals['_COMPUTEKVREQUEST']._serialized_end=1773
-  _globals['_COMPUTEKVRESPONSE']._serialized_start=1775
-  _globals['_COMPUTEKVRESPONSE']._serialized_end=1830
-  _globals['_PAIRREF']._serialized_start=1832
-  _globals['_PAIRREF']._serialized_end=1887
-  _globals['_REPAIRREQUEST']._serialized_start=1889
-  _globals['_REPAIRREQUEST']._serialized_end=2004
-  _globals['_REPAIRCANDIDATE']._serialized_start=2006
-  _globals['_REPAIRCANDIDATE']._serialized_end=2071
-  _globals['_PAIRREPAIR']._serialized_start=2073
-  _globals['_PAIRREPAIR']._serialized_end=2155
-  _globals['_REPAIRRESPONSE']._serialized_start=2157
-  _globals['_REPAIRRESPONSE']._serialized_end=2217
-  _globals['_MODELWORKER']._serialized_start=2389
-  _globals['_MODELWORKER']._serialized_end=2919
+  _globals['_PREFILLREQUEST']._serialized_start=665
+  _globals['_PREFILLREQUEST']._serialized_end=808
+  _globals['_PREFILLRESPONSE']._serialized_start=810
+  _globals['_PREFILLRESPONSE']._serialized_end=933
+  _globals['_SAMPLINGPARAMS']._serialized_start=935
+  _globals['_SAMPLINGPARAMS']._serialized_end=1044
+  _globals['_TOKENLOGPROB']._serialized_start=1046
+  _globals['_TOKENLOGPROB']._serialized_end=1095
+  _globals['_STEPREQUEST']._serialized_start=1098
+  _globals['_STEPREQUEST']._serialized_end=1415
+  _globals['_STEPRESPONSE']._serialized_start=1418
+  _globals['_STEPRESPONSE']._serialized_end=1672
+  _globals['_INSERTION']._serialized_start=1674
+  _globals['_INSERTION']._serialized_end=1721
+  _globals['_COMPUTEKVREQUEST']._serialized_start=1723
+  _globals['_COMPUTEKVREQUEST']._serialized_end=1849
+  _globals['_COMPUTEKVRESPONSE']._serialized_start=1851
+  _globals['_COMPUTEKVRESPONSE']._serialized_end=1906
+  _globals['_PAIRREF']._serialized_start=1908
+  _globals['_PAIRREF']._serialized_end=1963
+  _globals['_REPAIRREQUEST']._serialized_start=1966
+  _globals['_REPAIRREQUEST']._serialized_end=2106
+  _globals['_REPAIRCANDIDATE']._serialized_start=2108
+  _globals['_REPAIRCANDIDATE']._serialized_end=2173
+  _globals['_PAIRREPAIR']._serialized_start=2175
+  _globals['_PAIRREPAIR']._serialized_end=2257
+  _globals['_REPAIRRESPONSE']._serialized_start=2259
+  _globals['_REPAIRRESPONSE']._serialized_end=2319
+  _globals['_MODELWORKER']._serialized_start=2491
+  _globals['_MODELWORKER']._serialized_end=3021
 # @@protoc_insertion_point(module_scope)

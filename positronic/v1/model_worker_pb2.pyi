@@ -265,6 +265,7 @@ class PrefillRequest(_message.Message):
     TOKEN_IDS_FIELD_NUMBER: _builtins.int
     START_POSITION_FIELD_NUMBER: _builtins.int
     CHUNK_TOKENS_FIELD_NUMBER: _builtins.int
+    EXPECTED_DIGEST_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Session whose replica supplies the context."""
     version: _builtins.int
@@ -273,6 +274,11 @@ class PrefillRequest(_message.Message):
     """Rows of context they follow; they are placed at start_position, start_position + 1, ..."""
     chunk_tokens: _builtins.int
     """Tokens per forward pass; 0 lets the worker choose."""
+    expected_digest: _builtins.bytes
+    """Digest the session has at `version` (from the authority's replies). When set, the worker
+    computes only on a replica with exactly this digest, resyncing fully from the authority if
+    its replica differs (a deleted and re-created session, an authority that lost state).
+    """
     @_builtins.property
     def token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Tokens to compute K/V for."""
@@ -285,10 +291,11 @@ class PrefillRequest(_message.Message):
         token_ids: _abc.Iterable[_builtins.int] | None = ...,
         start_position: _builtins.int = ...,
         chunk_tokens: _builtins.int = ...,
+        expected_digest: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_tokens", b"chunk_tokens", "session_id", b"session_id", "start_position", b"start_position", "token_ids", b"token_ids", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_tokens", b"chunk_tokens", "expected_digest", b"expected_digest", "session_id", b"session_id", "start_position", b"start_position", "token_ids", b"token_ids", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -406,6 +413,7 @@ class StepRequest(_message.Message):
     FORCED_NEXT_TOKEN_ID_FIELD_NUMBER: _builtins.int
     ATTENTION_REDUCTION_FIELD_NUMBER: _builtins.int
     RETURN_LOGITS_FIELD_NUMBER: _builtins.int
+    EXPECTED_DIGEST_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Session whose replica is the context."""
     version: _builtins.int
@@ -422,6 +430,11 @@ class StepRequest(_message.Message):
     """Layer reduction of the attention row."""
     return_logits: _builtins.bool
     """Return the raw logits of the next token (for tests and benchmarks)."""
+    expected_digest: _builtins.bytes
+    """Digest the session has at `version` (from the authority's replies). When set, the worker
+    computes only on a replica with exactly this digest, resyncing fully from the authority if
+    its replica differs (a deleted and re-created session, an authority that lost state).
+    """
     @_builtins.property
     def sampling(self) -> Global___SamplingParams:
         """How to draw the next token."""
@@ -437,10 +450,11 @@ class StepRequest(_message.Message):
         forced_next_token_id: _builtins.int | None = ...,
         attention_reduction: Global___AttentionReduction.ValueType = ...,
         return_logits: _builtins.bool = ...,
+        expected_digest: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_forced_next_token_id", b"_forced_next_token_id", "forced_next_token_id", b"forced_next_token_id", "sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_forced_next_token_id", b"_forced_next_token_id", "attention_reduction", b"attention_reduction", "forced_next_token_id", b"forced_next_token_id", "input_token_id", b"input_token_id", "return_logits", b"return_logits", "sampling", b"sampling", "session_id", b"session_id", "top_logprobs", b"top_logprobs", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_forced_next_token_id", b"_forced_next_token_id", "attention_reduction", b"attention_reduction", "expected_digest", b"expected_digest", "forced_next_token_id", b"forced_next_token_id", "input_token_id", b"input_token_id", "return_logits", b"return_logits", "sampling", b"sampling", "session_id", b"session_id", "top_logprobs", b"top_logprobs", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__forced_next_token_id: _TypeAlias = _typing.Literal["forced_next_token_id"]  # noqa: Y015
     _WhichOneofArgType__forced_next_token_id: _TypeAlias = _typing.Literal["_forced_next_token_id", b"_forced_next_token_id"]  # noqa: Y015
@@ -543,10 +557,16 @@ class ComputeKVRequest(_message.Message):
     SESSION_ID_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     INSERTIONS_FIELD_NUMBER: _builtins.int
+    EXPECTED_DIGEST_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Session whose replica is the context."""
     version: _builtins.int
     """Version to compute on."""
+    expected_digest: _builtins.bytes
+    """Digest the session has at `version` (from the authority's replies). When set, the worker
+    computes only on a replica with exactly this digest, resyncing fully from the authority if
+    its replica differs (a deleted and re-created session, an authority that lost state).
+    """
     @_builtins.property
     def insertions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Insertion]:
         """Tokens and positions, each computed independently."""
@@ -557,10 +577,11 @@ class ComputeKVRequest(_message.Message):
         session_id: _builtins.str = ...,
         version: _builtins.int = ...,
         insertions: _abc.Iterable[Global___Insertion] | None = ...,
+        expected_digest: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["insertions", b"insertions", "session_id", b"session_id", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expected_digest", b"expected_digest", "insertions", b"insertions", "session_id", b"session_id", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -628,12 +649,18 @@ class RepairRequest(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     PAIRS_FIELD_NUMBER: _builtins.int
     MAX_CANDIDATES_FIELD_NUMBER: _builtins.int
+    EXPECTED_DIGEST_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Session whose replica is the context."""
     version: _builtins.int
     """Version to compute on."""
     max_candidates: _builtins.int
     """Candidates per pair; 0 means 5."""
+    expected_digest: _builtins.bytes
+    """Digest the session has at `version` (from the authority's replies). When set, the worker
+    computes only on a replica with exactly this digest, resyncing fully from the authority if
+    its replica differs (a deleted and re-created session, an authority that lost state).
+    """
     @_builtins.property
     def pairs(self) -> _containers.RepeatedCompositeFieldContainer[Global___PairRef]:
         """Pairs to repair."""
@@ -645,10 +672,11 @@ class RepairRequest(_message.Message):
         version: _builtins.int = ...,
         pairs: _abc.Iterable[Global___PairRef] | None = ...,
         max_candidates: _builtins.int = ...,
+        expected_digest: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_candidates", b"max_candidates", "pairs", b"pairs", "session_id", b"session_id", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expected_digest", b"expected_digest", "max_candidates", b"max_candidates", "pairs", b"pairs", "session_id", b"session_id", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
