@@ -1,0 +1,298 @@
+"""One speed measurement, alone in its own process so that its peak memory is its own:
+
+    python -m positronic.bench.speed_run RUN.json OUT.json
+
+RUN.json: {"mode": "hf_generate" | "in_process" | "grpc_split", "policy", "model", "tokens",
+"budget", "prompt"}. OUT.json gets the measurement (see `speed.py` for the fields).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+from positronic.bench.wire import MeasuredStub, RecordingInterceptor, WireRecorder
+from positronic.bench.wire_stats import iteration_bytes, rate_windows, summarize_latency
+from positronic.clients import PATCH_METHOD, Endpoints, MutationCounter
+
+READY_TIMEOUT_S = 600.0  # a worker loading a 1.1B model on 2 cores takes a while
+
+
+def peak_rss_bytes(pid: int | str = "self") -> int:
+    """VmHWM (peak resident set) of a process, from /proc."""
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def positions_of(model_dir: str) -> int:
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    return int(config.get("max_position_embeddings") or 0)
+
+
+# -- the baseline: Hugging Face generate with a growing DynamicCache --------------------------
+def run_hf_generate(run: dict) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria
+
+    from positronic.special_tokens import encode_prompt
+
+    model = AutoModelForCausalLM.from_pretrained(run["model"], dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(run["model"])
+    ids = encode_prompt(tok, run["prompt"]).ids
+    limit = positions_of(run["model"]) - len(ids)
+    n = min(run["tokens"], limit)
+    stamps: list[float] = []
+
+    class Clock(StoppingCriteria):
+        """Called once per generated token: its time stamp, never a stop."""
+
+        def __call__(self, input_ids, scores, **kwargs):
+            stamps.append(time.perf_counter())
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    with torch.inference_mode():
+        model.generate(
+            torch.tensor([ids]),
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            stopping_criteria=[Clock()],
+            pad_token_id=tok.eos_token_id,
+        )
+    out = {
+        "tokens_generated": len(stamps),
+        "tokens_per_s": (len(stamps) - 1) / (stamps[-1] - stamps[0]),
+        "tokens_per_s_at": rate_windows(stamps),
+        "peak_rss_bytes": {"process": peak_rss_bytes()},
+    }
+    if n < run["tokens"]:
+        out["stopped"] = f"at {n} tokens: the model has {limit + len(ids)} positions"
+    return out
+
+
+# -- the loop, two ways ---------------------------------------------------------------------
+def loop_config(run: dict, prompt_tokens: int):
+    from positronic.loop import LoopConfig
+    from positronic.policies import make_policy
+
+    n, target, hard = run["tokens"], run["budget"], 0
+    stopped = ""
+    if run["policy"] == "full":  # no compaction: as many rows as the model has positions
+        positions = positions_of(run["model"])
+        target = hard = positions
+        n = min(n, positions - prompt_tokens)
+        if n < run["tokens"]:
+            stopped = f"at {n} tokens: the model has {positions} positions"
+    config = LoopConfig(
+        policy=make_policy(run["policy"]),
+        target_rows=target,
+        hard_max_rows=hard,
+        max_new_tokens=n,
+        seed=0,
+        temperature=0.8,
+        progress_every=0,
+    )
+    return config, stopped
+
+
+def drive(run: dict, endpoints: Endpoints, recorder: WireRecorder) -> dict:
+    from transformers import AutoTokenizer
+
+    from positronic.loop import run_loop
+    from positronic.special_tokens import encode_prompt
+
+    prompt_tokens = len(encode_prompt(AutoTokenizer.from_pretrained(run["model"]), run["prompt"]))
+    config, stopped = loop_config(run, prompt_tokens)
+    stats = run_loop(endpoints, run["prompt"], config, lambda _: None)
+    out = {
+        "tokens_generated": stats.tokens_generated,
+        "tokens_per_s": stats.tokens_per_s,
+        "tokens_per_s_at": rate_windows([it.end_s for it in recorder.iterations]),
+        "merges": stats.merges,
+        "evictions": stats.evictions,
+        "max_rows": stats.max_rows,
+        "mutating_rpcs": stats.mutating_rpcs,
+        "iterations": stats.iterations,
+        "consistent": stats.consistent,
+        "rpc_latency": summarize_latency(recorder.calls),
+    }
+    if stopped:
+        out["stopped"] = stopped
+    return out
+
+
+def run_in_process(run: dict) -> dict:
+    """Both servicers in this process, called directly (DirectStub): no serialization, no
+    HTTP/2, no loopback — the sizes reported are what the messages would take on the wire."""
+    from cache_authority.engine import Engine
+    from cache_authority.metrics import Metrics
+    from cache_authority.servicer import CacheAuthorityServicer
+    from model_worker.server import WorkerConfig, start_worker
+    from positronic.direct import DirectContext, DirectStub
+    from positronic.v1 import cache_authority_pb2
+
+    authority = CacheAuthorityServicer(Engine(None, None, Metrics()))
+    sync_bytes = [0]
+
+    class DirectSync:
+        def sync(self, session_id: str, from_version: int):
+            request = cache_authority_pb2.SyncRequest(
+                session_id=session_id, from_version=from_version
+            )
+            for msg in authority.Sync(request, DirectContext()):
+                sync_bytes[0] += msg.ByteSize()
+                yield msg
+
+    worker = start_worker(
+        WorkerConfig(model=run["model"], listen="127.0.0.1:0", device="cpu"),
+        sync_source=DirectSync(),
+    )
+    try:
+        recorder = WireRecorder()
+        counter = MutationCounter()
+
+        def count(name: str) -> None:
+            if name == "Patch":
+                counter._count(PATCH_METHOD)
+
+        endpoints = Endpoints(
+            authority=MeasuredStub(DirectStub(authority, on_call=count), recorder),  # type: ignore[arg-type]
+            worker=MeasuredStub(DirectStub(worker.servicer), recorder),  # type: ignore[arg-type]
+            counter=counter,
+        )
+        out = drive(run, endpoints, recorder)
+    finally:
+        worker.stop(0.5)
+    out["wire_bytes"] = iteration_bytes(recorder.iterations, sync_bytes[0])
+    out["peak_rss_bytes"] = {"process": peak_rss_bytes()}
+    return out
+
+
+@contextlib.contextmanager
+def service(args: list[str], log: Path) -> Iterator[tuple[subprocess.Popen, str]]:
+    """`positronic ARGS` in its own process; yields it and the address it prints first."""
+    with open(log, "w", encoding="utf-8") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "positronic.cli", "--log-level", "WARNING", *args],
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+        )
+        try:
+            address = proc.stdout.readline().strip() if proc.stdout else ""
+            if not address:
+                raise RuntimeError(f"{args[0]} did not start: {log.read_text()[-2000:]}")
+            yield proc, address
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _sync_bytes(metrics_port: int) -> int:
+    """The worker's positronic_worker_sync_bytes counters, summed over kinds."""
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        text = resp.read().decode()
+    return int(
+        sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("positronic_worker_sync_bytes_total")
+        )
+    )
+
+
+def run_grpc_split(run: dict) -> dict:
+    """Authority and worker as `positronic authority` / `positronic worker` processes; the
+    driver (this process) talks to both over loopback gRPC."""
+    from positronic.rpc import open_channel
+    from positronic.v1 import cache_authority_pb2_grpc, model_worker_pb2_grpc
+
+    with tempfile.TemporaryDirectory() as tmp:
+        metrics_port = _free_port()
+        with (
+            service(["authority", "--listen", "127.0.0.1:0"], Path(tmp, "a.log")) as (a, a_addr),
+            service(
+                [
+                    "worker",
+                    "--model",
+                    run["model"],
+                    "--authority",
+                    a_addr,
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--device",
+                    "cpu",
+                    "--metrics-port",
+                    str(metrics_port),
+                ],
+                Path(tmp, "w.log"),
+            ) as (w, w_addr),
+        ):
+            recorder = WireRecorder()
+            counter = MutationCounter()
+            interceptor = RecordingInterceptor(recorder)
+            ca = open_channel(a_addr, interceptors=[counter, interceptor])
+            wc = open_channel(w_addr, interceptors=[interceptor])
+            endpoints = Endpoints(
+                authority=cache_authority_pb2_grpc.CacheAuthorityStub(ca),
+                worker=model_worker_pb2_grpc.ModelWorkerStub(wc),
+                counter=counter,
+                channels=[ca, wc],
+            )
+            try:
+                out = drive(run, endpoints, recorder)
+            finally:
+                endpoints.close()
+            out["wire_bytes"] = iteration_bytes(recorder.iterations, _sync_bytes(metrics_port))
+            out["peak_rss_bytes"] = {
+                "driver": peak_rss_bytes(),
+                "authority": peak_rss_bytes(a.pid),
+                "worker": peak_rss_bytes(w.pid),
+            }
+    return out
+
+
+MODES = {"hf_generate": run_hf_generate, "in_process": run_in_process, "grpc_split": run_grpc_split}
+
+
+def main(argv: list[str]) -> int:
+    run = json.loads(Path(argv[0]).read_text())
+    if threads := run.get("threads"):
+        import torch
+
+        torch.set_num_threads(int(threads))
+    t0 = time.perf_counter()
+    out = MODES[run["mode"]](run)
+    out = {"mode": run["mode"], "policy": run["policy"], **out}
+    out["wall_s"] = time.perf_counter() - t0
+    Path(argv[1]).write_text(json.dumps(out, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main(sys.argv[1:]))

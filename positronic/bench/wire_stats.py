@@ -1,0 +1,78 @@
+"""Summaries of a WireRecorder's records: latency percentiles, bytes per iteration (and what
+they grow with), throughput in windows along the generation. Pure functions."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+
+import numpy as np
+
+from positronic.bench.wire import CallRecord, Iteration
+
+RATE_AT = (100, 1000, 10000)  # tokens/s is reported around these token indices
+RATE_HALF_WINDOW = 50  # ... over this many tokens each side
+
+
+def summarize_latency(calls: Sequence[CallRecord]) -> dict[str, dict[str, float]]:
+    """Per RPC: calls, p50 and p99 latency (ms), mean request and response bytes."""
+    by: dict[str, list[CallRecord]] = defaultdict(list)
+    for c in calls:
+        by[c.method].append(c)
+    out = {}
+    for name, records in sorted(by.items()):
+        ms = np.array([r.latency_s * 1e3 for r in records])
+        out[name] = {
+            "calls": len(records),
+            "p50_ms": float(np.percentile(ms, 50)),
+            "p99_ms": float(np.percentile(ms, 99)),
+            "mean_request_bytes": float(np.mean([r.request_bytes for r in records])),
+            "mean_response_bytes": float(np.mean([r.response_bytes for r in records])),
+        }
+    return out
+
+
+def rate_windows(stamps: Sequence[float], at: Sequence[int] = RATE_AT) -> dict[str, float]:
+    """Tokens/s around token k (stamps[k] is when token k was done), for each k the run
+    reached, and over the last 2·RATE_HALF_WINDOW tokens ("end")."""
+    out: dict[str, float] = {}
+    h = RATE_HALF_WINDOW
+    n = len(stamps)
+    for k in at:
+        if k + h < n and k - h >= 0:
+            out[str(k)] = 2 * h / (stamps[k + h] - stamps[k - h])
+    if n > 2 * h:
+        out["end"] = 2 * h / (stamps[-1] - stamps[-1 - 2 * h])
+    return out
+
+
+def iteration_bytes(iterations: Sequence[Iteration], sync_bytes: int) -> dict:
+    """Bytes per iteration: the driver's RPCs (measured per iteration) plus the worker's Sync
+    from the authority (a total, spread evenly), and how the driver's part depends on the edits
+    and on the cache size (least squares: bytes = fixed + per_row · rows)."""
+    if not iterations:
+        return {}
+    b = np.array([it.bytes for it in iterations], dtype=np.float64)
+    rows = np.array([it.rows for it in iterations], dtype=np.float64)
+    edited = np.array([it.edited for it in iterations])
+    n = len(iterations)
+    out: dict = {
+        "per_iteration": float(b.mean() + sync_bytes / n),
+        "driver_per_iteration": float(b.mean()),
+        "sync_per_iteration": sync_bytes / n,
+        "plain_iterations": int((~edited).sum()),
+        "edited_iterations": int(edited.sum()),
+    }
+    if (~edited).any():
+        out["driver_per_plain_iteration"] = float(b[~edited].mean())
+    if edited.any():
+        out["driver_per_edited_iteration"] = float(b[edited].mean())
+    plain = ~edited
+    if plain.sum() >= 2 and np.ptp(rows[plain]) > 0:
+        slope, intercept = np.polyfit(rows[plain], b[plain], 1)
+        out["driver_bytes_fit"] = {
+            "fixed": float(intercept),
+            "per_row": float(slope),
+            "rows_range": [int(rows[plain].min()), int(rows[plain].max())],
+        }
+    return out

@@ -1,0 +1,82 @@
+"""`positronic bench speed`: the pure summaries, and one in-process measurement."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from positronic.bench import speed
+from positronic.bench.wire import CallRecord, Iteration, WireRecorder
+from positronic.bench.wire_stats import iteration_bytes, rate_windows, summarize_latency
+
+
+def test_recorder_cuts_iterations_at_patches():
+    rec = WireRecorder()
+    rec.record("/x/Patch", 0.01, 500, 10)  # the prime: not an iteration
+    rec.record("/x/Step", 0.002, 60, 900, rows=5)
+    rec.record("/x/Patch", 0.001, 300, 10)
+    rec.record("/x/Step", 0.002, 60, 904, rows=6)
+    rec.record("/x/Repair", 0.004, 40, 80)
+    rec.record("/x/Patch", 0.001, 700, 10, edits=1)
+    assert [(i.bytes, i.rows, i.edited) for i in rec.iterations] == [
+        (1270, 5, False),
+        (1794, 6, True),
+    ]
+
+
+def test_iteration_bytes_fit_separates_fixed_and_per_row():
+    its = [Iteration(1000 + 8 * r, r, False, 0.0) for r in range(10, 60)]
+    its += [Iteration(5000, 60, True, 0.0)] * 5
+    out = iteration_bytes(its, sync_bytes=55 * 100)
+    fit = out["driver_bytes_fit"]
+    assert fit["fixed"] == pytest.approx(1000) and fit["per_row"] == pytest.approx(8)
+    assert out["sync_per_iteration"] == pytest.approx(100)
+    assert out["edited_iterations"] == 5 and out["driver_per_edited_iteration"] == 5000
+
+
+def test_rate_windows_and_latency():
+    stamps = [i * 0.01 for i in range(1200)]  # 100 tokens/s throughout
+    rates = rate_windows(stamps)
+    assert set(rates) == {"100", "1000", "end"}
+    assert all(r == pytest.approx(100.0) for r in rates.values())
+    calls = [CallRecord("Step", ms / 1000, 10, 20) for ms in range(1, 101)]
+    s = summarize_latency(calls)["Step"]
+    assert s["calls"] == 100 and s["p50_ms"] == pytest.approx(50.5)
+    assert s["p99_ms"] == pytest.approx(99.01)
+
+
+def test_plan_and_ratios():
+    args = argparse.Namespace(tokens=50, budget=16, modes="hf_generate,grpc_split", policies="halo")
+    runs = speed.plan_runs(args, "/m", threads=1)
+    assert [(r["mode"], r["policy"]) for r in runs] == [
+        ("hf_generate", "none"),
+        ("grpc_split", "halo"),
+    ]
+    out = speed.with_ratios(
+        [
+            {"mode": "hf_generate", "tokens_per_s": 100.0},
+            {"mode": "grpc_split", "tokens_per_s": 25.0, "wire_bytes": {"per_iteration": 9.0}},
+        ]
+    )
+    assert out[1]["ratio_to_hf_generate"] == 0.25 and out[1]["bytes_per_iteration"] == 9.0
+
+
+def test_in_process_measurement(stories260k_dir):
+    from positronic.bench.speed_run import run_in_process
+
+    run = {
+        "mode": "in_process",
+        "policy": "halo",
+        "model": str(stories260k_dir),
+        "tokens": 40,
+        "budget": 16,
+        "prompt": "Once upon a time",
+    }
+    out = run_in_process(run)
+    assert out["tokens_generated"] == 40 and out["max_rows"] <= 16
+    assert out["mutating_rpcs"] == out["iterations"] + 1 and out["merges"] > 0
+    assert {"Step", "Patch", "Repair", "ComputeKV"} <= set(out["rpc_latency"])
+    wire = out["wire_bytes"]
+    assert wire["edited_iterations"] > 0 and wire["sync_per_iteration"] > 0
+    assert out["peak_rss_bytes"]["process"] > 0
