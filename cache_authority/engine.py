@@ -2,7 +2,8 @@
 
 A patch runs under its session's lock: request_id replay -> expected_version check -> decode ->
 validate -> stage -> digest -> write-ahead log (fsynced) -> commit. Anything that fails before the
-commit changes nothing; a commit that fails restores the rows and cuts its record off the log.
+commit changes nothing; a commit that fails restores the rows and cuts its record off the log. A
+log that cannot be cut back marks the session broken: patches UNAVAILABLE until a restart.
 Sessions have a lock each, so patches to different sessions run concurrently.
 """
 
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from cache_authority.feed import WatchEvent
 from cache_authority.metrics import Metrics
 from cache_authority.ops import PatchError, Status, chain_digest, ops_from_pb
-from cache_authority.persistence import SessionStore, StoredReply
+from cache_authority.persistence import LogRepairFailed, SessionStore, StoredReply
 from cache_authority.sessions import (
     Committed,
     EngineLimits,
@@ -96,14 +97,18 @@ class Engine(SessionRegistry):
                 # client's promise that a retry carries the same patch; we do not re-check it.
                 return replace(session.replies[request_id], replayed=True)
             st = session.state
+            if session.broken:
+                raise PatchError(
+                    Status.UNAVAILABLE,
+                    f"session {session_id} v{st.version}: its log could not be repaired after a "
+                    "failed write; it takes no patches until the authority restarts",
+                )
             if expected_version != st.version:
                 raise PatchError(
                     Status.ABORTED,
                     f"session {session_id} is at version {st.version}, not {expected_version}",
                     current_version=st.version,
                 )
-            if session.broken:
-                raise PatchError(Status.UNAVAILABLE, f"session {session_id}: log needs repair")
             ops = ops_from_pb(ops_pb)
             validate_ops(st, ops)
             version = st.version + 1
@@ -118,7 +123,13 @@ class Engine(SessionRegistry):
             )
             mark, store = None, self.store
             if store is not None:
-                mark = self._durably(lambda: store.append(session_id, patch), st)
+                try:
+                    mark = self._durably(lambda: store.append(session_id, patch), st)
+                except LogRepairFailed as e:
+                    self._break(session, e)
+                    raise PatchError(
+                        Status.UNAVAILABLE, f"could not persist, and the log is now broken: {e}"
+                    ) from e
             try:
                 commit_staged(st, staged, digest)
             except BaseException:
@@ -180,13 +191,17 @@ class Engine(SessionRegistry):
     def _rollback_log(self, store: SessionStore, session: SessionSlot, mark: int) -> None:
         try:
             store.rollback(session.state.session_id, mark)
-        except OSError:
-            session.broken = True
-            logger.exception(
-                "session %s v%d: could not cut a failed commit off the log",
-                session.state.session_id,
-                session.state.version,
-            )
+        except LogRepairFailed as e:
+            self._break(session, e)
+
+    def _break(self, session: SessionSlot, error: LogRepairFailed) -> None:
+        """No more patches to this session until a restart; reads and replies are still served."""
+        session.broken = True
+        st = session.state
+        logger.error(
+            "session %s v%d: the log could not be repaired (%s); refusing patches until restart",
+            st.session_id, st.version, error,
+        )  # fmt: skip
 
     # -- sync and watch ---------------------------------------------------------------------
     def sync_plan(self, session_id: str, from_version: int, holds_state: bool = False) -> SyncPlan:

@@ -43,6 +43,12 @@ class CorruptStore(RuntimeError):
     """Persisted state that cannot be trusted: refusing to start beats serving wrong rows."""
 
 
+class LogRepairFailed(Exception):
+    """A failed write could not be cut off the log. Appending more would bury garbage in front
+    of later records, so the session must take no patch until a restart recovers it (recovery
+    cuts a torn tail off)."""
+
+
 @dataclass(frozen=True)
 class Replayed:
     """A log record replayed at recovery, with what it did (the engine's retained log needs it)."""
@@ -116,7 +122,7 @@ class SessionStore:
 
     def append(self, session_id: str, patch: session_pb2.CommittedPatch) -> int:
         """Append and fsync one record; returns the offset to roll back to. On failure nothing
-        of the record stays in the log (or OSError says the log could not be repaired)."""
+        of the record stays in the log (or LogRepairFailed says the log could not be repaired)."""
         _, f = self._wal[session_id]
         payload = patch.SerializeToString(deterministic=True)
         mark = f.tell()
@@ -130,12 +136,16 @@ class SessionStore:
         return mark
 
     def rollback(self, session_id: str, mark: int) -> None:
-        """Cut the log back to `mark` (a record whose commit then failed must not be replayed)."""
+        """Cut the log back to `mark` (a record whose commit then failed must not be replayed);
+        LogRepairFailed when that fails."""
         _, f = self._wal[session_id]
-        f.seek(mark)
-        f.truncate()
-        f.flush()
-        os.fsync(f.fileno())
+        try:
+            f.seek(mark)
+            f.truncate()
+            f.flush()
+            os.fsync(f.fileno())
+        except OSError as e:
+            raise LogRepairFailed(f"could not cut the log back to byte {mark}: {e}") from e
 
     def snapshot(self, state: SessionState, replies: Iterable[StoredReply] = ()) -> None:
         """Write a snapshot at the state's version with the replies to recent request ids (the

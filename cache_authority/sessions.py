@@ -81,7 +81,7 @@ class SessionSlot:
     replies: OrderedDict[str, PatchResult] = field(default_factory=OrderedDict)
     snapshot_version: int = 0
     deleted: bool = False
-    broken: bool = False  # the log could not be repaired after a failed commit
+    broken: bool = False  # the log could not be repaired after a failed write or commit
 
 
 class SessionRegistry:

@@ -142,6 +142,39 @@ def test_a_failed_log_write_is_unavailable_and_leaves_no_record(tmp_path, monkey
     )
 
 
+def test_a_log_that_cannot_be_repaired_breaks_the_session_until_restart(tmp_path, monkeypatch):
+    engine = make_engine(tmp_path)
+    prime(engine)
+    before = snapshot_of(engine)
+    session_wal = engine.store._wal["s"][1]
+    real_write = session_wal.write
+
+    def half_write(data):  # the disk fills up halfway through the record ...
+        real_write(data[: len(data) // 2])
+        session_wal.flush()
+        raise OSError(28, "No space left on device")
+
+    def no_truncate(*args):  # ... and the truncate that should undo it fails too
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(session_wal, "write", half_write)
+    monkeypatch.setattr(session_wal, "truncate", no_truncate)
+    with pytest.raises(PatchError) as err:
+        engine.patch("s", 2, "x", a_patch())
+    assert err.value.status is Status.UNAVAILABLE
+    monkeypatch.undo()
+    # The disk works again, but half a record sits at the end of the log: nothing may follow it.
+    with pytest.raises(PatchError) as err:
+        engine.patch("s", 2, "y", a_patch())
+    assert err.value.status is Status.UNAVAILABLE and "until the authority restarts" in str(err)
+    assert snapshot_of(engine) == before  # reads are still served
+    assert engine.patch("s", 1, "p1", []).replayed  # and so are stored replies
+    engine.close()
+    recovered = make_engine(tmp_path)  # the torn record is cut off; the session takes patches
+    assert snapshot_of(recovered) == before
+    assert recovered.patch("s", 2, "y", a_patch()).version == 3
+
+
 def test_stale_version_is_aborted_with_the_current_version():
     engine = make_engine()
     prime(engine)
