@@ -51,7 +51,7 @@ class Engine(SessionRegistry):
         super().__init__(limits, store, metrics)
         if store is not None:
             for rec in store.recover_all():
-                s = SessionSlot(rec.state, snapshot_version=rec.state.version - len(rec.replayed))
+                s = SessionSlot(rec.state, snapshot_tried=rec.state.version - len(rec.replayed))
                 for reply in rec.replies:  # patches in the snapshot, then those in the log
                     self._remember(
                         s,
@@ -160,19 +160,31 @@ class Engine(SessionRegistry):
             session.cond.notify_all()
             self.feed.publish(committed.event(st.session_id))
             self.metrics.set_session(st)
-            if self.store is not None and (
-                st.version - session.snapshot_version >= self.limits.snapshot_every
-            ):
-                replies = [
-                    StoredReply(rid, r.version, r.digest, r.row_count)
-                    for rid, r in session.replies.items()
-                ]
-                self.store.snapshot(st, replies)
-                session.snapshot_version = st.version
+            self._snapshot_if_due(session)
         except Exception:
             logger.exception(
                 "session %s v%d: bookkeeping after commit failed", st.session_id, st.version
             )
+
+    def _snapshot_if_due(self, session: SessionSlot) -> None:
+        """A snapshot every snapshot_every versions. One that fails is tried again only
+        snapshot_every versions later (not on every commit); the current log goes on meanwhile."""
+        st, store = session.state, self.store
+        if store is None or st.version - session.snapshot_tried < self.limits.snapshot_every:
+            return
+        session.snapshot_tried = st.version
+        replies = [
+            StoredReply(rid, r.version, r.digest, r.row_count) for rid, r in session.replies.items()
+        ]
+        try:
+            store.snapshot(st, replies)
+        except LogRepairFailed as e:
+            self._break(session, e)
+        except OSError as e:
+            logger.warning(
+                "session %s v%d: snapshot failed (%s); the log goes on, next try at v%d",
+                st.session_id, st.version, e, st.version + self.limits.snapshot_every,
+            )  # fmt: skip
 
     def _retain(self, session: SessionSlot, committed: Committed) -> None:
         session.log.append(committed)

@@ -149,17 +149,41 @@ class SessionStore:
 
     def snapshot(self, state: SessionState, replies: Iterable[StoredReply] = ()) -> None:
         """Write a snapshot at the state's version with the replies to recent request ids (the
-        caller bounds them), start a new log after it, drop older files."""
+        caller bounds them), start a new log after it, drop older files.
+
+        On OSError the session goes on appending to its current log, which recovery replays on
+        top of whichever snapshot it finds. The new log file is removed again first: left beside
+        the old log, it would make the old log's torn tail (a crash mid-write) look like damage.
+        LogRepairFailed when that removal fails too.
+        """
         folder = self.root / state.session_id
         self._write_snapshot(folder, state, replies)
-        (folder / _wal_name(state.version)).touch()
-        _fsync_dir(folder)
-        self._open_wal(state.session_id, state.version)
+        wal = folder / _wal_name(state.version)
+        try:
+            wal.touch()
+            _fsync_dir(folder)
+            self._open_wal(state.session_id, state.version)
+        except OSError:
+            self._remove_unused_log(wal)
+            raise
         for p in folder.iterdir():
             v = _version_of(p)
             if v is not None and v < state.version:
-                p.unlink()
+                try:
+                    p.unlink()
+                except OSError as e:  # harmless: recovery skips what the snapshot holds
+                    logger.warning(
+                        "session %s v%d: could not remove %s: %s",
+                        state.session_id, state.version, p.name, e,
+                    )  # fmt: skip
         logger.info("session %s v%d: snapshot written", state.session_id, state.version)
+
+    def _remove_unused_log(self, wal: Path) -> None:
+        try:
+            wal.unlink(missing_ok=True)
+            _fsync_dir(wal.parent)
+        except OSError as e:
+            raise LogRepairFailed(f"could not remove the unused log {wal.name}: {e}") from e
 
     def delete(self, session_id: str) -> None:
         """Move the folder aside in one rename (a restart ignores it), then remove it."""
@@ -195,10 +219,17 @@ class SessionStore:
         _write_durably(folder / f"snapshot-{state.version:012d}.safetensors", blob)
 
     def _open_wal(self, session_id: str, base_version: int) -> None:
-        self.close_session(session_id)
+        """Make wal-<base_version> the session's log. The new file is open before the old one
+        is closed: when opening fails, the session keeps the log it had."""
         path = self.root / session_id / _wal_name(base_version)
-        self._wal[session_id] = (base_version, open(path, "r+b"))  # noqa: SIM115 - kept open
-        self._wal[session_id][1].seek(0, os.SEEK_END)
+        f = open(path, "r+b")  # noqa: SIM115 - kept open
+        try:
+            f.seek(0, os.SEEK_END)
+        except BaseException:
+            f.close()
+            raise
+        self.close_session(session_id)
+        self._wal[session_id] = (base_version, f)
 
     def close_session(self, session_id: str) -> None:
         entry = self._wal.pop(session_id, None)

@@ -79,7 +79,7 @@ class SessionSlot:
     log: deque[Committed] = field(default_factory=deque)
     log_bytes: int = 0
     replies: OrderedDict[str, PatchResult] = field(default_factory=OrderedDict)
-    snapshot_version: int = 0
+    snapshot_tried: int = 0  # version of the last snapshot attempt, whether it worked or not
     deleted: bool = False
     broken: bool = False  # the log could not be repaired after a failed write or commit
 

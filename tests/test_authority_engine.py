@@ -241,6 +241,58 @@ def test_the_replies_kept_with_a_snapshot_are_bounded_by_the_window(tmp_path):
     assert recovered.patch("s", 0, "r2", []).version == 3
 
 
+def failing_log_open(real_open=open):
+    """A stand-in for open() in persistence that cannot open a log (snapshots write with "wb")."""
+
+    def fake(path, mode="r", *args, **kwargs):
+        if mode == "r+b":
+            raise OSError(24, "Too many open files")
+        return real_open(path, mode, *args, **kwargs)
+
+    return fake
+
+
+def test_a_failed_snapshot_keeps_the_log_going_and_waits_before_trying_again(tmp_path, monkeypatch):
+    engine = make_engine(tmp_path, snapshot_every=3)
+    prime(engine)
+    tries = []
+    real_snapshot = engine.store.snapshot
+    monkeypatch.setattr(engine.store, "snapshot", lambda *a: tries.append(1) or real_snapshot(*a))
+    monkeypatch.setattr(persistence, "open", failing_log_open(), raising=False)
+    assert engine.patch("s", 2, "r2", [brightness_pb([1.0] * 6)]).version == 3  # snapshot fails
+    monkeypatch.setattr(persistence, "open", open, raising=False)
+    for v in range(3, 5):  # the old log takes these; no snapshot is tried until v6
+        assert engine.patch("s", v, f"r{v}", [brightness_pb([float(v)] * 6)]).version == v + 1
+    assert len(tries) == 1
+    expected = snapshot_of(engine)
+    engine.close()
+    recovered = make_engine(tmp_path, snapshot_every=3)
+    assert snapshot_of(recovered) == expected
+    assert recovered.patch("s", 0, "r2", []).replayed
+    assert recovered.patch("s", 5, "r5", [brightness_pb([5.0] * 6)]).version == 6
+
+
+def test_a_failed_snapshot_whose_new_log_cannot_be_removed_breaks_the_session(
+    tmp_path, monkeypatch
+):
+    engine = make_engine(tmp_path, snapshot_every=3)
+    prime(engine)
+    monkeypatch.setattr(persistence, "open", failing_log_open(), raising=False)
+
+    def no_unlink(self, missing_ok=False):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(persistence.Path, "unlink", no_unlink)
+    assert engine.patch("s", 2, "r2", [brightness_pb([1.0] * 6)]).version == 3  # acknowledged
+    monkeypatch.undo()
+    with pytest.raises(PatchError) as err:
+        engine.patch("s", 3, "r3", [brightness_pb([2.0] * 6)])
+    assert err.value.status is Status.UNAVAILABLE and "until the authority restarts" in str(err)
+    expected = snapshot_of(engine)
+    engine.close()
+    assert snapshot_of(make_engine(tmp_path, snapshot_every=3)) == expected
+
+
 def test_a_torn_last_record_is_discarded_but_damage_before_it_refuses_to_start(tmp_path):
     engine = make_engine(tmp_path)
     prime(engine)
