@@ -24,6 +24,8 @@ class Status(enum.Enum):
     ALREADY_EXISTS = "ALREADY_EXISTS"
     # The write-ahead log could not be written (disk full, I/O error): nothing was committed.
     UNAVAILABLE = "UNAVAILABLE"
+    # The client cancelled its request stream (or it broke) before its end: nothing was committed.
+    CANCELLED = "CANCELLED"
 
 
 class PatchError(Exception):

@@ -34,6 +34,8 @@ POLL_S = 0.5  # how often a following stream checks that its client is still the
 def _abort(context: grpc.ServicerContext, method: str, error: BaseException) -> None:
     if isinstance(error, PatchError):
         logger.debug("%s refused: %s %s", method, error.status.value, error.message)
+        if error.status is Status.CANCELLED:  # no rich status: nobody is there to read it
+            context.abort(grpc.StatusCode.CANCELLED, error.message)
         details = []
         if error.status is Status.ABORTED and error.current_version is not None:
             details.append(ca.VersionConflict(current_version=error.current_version))
@@ -68,6 +70,17 @@ def _streaming(fn: Callable) -> Callable:
     return wrapper
 
 
+def _until_cancelled(requests: Iterator) -> Iterator:
+    """The messages of a client stream. A client that cancels midway (or whose stream breaks)
+    makes grpc raise a bare RpcError from the iterator: that is CANCELLED, not a bug."""
+    try:
+        yield from requests
+    except grpc.RpcError:
+        raise PatchError(
+            Status.CANCELLED, "the client cancelled the stream before its end; nothing committed"
+        ) from None
+
+
 def _invalid(message: str) -> PatchError:
     return PatchError(Status.INVALID_ARGUMENT, message)
 
@@ -93,7 +106,7 @@ class CacheAuthorityServicer(cache_authority_pb2_grpc.CacheAuthorityServicer):
         header: tuple[str, int, str] | None = None
         ops = []
         size = limit = 0
-        for msg in request_iterator:
+        for msg in _until_cancelled(request_iterator):
             size += msg.ByteSize()
             this = (msg.session_id, msg.expected_version, msg.request_id)
             if header is None:

@@ -3,8 +3,10 @@ every refusal (state unchanged after each), racing clients, Sync and Watch."""
 
 from __future__ import annotations
 
+import logging
 import struct
 import threading
+import time
 
 import grpc
 import pytest
@@ -269,6 +271,41 @@ def test_a_bug_is_internal_never_unknown_and_changes_nothing(authority, monkeypa
         client.Patch(patch_stream("s", 1, "", [evict_pb(0, 10)]))
     assert err.value.code() == C.INTERNAL
     monkeypatch.undo()
+    assert version_and_digest(client) == before
+
+
+def test_a_client_that_cancels_mid_stream_commits_nothing_and_is_no_bug(
+    authority, monkeypatch, caplog
+):
+    server, client = primed(authority)
+    before = version_and_digest(client)
+    caplog.set_level(logging.DEBUG, logger="cache_authority.servicer")
+    arrived, release = threading.Event(), threading.Event()
+    real_limit = server.engine.patch_byte_limit
+
+    def limit_then_signal(session_id):  # the server has read the first message
+        arrived.set()
+        return real_limit(session_id)
+
+    monkeypatch.setattr(server.engine, "patch_byte_limit", limit_then_signal)
+
+    def requests():
+        yield next(patch_stream("s", 1, "gone", [evict_pb(0, 10)]))
+        release.wait(30)  # the rest of the stream never comes
+
+    call = client.Patch.future(requests())
+    try:
+        assert arrived.wait(30)
+        call.cancel()
+        deadline = time.monotonic() + 30
+        while not any(r.name == "cache_authority.servicer" for r in caplog.records):
+            assert time.monotonic() < deadline, "the server never finished the cancelled Patch"
+            time.sleep(0.02)
+    finally:
+        release.set()
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    said = [r.getMessage() for r in caplog.records if r.name == "cache_authority.servicer"]
+    assert "CANCELLED" in said[-1]
     assert version_and_digest(client) == before
 
 
