@@ -74,8 +74,15 @@ def collect(stream, into: list) -> None:
         assert e.code() == C.CANCELLED, e
 
 
-def test_a_large_prime_streams_in_chunks_and_follow_sends_it_as_deltas(authority):
-    _, client = authority
+def test_a_large_prime_streams_in_chunks_and_follow_sends_it_as_deltas(authority, monkeypatch):
+    server, client = authority
+    real_plan = server.engine.sync_plan
+
+    def late_plan(*args, **kwargs):  # the follower's plans come late, as on a loaded machine
+        time.sleep(0.3)
+        return real_plan(*args, **kwargs)
+
+    monkeypatch.setattr(server.engine, "sync_plan", late_plan)
     g = geometry_to_pb(tiny_geometry())
     g.num_kv_heads, g.head_dim = 4, 64
     g.rope.inv_freq[:] = Rope.from_theta(64).inv_freq.tolist()
@@ -94,6 +101,13 @@ def test_a_large_prime_streams_in_chunks_and_follow_sends_it_as_deltas(authority
     follow = client.Sync(ca.SyncRequest(session_id="big", from_version=0, follow=True))
     reader = threading.Thread(target=collect, args=(follow, received))
     reader.start()
+    # Patch only once the follower holds the v0 snapshot: a commit before its first plan would
+    # make that plan a v1 snapshot, and the prime would never travel as deltas.
+    for _ in range(400):
+        if received:
+            break
+        time.sleep(0.05)
+    assert received and received[0].snapshot_header.session.version == 0
     reply = client.Patch(patch_stream("big", 0, "prime", ops, per_message=2))
     assert (reply.version, reply.row_count) == (1, 1500)
     for _ in range(400):  # up to 20 s for the follower to see the prime's final part
