@@ -321,30 +321,45 @@ def test_eight_racing_clients_one_success_per_version(authority):
     server, client = authority
     client.CreateSession(create_request("race", hard_max=64))
     rounds, threads = 12, 8
-    barrier = threading.Barrier(threads)
+    barrier = threading.Barrier(threads, timeout=60)  # a stuck racer fails the test, not hangs it
     outcomes: dict[int, list] = {r: [] for r in range(rounds)}
+    errors: list[BaseException] = []
 
-    def racer(i: int) -> None:
+    def race(i: int) -> None:
         channel = rpc.open_channel(f"127.0.0.1:{server.port}")
         mine = stub(channel)
-        for r in range(rounds):
-            barrier.wait()
-            ops = [append_pb(r, [i], seed=100 * r + i)]
-            try:
-                reply = mine.Patch(patch_stream("race", r, f"{i}-{r}", ops))
-                outcomes[r].append(("OK", reply.version, i))
-            except grpc.RpcError as e:
-                conflict = ca.VersionConflict()
-                rpc.status_details(e)[0].Unpack(conflict)
-                outcomes[r].append((e.code().name, conflict.current_version, i))
-            barrier.wait()  # nobody starts the next round before every reply is in
-        channel.close()
+        try:
+            for r in range(rounds):
+                barrier.wait()
+                ops = [append_pb(r, [i], seed=100 * r + i)]
+                try:
+                    reply = mine.Patch(patch_stream("race", r, f"{i}-{r}", ops), timeout=60)
+                    outcomes[r].append(("OK", reply.version, i))
+                except grpc.RpcError as e:
+                    conflict = ca.VersionConflict()
+                    rpc.status_details(e)[0].Unpack(conflict)
+                    outcomes[r].append((e.code().name, conflict.current_version, i))
+                barrier.wait()  # nobody starts the next round before every reply is in
+        finally:
+            channel.close()
 
-    pool = [threading.Thread(target=racer, args=(i,)) for i in range(threads)]
+    def racer(i: int) -> None:
+        try:
+            race(i)
+        except BaseException as e:  # re-raised below, in the test's thread
+            errors.append(e)
+            barrier.abort()  # the others stop waiting for this one
+
+    pool = [threading.Thread(target=racer, args=(i,), daemon=True) for i in range(threads)]
     for t in pool:
         t.start()
+    deadline = time.monotonic() + 120
     for t in pool:
-        t.join(60)
+        t.join(max(0.0, deadline - time.monotonic()))
+    assert not any(t.is_alive() for t in pool), "a racer is stuck"
+    if errors:  # the racer that failed, not the others whose barrier it broke
+        broken = threading.BrokenBarrierError
+        raise next((e for e in errors if not isinstance(e, broken)), errors[0])
     winners = []
     for r in range(rounds):
         codes = sorted(o[0] for o in outcomes[r])
