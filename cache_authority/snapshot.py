@@ -18,9 +18,8 @@ from cache_authority.convert import (
     session_info_to_pb,
 )
 from cache_authority.rows import SessionState
-from cache_authority.stage import check_blades
+from cache_authority.stage import check_blades, rerotate_moved_rows
 from positronic import codec
-from positronic.rope import rerotate_from_canonical
 from positronic.v1 import cache_authority_pb2, tensor_pb2
 
 
@@ -97,13 +96,7 @@ def state_from_parts(
         raise ValueError("snapshot mirror holds a ledger id at or past next_ledger_id")
     origin = torch.tensor(origins, dtype=torch.int64)
     positions = torch.arange(n, dtype=torch.int64)
-    keys = canonical_keys.clone()
-    moved = positions != origin
-    if bool(moved.any()):
-        keys[:, :, moved] = rerotate_from_canonical(
-            canonical_keys[:, :, moved], origin[moved], positions[moved], geometry.rope
-        )
-    state.keys[:, :, :n] = keys
+    state.keys[:, :, :n] = rerotate_moved_rows(canonical_keys, origin, positions, geometry.rope)
     state.canonical_keys[:, :, :n] = canonical_keys
     state.values[:, :, :n] = values
     state.token_ids[:n] = torch.tensor(tokens, dtype=torch.int64)

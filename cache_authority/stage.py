@@ -18,7 +18,7 @@ import torch
 
 from cache_authority.ops import AppendOp, EvictOp, Op, ReplacePairOp, SetBrightnessOp
 from cache_authority.rows import RowMeta, SessionState
-from positronic.rope import rerotate_from_canonical
+from positronic.rope import Rope, rerotate_from_canonical
 from positronic.v1 import session_pb2
 
 
@@ -188,12 +188,7 @@ def _materialize(
         values = canonical.clone()
         origin = torch.zeros(0, dtype=torch.int64)
     positions = torch.arange(start, start + tail, dtype=torch.int64)
-    moved = positions != origin
-    keys = canonical.clone()
-    if bool(moved.any()):
-        keys[:, :, moved] = rerotate_from_canonical(
-            canonical[:, :, moved], origin[moved], positions[moved], g.rope
-        )
+    keys = rerotate_moved_rows(canonical, origin, positions, g.rope)
     return StagedPatch(
         version=version,
         start=start,
@@ -209,6 +204,21 @@ def _materialize(
         meta=metas,
         next_ledger_id=next_ledger,
     )
+
+
+def rerotate_moved_rows(
+    canonical: torch.Tensor, origin: torch.Tensor, positions: torch.Tensor, rope: Rope
+) -> torch.Tensor:
+    """Keys [L, H, N, D] of rows now at `positions` [N] whose canonical keys [L, H, N, D] were
+    computed at `origin` [N]: a moved row is rotated from its canonical key in one step, a row
+    still at its origin keeps it. Patches and snapshot rebuilds both come through here."""
+    keys = canonical.clone()
+    moved = positions != origin
+    if bool(moved.any()):
+        keys[:, :, moved] = rerotate_from_canonical(
+            canonical[:, :, moved], origin[moved], positions[moved], rope
+        )
+    return keys
 
 
 def commit_staged(state: SessionState, staged: StagedPatch, digest: bytes) -> None:

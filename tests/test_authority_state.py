@@ -10,6 +10,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from cache_authority import stage
 from cache_authority.convert import geometry_from_pb, geometry_to_pb
 from cache_authority.engine import Engine
 from cache_authority.ops import GENESIS_DIGEST, PatchError, Status, chain_digest
@@ -243,6 +244,25 @@ def test_snapshot_round_trips_every_field():
     header, data = state_to_snapshot(state)
     with pytest.raises(ValueError):
         state_from_snapshot(header, data[:-1])
+
+
+def test_a_snapshot_rebuild_rotates_moved_rows_with_the_function_patches_use(monkeypatch):
+    engine = _primed(6)
+    engine.patch("s", 1, "a", [replace_pb(1, [11, 12], 7, 5), evict_pb(3, 13)])  # rows moved
+    state = engine._sessions["s"].state
+    calls = []
+    monkeypatch.setattr(stage, "rerotate_from_canonical", spy(stage.rerotate_from_canonical, calls))
+    rebuilt = state_from_snapshot(*state_to_snapshot(state))
+    assert len(calls) == 1  # the rotation stage.py applies, written once (invariant 5)
+    assert_same_state(rebuilt, state)
+
+
+def spy(fn, calls: list):
+    def wrapper(*args, **kwargs):
+        calls.append(args)
+        return fn(*args, **kwargs)
+
+    return wrapper
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
