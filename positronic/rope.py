@@ -68,11 +68,13 @@ def rotate_keys(keys: torch.Tensor, offsets: torch.Tensor, rope: Rope) -> torch.
         raise ValueError(f"keys have head dim {keys.shape[-1]}, rope expects {rope.head_dim}")
     # float64 angles: offsets reach 10^4..10^6 and float32 angle products lose digits there.
     angles = offsets.to(torch.float64)[:, None] * rope.inv_freq.to(torch.float64)[None, :]
-    emb = torch.cat((angles, angles), dim=-1)  # [S, D]
-    cos = emb.cos().to(torch.float32).to(keys.device)
-    sin = emb.sin().to(torch.float32).to(keys.device)
+    cos = angles.cos().to(torch.float32).to(keys.device)  # [S, D/2]
+    sin = angles.sin().to(torch.float32).to(keys.device)
     k = keys.to(torch.float32)
-    return (k * cos + rotate_half(k) * sin).to(keys.dtype)
+    half = k.shape[-1] // 2
+    k1, k2 = k[..., :half], k[..., half:]
+    # rotate_half convention: (k1, k2) -> (k1 cos - k2 sin, k2 cos + k1 sin)
+    return torch.cat((k1 * cos - k2 * sin, k2 * cos + k1 * sin), dim=-1).to(keys.dtype)
 
 
 def rerotate_from_canonical(
