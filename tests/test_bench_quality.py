@@ -12,18 +12,33 @@ from positronic.cli import main
 
 def test_policy_specs():
     user = parse_spec("halo-user")
-    assert user.name == "halo" and user.reduction == "last"
+    assert user.reduction == "last"
     p = user.make()
     assert (p.params.seed, p.params.decay, p.params.gain, p.params.max) == (255, 2, 10, 255)
-    tuned = parse_spec("halo:decay=0.5:gain=200:window=4:reduction=mean")
-    assert tuned.make().params.decay == 0.5 and tuned.make().recent_window == 4
-    assert tuned.reduction == "mean"
+    assert p.sinks == 0
+    halo = parse_spec("halo").make()
+    assert (halo.params.decay, halo.params.gain, halo.sinks) == (2, 0, 4)  # the tuned default
+    tuned = parse_spec("halo-user:decay=0.5:window=4:reduction=mean")
+    assert tuned.make().params.decay == 0.5 and tuned.make().params.gain == 10
+    assert tuned.make().recent_window == 4 and tuned.reduction == "mean"
     assert parse_spec("streaming:sinks=2").make().sinks == 2
-    for bad in ("nope", "halo:colour=1", "tova:decay=1", "halo:reduction=median", "halo:decay=-1"):
+    bad_specs = ("nope", "halo:colour=1", "tova:decay=1", "halo:reduction=median", "tova:sinks=2")
+    for bad in (*bad_specs, "halo:decay=-1"):
         with pytest.raises(ValueError):
             parse_spec(bad)
     with pytest.raises(ValueError):
         parse_specs("tova,tova")
+
+
+def test_halo_sinks_are_never_compacted():
+    import torch
+
+    halo = parse_spec("halo:sinks=3:window=2").make()
+    scores = torch.tensor([255.0, 1.0, 2.0, 3.0, 50.0, 60.0, 70.0, 255.0])  # oldest dimmest
+    structural = torch.zeros(8, dtype=torch.bool)
+    structural[0] = True
+    assert halo.plan(scores, structural, excess=1).merges == [3]  # (1, 2) would be dimmer
+    assert parse_spec("halo:sinks=0:window=2").make().plan(scores, structural, 1).merges == [1]
 
 
 def test_tiny_quality_run_writes_the_documented_json(

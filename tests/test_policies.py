@@ -26,7 +26,7 @@ def test_recent_window_must_protect_the_new_token():
 
 
 def test_halo_update_and_plan():
-    halo = make_policy("halo", recent_window=2)
+    halo = make_policy("halo-user", recent_window=2)
     scores = torch.tensor([255.0, 100.0, 50.0, 60.0, 255.0])
     attention = torch.tensor([0.5, 0.0, 0.1, 0.0, 0.2, 0.2])  # 5 rows + itself
     new, seed = halo.update(scores, attention)
@@ -41,7 +41,7 @@ def test_halo_update_and_plan():
 
 
 def test_halo_falls_back_to_eviction_when_no_pair_fits():
-    halo = make_policy("halo", recent_window=1)
+    halo = make_policy("halo", recent_window=1, sinks=0)
     scores = torch.tensor([1.0, 5.0, 3.0, 9.0])  # rows 0 and 2 structural; row 3 recent
     flags = torch.tensor([True, False, True, False])
     plan = halo.plan(scores, flags, excess=1)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_POLICIES = "halo,halo-user,streaming,h2o,tova"
+DEFAULT_POLICIES = "halo,streaming,h2o,tova"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,36 +1,22 @@
-"""Policy specs for the benchmarks: a name, or a name with settings, e.g.
+"""Policy specs for the benchmarks: a policy name, or a name with settings, e.g.
 
-    halo                      the halo policy as `positronic generate` runs it
-    halo-user                 the user's formula exactly (seed 255, decay 2, gain 10, max 255)
-    halo:decay=0.5:gain=200   halo with settings (also: seed, max, window, reduction, candidates)
-    streaming:sinks=4, h2o:window=16, tova
+    halo                      the halo policy as `positronic generate --policy halo` runs it
+    halo-user                 the user's formula exactly (seed 255, decay 2, gain 10, no sinks)
+    halo:decay=0.5:gain=200   halo with settings (seed, decay, gain, max, sinks, window, ...)
+    streaming:sinks=4, h2o:window=16, tova:reduction=mean
 
-`window` is the policy's protected recent window, `reduction` the layer reduction of the attention
-row (last, mean, max), `candidates` how many replacements the repairer returns per pair.
+`window` is the policy's protected recent window, `sinks` its protected first rows (halo and
+streaming), `reduction` the layer reduction of the attention row (last, mean, max), `candidates`
+how many replacements the repairer returns per pair.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from positronic.brightness import USER_DEFAULTS, BrightnessParams
 from positronic.loop import REDUCTIONS
 from positronic.policies import POLICIES, Policy, make_policy
 
-PRESETS: dict[str, tuple[str, dict[str, str]]] = {
-    # The user's formula and settings exactly, kept whatever the default becomes.
-    "halo-user": (
-        "halo",
-        {
-            "seed": str(USER_DEFAULTS.seed),
-            "decay": str(USER_DEFAULTS.decay),
-            "gain": str(USER_DEFAULTS.gain),
-            "max": str(USER_DEFAULTS.max),
-            "window": "8",
-            "reduction": "last",
-        },
-    ),
-}
 _BRIGHTNESS = ("seed", "decay", "gain", "max")
 _KEYS = {*_BRIGHTNESS, "window", "reduction", "candidates", "sinks"}
 
@@ -50,7 +36,7 @@ class PolicySpec:
         return int(self.settings.get("candidates", "5"))
 
     def make(self) -> Policy:
-        """A fresh policy object (policies keep no state, but do not share one anyway)."""
+        """A fresh policy object with the spec's settings over the policy's defaults."""
         overrides: dict = {}
         s = self.settings
         if "window" in s:
@@ -58,21 +44,17 @@ class PolicySpec:
         if "sinks" in s:
             overrides["sinks"] = int(s["sinks"])
         if any(k in s for k in _BRIGHTNESS):
-            base = make_policy("halo").params  # type: ignore[attr-defined]
-            values = {k: float(s.get(k, getattr(base, k))) for k in _BRIGHTNESS}
-            overrides["params"] = BrightnessParams(**values)
+            base = make_policy(self.name).params  # type: ignore[attr-defined]
+            overrides["params"] = replace(base, **{k: float(s[k]) for k in _BRIGHTNESS if k in s})
         return make_policy(self.name, **overrides)
 
 
 def parse_spec(text: str) -> PolicySpec:
     """`name[:key=value]...` -> PolicySpec; raises ValueError naming what is wrong."""
-    head, *parts = text.strip().split(":")
-    name, settings = head, {}
-    if head in PRESETS:
-        name, preset = PRESETS[head]
-        settings = dict(preset)
+    name, *parts = text.strip().split(":")
     if name not in POLICIES:
-        raise ValueError(f"unknown policy {head!r}; choose from {', '.join([*POLICIES, *PRESETS])}")
+        raise ValueError(f"unknown policy {name!r}; choose from {', '.join(POLICIES)}")
+    settings = {}
     for part in parts:
         key, sep, value = part.partition("=")
         if not sep or key not in _KEYS:
@@ -80,10 +62,13 @@ def parse_spec(text: str) -> PolicySpec:
         settings[key] = value
     if settings.get("reduction", "last") not in REDUCTIONS:
         raise ValueError(f"{text!r}: reduction must be one of {', '.join(REDUCTIONS)}")
-    if any(k in settings for k in _BRIGHTNESS) and name != "halo":
-        raise ValueError(f"{text!r}: brightness settings apply to halo only")
+    if any(k in settings for k in _BRIGHTNESS) and not hasattr(make_policy(name), "params"):
+        raise ValueError(f"{text!r}: brightness settings apply to halo policies only")
     spec = PolicySpec(text.strip(), name, settings)
-    spec.make()  # validate the values now, not in a worker process later
+    try:
+        spec.make()  # validate the values now, not in a worker process later
+    except TypeError as e:
+        raise ValueError(f"{text!r}: {e}") from None
     return spec
 
 

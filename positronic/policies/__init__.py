@@ -5,12 +5,13 @@ from __future__ import annotations
 from positronic.policies.base import Plan, Policy
 from positronic.policies.full_policy import FullPolicy
 from positronic.policies.h2o_policy import H2OPolicy
-from positronic.policies.halo_policy import HaloPolicy
+from positronic.policies.halo_policy import HaloPolicy, HaloUserPolicy
 from positronic.policies.streaming_policy import StreamingPolicy
 from positronic.policies.tova_policy import TovaPolicy
 
 POLICIES: dict[str, type[Policy]] = {
     "halo": HaloPolicy,
+    "halo-user": HaloUserPolicy,
     "streaming": StreamingPolicy,
     "h2o": H2OPolicy,
     "tova": TovaPolicy,

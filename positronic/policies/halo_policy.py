@@ -1,6 +1,10 @@
 """Halo Weave (the user's design): brightness decays each tick and grows with the attention the
 newest token pays a row; the adjacent pair with the lowest max-brightness is merged into one
 token chosen by a repairer. Eviction of the dimmest row is the fallback when no pair can merge.
+
+Two presets (measured in docs/benchmarks.md): `halo`, tuned — brightness is age alone (gain 0)
+and the first 4 rows are protected like StreamingLLM's sinks; `halo-user`, the user's formula
+exactly (seed 255, decay 2, gain 10, no sinks).
 """
 
 from __future__ import annotations
@@ -9,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from positronic.brightness import USER_DEFAULTS, BrightnessParams, update_brightness
+from positronic.brightness import AGE_ONLY, USER_DEFAULTS, BrightnessParams, update_brightness
 from positronic.policies.base import Plan, Policy
 from positronic.selection import select_evictions, select_pairs
 
@@ -17,9 +21,9 @@ from positronic.selection import select_evictions, select_pairs
 @dataclass
 class HaloPolicy(Policy):
     name: str = "halo"
-    params: BrightnessParams = field(default_factory=lambda: USER_DEFAULTS)
+    params: BrightnessParams = field(default_factory=lambda: AGE_ONLY)
     recent_window: int = 8
-    sinks: int = 0  # oldest rows never compacted besides structural ones (StreamingLLM's sinks)
+    sinks: int = 4  # oldest rows never compacted besides structural ones (StreamingLLM's sinks)
     merges: bool = True
 
     def __post_init__(self) -> None:
@@ -46,3 +50,13 @@ class HaloPolicy(Policy):
                 taken[p] = taken[p + 1] = True
             evictions = select_evictions(scores, taken, excess - len(pairs))
         return Plan(merges=pairs, evictions=evictions)
+
+
+@dataclass
+class HaloUserPolicy(HaloPolicy):
+    """The user's formula and selection exactly as designed: seed 255, decay 2, gain 10, only
+    structural rows and the recent window protected."""
+
+    name: str = "halo-user"
+    params: BrightnessParams = field(default_factory=lambda: USER_DEFAULTS)
+    sinks: int = 0
