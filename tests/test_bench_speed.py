@@ -8,7 +8,12 @@ import pytest
 
 from positronic.bench import speed
 from positronic.bench.wire import CallRecord, Iteration, WireRecorder
-from positronic.bench.wire_stats import iteration_bytes, rate_windows, summarize_latency
+from positronic.bench.wire_stats import (
+    iteration_bytes,
+    rate_by_tenth,
+    rate_windows,
+    summarize_latency,
+)
 
 
 def test_recorder_cuts_iterations_at_patches():
@@ -40,6 +45,8 @@ def test_rate_windows_and_latency():
     rates = rate_windows(stamps)
     assert set(rates) == {"100", "1000", "end"}
     assert all(r == pytest.approx(100.0) for r in rates.values())
+    tenths = rate_by_tenth(stamps)
+    assert len(tenths) == 10 and all(r == pytest.approx(100.0) for r in tenths)
     calls = [CallRecord("Step", ms / 1000, 10, 20) for ms in range(1, 101)]
     s = summarize_latency(calls)["Step"]
     assert s["calls"] == 100 and s["p50_ms"] == pytest.approx(50.5)

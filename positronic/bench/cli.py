@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--first-story",
         type=int,
         default=300,
-        help="story the first stream starts at (default 300: halo was tuned on stories < 300)",
+        help="story the first stream starts at (default 300; halo was tuned on stories 0-19)",
     )
     q.add_argument(
         "--processes",
@@ -118,17 +118,18 @@ def run_quality(args: argparse.Namespace) -> int:
         Path(args.json).write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
     if args.plot:
         Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
-        curves = {s.label: quality._nll_of(runs, s.label) for s in specs}
+        curves = {s.label: quality.nll_of(runs, s.label) for s in specs}
         plot_running_nll(
             args.plot,
             curves,
             refs.window,
-            refs.full if refs.full_fits else None,
+            refs.full,
             f"{Path(args.model).name}, budget {args.budget}, {len(streams)} streams × "
             f"{args.stream_tokens} tokens",
+            "full cache" if refs.full_fits else f"full cache (first {refs.max_positions} tokens)",
         )
     if args.nll_file:
-        save_nll(args.nll_file, refs, {s.label: quality._nll_of(runs, s.label) for s in specs})
+        save_nll(args.nll_file, refs, {s.label: quality.nll_of(runs, s.label) for s in specs})
     return 0
 
 

@@ -28,6 +28,7 @@ def plot_running_nll(
     reference: Sequence[Sequence[float]],
     full: Sequence[Sequence[float]] | None,
     title: str,
+    full_label: str = "full cache",
 ) -> None:
     """Upper panel: cumulative mean NLL (mean over streams) against the token index. Lower
     panel: moving average of each policy's NLL minus the sliding-window reference's."""
@@ -42,7 +43,7 @@ def plot_running_nll(
     top.plot(x, running_mean(ref), color="black", lw=2, label="sliding window (reference)")
     if full is not None:
         f = _mean_over_streams(full)
-        top.plot(x[: f.size], running_mean(f), color="gray", ls="--", lw=2, label="full cache")
+        top.plot(x[: f.size], running_mean(f), color="gray", ls="--", lw=2, label=full_label)
     for label, nll in curves.items():
         m = _mean_over_streams(nll)
         top.plot(x[: m.size], running_mean(m), lw=1.5, label=label)

@@ -131,7 +131,7 @@ def summarize(
     }
 
 
-def _nll_of(runs: list[StreamRun], label: str) -> list[list[float]]:
+def nll_of(runs: list[StreamRun], label: str) -> list[list[float]]:
     return [r.nll for r in sorted(runs, key=lambda r: r.stream) if r.label == label]
 
 
@@ -144,7 +144,7 @@ def _compare_with_best_eviction(policies: dict, runs: list[StreamRun], ci_kw: di
     best = min(evicting, key=lambda k: policies[k]["perplexity"])
     for label, p in policies.items():
         if p["merges"] > 0:
-            c = _ci(_nll_of(runs, label), _nll_of(runs, best), **ci_kw)
+            c = _ci(nll_of(runs, label), nll_of(runs, best), **ci_kw)
             p["vs_best_eviction"] = {
                 "baseline": best,
                 "ratio": c["ratio"],

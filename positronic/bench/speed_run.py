@@ -8,31 +8,24 @@ RUN.json: {"mode": "hf_generate" | "in_process" | "grpc_split", "policy", "model
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
+from positronic.bench.processes import free_port, peak_rss_bytes, service, sync_bytes
 from positronic.bench.wire import MeasuredStub, RecordingInterceptor, WireRecorder
-from positronic.bench.wire_stats import iteration_bytes, rate_windows, summarize_latency
+from positronic.bench.wire_stats import (
+    iteration_bytes,
+    rate_by_tenth,
+    rate_windows,
+    summarize_latency,
+)
 from positronic.clients import PATCH_METHOD, Endpoints, MutationCounter
 
 READY_TIMEOUT_S = 600.0  # a worker loading a 1.1B model on 2 cores takes a while
-
-
-def peak_rss_bytes(pid: int | str = "self") -> int:
-    """VmHWM (peak resident set) of a process, from /proc."""
-    with open(f"/proc/{pid}/status", encoding="ascii") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def positions_of(model_dir: str) -> int:
@@ -74,6 +67,7 @@ def run_hf_generate(run: dict) -> dict:
         "tokens_generated": len(stamps),
         "tokens_per_s": (len(stamps) - 1) / (stamps[-1] - stamps[0]),
         "tokens_per_s_at": rate_windows(stamps),
+        "tokens_per_s_by_tenth": rate_by_tenth(stamps),
         "peak_rss_bytes": {"process": peak_rss_bytes()},
     }
     if n < run["tokens"]:
@@ -119,6 +113,7 @@ def drive(run: dict, endpoints: Endpoints, recorder: WireRecorder) -> dict:
         "tokens_generated": stats.tokens_generated,
         "tokens_per_s": stats.tokens_per_s,
         "tokens_per_s_at": rate_windows([it.end_s for it in recorder.iterations]),
+        "tokens_per_s_by_tenth": rate_by_tenth([it.end_s for it in recorder.iterations]),
         "merges": stats.merges,
         "evictions": stats.evictions,
         "max_rows": stats.max_rows,
@@ -143,7 +138,7 @@ def run_in_process(run: dict) -> dict:
     from positronic.v1 import cache_authority_pb2
 
     authority = CacheAuthorityServicer(Engine(None, None, Metrics()))
-    sync_bytes = [0]
+    synced = [0]
 
     class DirectSync:
         def sync(self, session_id: str, from_version: int):
@@ -151,7 +146,7 @@ def run_in_process(run: dict) -> dict:
                 session_id=session_id, from_version=from_version
             )
             for msg in authority.Sync(request, DirectContext()):
-                sync_bytes[0] += msg.ByteSize()
+                synced[0] += msg.ByteSize()
                 yield msg
 
     worker = start_worker(
@@ -174,55 +169,9 @@ def run_in_process(run: dict) -> dict:
         out = drive(run, endpoints, recorder)
     finally:
         worker.stop(0.5)
-    out["wire_bytes"] = iteration_bytes(recorder.iterations, sync_bytes[0])
+    out["wire_bytes"] = iteration_bytes(recorder.iterations, synced[0])
     out["peak_rss_bytes"] = {"process": peak_rss_bytes()}
     return out
-
-
-@contextlib.contextmanager
-def service(args: list[str], log: Path) -> Iterator[tuple[subprocess.Popen, str]]:
-    """`positronic ARGS` in its own process; yields it and the address it prints first."""
-    with open(log, "w", encoding="utf-8") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "positronic.cli", "--log-level", "WARNING", *args],
-            stdout=subprocess.PIPE,
-            stderr=err,
-            text=True,
-        )
-        try:
-            address = proc.stdout.readline().strip() if proc.stdout else ""
-            if not address:
-                raise RuntimeError(f"{args[0]} did not start: {log.read_text()[-2000:]}")
-            yield proc, address
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _sync_bytes(metrics_port: int) -> int:
-    """The worker's positronic_worker_sync_bytes counters, summed over kinds."""
-    url = f"http://127.0.0.1:{metrics_port}/metrics"
-    with urllib.request.urlopen(url, timeout=10) as resp:
-        text = resp.read().decode()
-    return int(
-        sum(
-            float(line.rsplit(" ", 1)[1])
-            for line in text.splitlines()
-            if line.startswith("positronic_worker_sync_bytes_total")
-        )
-    )
 
 
 def run_grpc_split(run: dict) -> dict:
@@ -232,7 +181,7 @@ def run_grpc_split(run: dict) -> dict:
     from positronic.v1 import cache_authority_pb2_grpc, model_worker_pb2_grpc
 
     with tempfile.TemporaryDirectory() as tmp:
-        metrics_port = _free_port()
+        metrics_port = free_port()
         with (
             service(["authority", "--listen", "127.0.0.1:0"], Path(tmp, "a.log")) as (a, a_addr),
             service(
@@ -267,7 +216,7 @@ def run_grpc_split(run: dict) -> dict:
                 out = drive(run, endpoints, recorder)
             finally:
                 endpoints.close()
-            out["wire_bytes"] = iteration_bytes(recorder.iterations, _sync_bytes(metrics_port))
+            out["wire_bytes"] = iteration_bytes(recorder.iterations, sync_bytes(metrics_port))
             out["peak_rss_bytes"] = {
                 "driver": peak_rss_bytes(),
                 "authority": peak_rss_bytes(a.pid),

@@ -3,6 +3,7 @@ they grow with), throughput in windows along the generation. Pure functions."""
 
 from __future__ import annotations
 
+import itertools
 from collections import defaultdict
 from collections.abc import Sequence
 
@@ -44,6 +45,15 @@ def rate_windows(stamps: Sequence[float], at: Sequence[int] = RATE_AT) -> dict[s
     if n > 2 * h:
         out["end"] = 2 * h / (stamps[-1] - stamps[-1 - 2 * h])
     return out
+
+
+def rate_by_tenth(stamps: Sequence[float]) -> list[float]:
+    """Tokens/s over each tenth of the run (empty when it has fewer than 20 tokens)."""
+    n = len(stamps)
+    if n < 20:
+        return []
+    edges = np.linspace(0, n - 1, 11).round().astype(int)
+    return [float((b - a) / (stamps[b] - stamps[a])) for a, b in itertools.pairwise(edges.tolist())]
 
 
 def iteration_bytes(iterations: Sequence[Iteration], sync_bytes: int) -> dict:

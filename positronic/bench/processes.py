@@ -1,0 +1,65 @@
+"""Processes of the speed benchmark: the services as `positronic` subprocesses, their peak
+memory, and the worker's Sync byte counter from its /metrics endpoint."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def peak_rss_bytes(pid: int | str = "self") -> int:
+    """VmHWM (peak resident set) of a process, from /proc."""
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+@contextlib.contextmanager
+def service(args: list[str], log: Path) -> Iterator[tuple[subprocess.Popen, str]]:
+    """`positronic ARGS` in its own process; yields it and the address it prints first."""
+    with open(log, "w", encoding="utf-8") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "positronic.cli", "--log-level", "WARNING", *args],
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+        )
+        try:
+            address = proc.stdout.readline().strip() if proc.stdout else ""
+            if not address:
+                raise RuntimeError(f"{args[0]} did not start: {log.read_text()[-2000:]}")
+            yield proc, address
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def sync_bytes(metrics_port: int) -> int:
+    """The worker's positronic_worker_sync_bytes counters, summed over kinds."""
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        text = resp.read().decode()
+    return int(
+        sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("positronic_worker_sync_bytes_total")
+        )
+    )
