@@ -51,6 +51,7 @@ def test_rate_windows_and_latency():
     s = summarize_latency(calls)["Step"]
     assert s["calls"] == 100 and s["p50_ms"] == pytest.approx(50.5)
     assert s["p99_ms"] == pytest.approx(99.01)
+    assert s["p50_ms_by_tenth"] == pytest.approx([5.5 + 10 * i for i in range(10)])
 
 
 def test_plan_and_ratios():

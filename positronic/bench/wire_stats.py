@@ -16,7 +16,8 @@ RATE_HALF_WINDOW = 50  # ... over this many tokens each side
 
 
 def summarize_latency(calls: Sequence[CallRecord]) -> dict[str, dict[str, float]]:
-    """Per RPC: calls, p50 and p99 latency (ms), mean request and response bytes."""
+    """Per RPC: calls, p50 and p99 latency (ms), the p50 over each tenth of its calls, mean
+    request and response bytes."""
     by: dict[str, list[CallRecord]] = defaultdict(list)
     for c in calls:
         by[c.method].append(c)
@@ -27,6 +28,10 @@ def summarize_latency(calls: Sequence[CallRecord]) -> dict[str, dict[str, float]
             "calls": len(records),
             "p50_ms": float(np.percentile(ms, 50)),
             "p99_ms": float(np.percentile(ms, 99)),
+            # In call order: does an RPC get slower as the generation goes on?
+            "p50_ms_by_tenth": [float(np.median(t)) for t in np.array_split(ms, 10) if t.size]
+            if ms.size >= 20
+            else [],
             "mean_request_bytes": float(np.mean([r.request_bytes for r in records])),
             "mean_response_bytes": float(np.mean([r.response_bytes for r in records])),
         }
