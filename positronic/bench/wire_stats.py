@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 from collections import defaultdict
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -15,7 +16,7 @@ RATE_AT = (100, 1000, 10000)  # tokens/s is reported around these token indices
 RATE_HALF_WINDOW = 50  # ... over this many tokens each side
 
 
-def summarize_latency(calls: Sequence[CallRecord]) -> dict[str, dict[str, float]]:
+def summarize_latency(calls: Sequence[CallRecord]) -> dict[str, dict[str, Any]]:
     """Per RPC: calls, p50 and p99 latency (ms), the p50 over each tenth of its calls, mean
     request and response bytes."""
     by: dict[str, list[CallRecord]] = defaultdict(list)
