@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from positronic import codec
-from positronic.v1 import session_pb2, tensor_pb2
+from positronic.v1 import session_pb2
 
 
 class Status(enum.Enum):
@@ -127,17 +127,13 @@ def ops_from_pb(msgs) -> list[Op]:
     return [op_from_pb(m, i) for i, m in enumerate(msgs)]
 
 
-def _kv_to_pb(keys: torch.Tensor, values: torch.Tensor) -> tensor_pb2.KVBlock:
-    return tensor_pb2.KVBlock(keys=codec.encode(keys), values=codec.encode(values))
-
-
 def op_to_pb(op: Op) -> session_pb2.PatchOp:
     if isinstance(op, AppendOp):
         return session_pb2.PatchOp(
             append=session_pb2.AppendOp(
                 position=op.position,
                 token_ids=list(op.token_ids),
-                kv=_kv_to_pb(op.keys, op.values),
+                kv=codec.encode_kv(op.keys, op.values),
                 pieces=list(op.pieces),
                 brightness=list(op.brightness),
                 source=op.source,
@@ -149,7 +145,7 @@ def op_to_pb(op: Op) -> session_pb2.PatchOp:
                 position=op.position,
                 expected_token_ids=list(op.expected_token_ids),
                 token_id=op.token_id,
-                kv=_kv_to_pb(op.keys, op.values),
+                kv=codec.encode_kv(op.keys, op.values),
                 piece=op.piece,
                 brightness=op.brightness,
             )

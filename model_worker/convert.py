@@ -51,7 +51,7 @@ def step_params_from_pb(msg: pb.StepRequest) -> StepParams:
 
 
 def kv_to_pb(kv: KV) -> tensor_pb2.KVBlock:
-    return tensor_pb2.KVBlock(keys=codec.encode(kv.keys), values=codec.encode(kv.values))
+    return codec.encode_kv(kv.keys, kv.values)
 
 
 def step_result_to_pb(result: StepResult) -> pb.StepResponse:

@@ -88,8 +88,9 @@ def decode(msg: tensor_pb2.Tensor, *, max_numel: int | None = None) -> torch.Ten
     return flat.view(dtype).view(shape)
 
 
-def encode_ids(ids: Iterable[int]) -> tensor_pb2.Tensor:
-    return encode(torch.as_tensor(list(ids), dtype=torch.int64))
+def encode_kv(keys: torch.Tensor, values: torch.Tensor) -> tensor_pb2.KVBlock:
+    """Keys and values [L, H, N, D] -> one wire KVBlock."""
+    return tensor_pb2.KVBlock(keys=encode(keys), values=encode(values))
 
 
 def split_bytes(

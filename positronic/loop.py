@@ -522,6 +522,4 @@ def _runs(flags: list[bool], start: int, stop: int):
 def _kv_slice(kv, a: int, b: int):
     keys = codec.decode(kv.keys)[:, :, a:b]
     values = codec.decode(kv.values)[:, :, a:b]
-    from positronic.v1 import tensor_pb2
-
-    return tensor_pb2.KVBlock(keys=codec.encode(keys), values=codec.encode(values))
+    return codec.encode_kv(keys, values)
