@@ -144,3 +144,9 @@ class ModelWorkerServicer(model_worker_pb2_grpc.ModelWorkerServicer):
             ) as rows:
                 results = repair_pairs(self.repairer, rows, pairs, request.max_candidates)
             return convert.repairs_to_pb(pairs, results)
+
+    def Tick(self, request, context):
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "Tick is not implemented yet")
+
+    def ListPolicies(self, request, context):
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "ListPolicies is not implemented yet")

@@ -26,7 +26,7 @@ from positronic.v1 import session_pb2 as positronic_dot_v1_dot_session__pb2
 from positronic.v1 import tensor_pb2 as positronic_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#positronic/v1/cache_authority.proto\x12\rpositronic.v1\x1a\x1bpositronic/v1/session.proto\x1a\x1apositronic/v1/tensor.proto\"\x9a\x01\n\x14\x43reateSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12.\n\x08geometry\x18\x02 \x01(\x0b\x32\x1c.positronic.v1.ModelGeometry\x12%\n\x06\x62udget\x18\x03 \x01(\x0b\x32\x15.positronic.v1.Budget\x12\x17\n\x0fseed_brightness\x18\x04 \x01(\x02\"D\n\x15\x43reateSessionResponse\x12+\n\x07session\x18\x01 \x01(\x0b\x32\x1a.positronic.v1.SessionInfo\"u\n\x0cPatchRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x18\n\x10\x65xpected_version\x18\x02 \x01(\x03\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12#\n\x03ops\x18\x04 \x03(\x0b\x32\x16.positronic.v1.PatchOp\"g\n\rPatchResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0e\n\x06\x64igest\x18\x02 \x01(\x0c\x12\x11\n\trow_count\x18\x03 \x01(\x03\x12\x10\n\x08replayed\x18\x04 \x01(\x08\x12\x10\n\x08\x61pply_ns\x18\x05 \x01(\x03\"D\n\x0fVersionConflict\x12\x17\n\x0f\x63urrent_version\x18\x01 \x01(\x03\x12\x18\n\x10\x65xpected_version\x18\x02 \x01(\x03\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"m\n\x12GetSessionResponse\x12+\n\x07session\x18\x01 \x01(\x0b\x32\x1a.positronic.v1.SessionInfo\x12*\n\x06mirror\x18\x02 \x03(\x0b\x32\x1a.positronic.v1.MirrorEntry\"`\n\x0bSyncRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x14\n\x0c\x66rom_version\x18\x02 \x01(\x03\x12\x0e\n\x06\x66ollow\x18\x03 \x01(\x08\x12\x17\n\x0fmax_chunk_bytes\x18\x04 \x01(\x03\"\xc3\x01\n\x0eSnapshotHeader\x12+\n\x07session\x18\x01 \x01(\x0b\x32\x1a.positronic.v1.SessionInfo\x12*\n\x06mirror\x18\x02 \x03(\x0b\x32\x1a.positronic.v1.MirrorEntry\x12+\n\x0ctensor_specs\x18\x03 \x03(\x0b\x32\x15.positronic.v1.Tensor\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x03\x12\x16\n\x0enext_ledger_id\x18\x05 \x01(\x03\"-\n\rSnapshotChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"I\n\nPatchDelta\x12,\n\x05patch\x18\x01 \x01(\x0b\x32\x1d.positronic.v1.CommittedPatch\x12\r\n\x05\x66inal\x18\x02 \x01(\x08\"\xb7\x01\n\x0cSyncResponse\x12\x38\n\x0fsnapshot_header\x18\x01 \x01(\x0b\x32\x1d.positronic.v1.SnapshotHeaderH\x00\x12\x36\n\x0esnapshot_chunk\x18\x02 \x01(\x0b\x32\x1c.positronic.v1.SnapshotChunkH\x00\x12*\n\x05\x64\x65lta\x18\x03 \x01(\x0b\x32\x19.positronic.v1.PatchDeltaH\x00\x42\t\n\x07payload\"8\n\x0cWatchRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x14\n\x0c\x66rom_version\x18\x02 \x01(\x03\"\xca\x01\n\rWatchResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0e\n\x06\x64igest\x18\x03 \x01(\x0c\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x11\n\trow_count\x18\x05 \x01(\x03\x12\x10\n\x08\x61ppended\x18\x06 \x01(\x03\x12\x0e\n\x06merged\x18\x07 \x01(\x03\x12\x0f\n\x07\x65victed\x18\x08 \x01(\x03\x12\x19\n\x11\x63ommitted_unix_ns\x18\t \x01(\x03\x12\x0f\n\x07\x64\x65leted\x18\n \x01(\x08\"\x15\n\x13ListSessionsRequest\"D\n\x14ListSessionsResponse\x12,\n\x08sessions\x18\x01 \x03(\x0b\x32\x1a.positronic.v1.SessionInfo\"*\n\x14\x44\x65leteSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\".\n\x15\x44\x65leteSessionResponse\x12\x15\n\rfinal_version\x18\x01 \x01(\x03\x32\xc3\x04\n\x0e\x43\x61\x63heAuthority\x12Z\n\rCreateSession\x12#.positronic.v1.CreateSessionRequest\x1a$.positronic.v1.CreateSessionResponse\x12\x44\n\x05Patch\x12\x1b.positronic.v1.PatchRequest\x1a\x1c.positronic.v1.PatchResponse(\x01\x12Q\n\nGetSession\x12 .positronic.v1.GetSessionRequest\x1a!.positronic.v1.GetSessionResponse\x12\x41\n\x04Sync\x12\x1a.positronic.v1.SyncRequest\x1a\x1b.positronic.v1.SyncResponse0\x01\x12\x44\n\x05Watch\x12\x1b.positronic.v1.WatchRequest\x1a\x1c.positronic.v1.WatchResponse0\x01\x12W\n\x0cListSessions\x12\".positronic.v1.ListSessionsRequest\x1a#.positronic.v1.ListSessionsResponse\x12Z\n\rDeleteSession\x12#.positronic.v1.DeleteSessionRequest\x1a$.positronic.v1.DeleteSessionResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#positronic/v1/cache_authority.proto\x12\rpositronic.v1\x1a\x1bpositronic/v1/session.proto\x1a\x1apositronic/v1/tensor.proto\"\xb3\x01\n\x14\x43reateSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12.\n\x08geometry\x18\x02 \x01(\x0b\x32\x1c.positronic.v1.ModelGeometry\x12%\n\x06\x62udget\x18\x03 \x01(\x0b\x32\x15.positronic.v1.Budget\x12\x1c\n\x0fseed_brightness\x18\x04 \x01(\x02H\x00\x88\x01\x01\x42\x12\n\x10_seed_brightness\"D\n\x15\x43reateSessionResponse\x12+\n\x07session\x18\x01 \x01(\x0b\x32\x1a.positronic.v1.SessionInfo\"\x8b\x01\n\x0cPatchRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x18\n\x10\x65xpected_version\x18\x02 \x01(\x03\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12#\n\x03ops\x18\x04 \x03(\x0b\x32\x16.positronic.v1.PatchOp\x12\x14\n\x0c\x65nd_of_patch\x18\x05 \x01(\x08\"x\n\rPatchResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0e\n\x06\x64igest\x18\x02 \x01(\x0c\x12\x11\n\trow_count\x18\x03 \x01(\x03\x12\x10\n\x08replayed\x18\x04 \x01(\x08\x12\x10\n\x08\x61pply_ns\x18\x05 \x01(\x03\x12\x0f\n\x07\x64urable\x18\x06 \x01(\x08\"D\n\x0fVersionConflict\x12\x17\n\x0f\x63urrent_version\x18\x01 \x01(\x03\x12\x18\n\x10\x65xpected_version\x18\x02 \x01(\x03\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"m\n\x12GetSessionResponse\x12+\n\x07session\x18\x01 \x01(\x0b\x32\x1a.positronic.v1.SessionInfo\x12*\n\x06mirror\x18\x02 \x03(\x0b\x32\x1a.positronic.v1.MirrorEntry\"`\n\x0bSyncRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x14\n\x0c\x66rom_version\x18\x02 \x01(\x03\x12\x0e\n\x06\x66ollow\x18\x03 \x01(\x08\x12\x17\n\x0fmax_chunk_bytes\x18\x04 \x01(\x03\"\xc3\x01\n\x0eSnapshotHeader\x12+\n\x07session\x18\x01 \x01(\x0b\x32\x1a.positronic.v1.SessionInfo\x12*\n\x06mirror\x18\x02 \x03(\x0b\x32\x1a.positronic.v1.MirrorEntry\x12+\n\x0ctensor_specs\x18\x03 \x03(\x0b\x32\x15.positronic.v1.Tensor\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x03\x12\x16\n\x0enext_ledger_id\x18\x05 \x01(\x03\"-\n\rSnapshotChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"I\n\nPatchDelta\x12,\n\x05patch\x18\x01 \x01(\x0b\x32\x1d.positronic.v1.CommittedPatch\x12\r\n\x05\x66inal\x18\x02 \x01(\x08\"\xb7\x01\n\x0cSyncResponse\x12\x38\n\x0fsnapshot_header\x18\x01 \x01(\x0b\x32\x1d.positronic.v1.SnapshotHeaderH\x00\x12\x36\n\x0esnapshot_chunk\x18\x02 \x01(\x0b\x32\x1c.positronic.v1.SnapshotChunkH\x00\x12*\n\x05\x64\x65lta\x18\x03 \x01(\x0b\x32\x19.positronic.v1.PatchDeltaH\x00\x42\t\n\x07payload\"N\n\x0cWatchRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x19\n\x0c\x66rom_version\x18\x02 \x01(\x03H\x00\x88\x01\x01\x42\x0f\n\r_from_version\"\xca\x01\n\rWatchResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0e\n\x06\x64igest\x18\x03 \x01(\x0c\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x11\n\trow_count\x18\x05 \x01(\x03\x12\x10\n\x08\x61ppended\x18\x06 \x01(\x03\x12\x0e\n\x06merged\x18\x07 \x01(\x03\x12\x0f\n\x07\x65victed\x18\x08 \x01(\x03\x12\x19\n\x11\x63ommitted_unix_ns\x18\t \x01(\x03\x12\x0f\n\x07\x64\x65leted\x18\n \x01(\x08\"\x15\n\x13ListSessionsRequest\"D\n\x14ListSessionsResponse\x12,\n\x08sessions\x18\x01 \x03(\x0b\x32\x1a.positronic.v1.SessionInfo\"*\n\x14\x44\x65leteSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\".\n\x15\x44\x65leteSessionResponse\x12\x15\n\rfinal_version\x18\x01 \x01(\x03\x32\xc3\x04\n\x0e\x43\x61\x63heAuthority\x12Z\n\rCreateSession\x12#.positronic.v1.CreateSessionRequest\x1a$.positronic.v1.CreateSessionResponse\x12\x44\n\x05Patch\x12\x1b.positronic.v1.PatchRequest\x1a\x1c.positronic.v1.PatchResponse(\x01\x12Q\n\nGetSession\x12 .positronic.v1.GetSessionRequest\x1a!.positronic.v1.GetSessionResponse\x12\x41\n\x04Sync\x12\x1a.positronic.v1.SyncRequest\x1a\x1b.positronic.v1.SyncResponse0\x01\x12\x44\n\x05Watch\x12\x1b.positronic.v1.WatchRequest\x1a\x1c.positronic.v1.WatchResponse0\x01\x12W\n\x0cListSessions\x12\".positronic.v1.ListSessionsRequest\x1a#.positronic.v1.ListSessionsResponse\x12Z\n\rDeleteSession\x12#.positronic.v1.DeleteSessionRequest\x1a$.positronic.v1.DeleteSessionResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,41 +34,41 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'positronic.v1.cache_authori
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CREATESESSIONREQUEST']._serialized_start=112
-  _globals['_CREATESESSIONREQUEST']._serialized_end=266
-  _globals['_CREATESESSIONRESPONSE']._serialized_start=268
-  _globals['_CREATESESSIONRESPONSE']._serialized_end=336
-  _globals['_PATCHREQUEST']._serialized_start=338
-  _globals['_PATCHREQUEST']._serialized_end=455
-  _globals['_PATCHRESPONSE']._serialized_start=457
-  _globals['_PATCHRESPONSE']._serialized_end=560
-  _globals['_VERSIONCONFLICT']._serialized_start=562
-  _globals['_VERSIONCONFLICT']._serialized_end=630
-  _globals['_GETSESSIONREQUEST']._serialized_start=632
-  _globals['_GETSESSIONREQUEST']._serialized_end=671
-  _globals['_GETSESSIONRESPONSE']._serialized_start=673
-  _globals['_GETSESSIONRESPONSE']._serialized_end=782
-  _globals['_SYNCREQUEST']._serialized_start=784
-  _globals['_SYNCREQUEST']._serialized_end=880
-  _globals['_SNAPSHOTHEADER']._serialized_start=883
-  _globals['_SNAPSHOTHEADER']._serialized_end=1078
-  _globals['_SNAPSHOTCHUNK']._serialized_start=1080
-  _globals['_SNAPSHOTCHUNK']._serialized_end=1125
-  _globals['_PATCHDELTA']._serialized_start=1127
-  _globals['_PATCHDELTA']._serialized_end=1200
-  _globals['_SYNCRESPONSE']._serialized_start=1203
-  _globals['_SYNCRESPONSE']._serialized_end=1386
-  _globals['_WATCHREQUEST']._serialized_start=1388
-  _globals['_WATCHREQUEST']._serialized_end=1444
-  _globals['_WATCHRESPONSE']._serialized_start=1447
-  _globals['_WATCHRESPONSE']._serialized_end=1649
-  _globals['_LISTSESSIONSREQUEST']._serialized_start=1651
-  _globals['_LISTSESSIONSREQUEST']._serialized_end=1672
-  _globals['_LISTSESSIONSRESPONSE']._serialized_start=1674
-  _globals['_LISTSESSIONSRESPONSE']._serialized_end=1742
-  _globals['_DELETESESSIONREQUEST']._serialized_start=1744
-  _globals['_DELETESESSIONREQUEST']._serialized_end=1786
-  _globals['_DELETESESSIONRESPONSE']._serialized_start=1788
-  _globals['_DELETESESSIONRESPONSE']._serialized_end=1834
-  _globals['_CACHEAUTHORITY']._serialized_start=1837
-  _globals['_CACHEAUTHORITY']._serialized_end=2416
+  _globals['_CREATESESSIONREQUEST']._serialized_end=291
+  _globals['_CREATESESSIONRESPONSE']._serialized_start=293
+  _globals['_CREATESESSIONRESPONSE']._serialized_end=361
+  _globals['_PATCHREQUEST']._serialized_start=364
+  _globals['_PATCHREQUEST']._serialized_end=503
+  _globals['_PATCHRESPONSE']._serialized_start=505
+  _globals['_PATCHRESPONSE']._serialized_end=625
+  _globals['_VERSIONCONFLICT']._serialized_start=627
+  _globals['_VERSIONCONFLICT']._serialized_end=695
+  _globals['_GETSESSIONREQUEST']._serialized_start=697
+  _globals['_GETSESSIONREQUEST']._serialized_end=736
+  _globals['_GETSESSIONRESPONSE']._serialized_start=738
+  _globals['_GETSESSIONRESPONSE']._serialized_end=847
+  _globals['_SYNCREQUEST']._serialized_start=849
+  _globals['_SYNCREQUEST']._serialized_end=945
+  _globals['_SNAPSHOTHEADER']._serialized_start=948
+  _globals['_SNAPSHOTHEADER']._serialized_end=1143
+  _globals['_SNAPSHOTCHUNK']._serialized_start=1145
+  _globals['_SNAPSHOTCHUNK']._serialized_end=1190
+  _globals['_PATCHDELTA']._serialized_start=1192
+  _globals['_PATCHDELTA']._serialized_end=1265
+  _globals['_SYNCRESPONSE']._serialized_start=1268
+  _globals['_SYNCRESPONSE']._serialized_end=1451
+  _globals['_WATCHREQUEST']._serialized_start=1453
+  _globals['_WATCHREQUEST']._serialized_end=1531
+  _globals['_WATCHRESPONSE']._serialized_start=1534
+  _globals['_WATCHRESPONSE']._serialized_end=1736
+  _globals['_LISTSESSIONSREQUEST']._serialized_start=1738
+  _globals['_LISTSESSIONSREQUEST']._serialized_end=1759
+  _globals['_LISTSESSIONSRESPONSE']._serialized_start=1761
+  _globals['_LISTSESSIONSRESPONSE']._serialized_end=1829
+  _globals['_DELETESESSIONREQUEST']._serialized_start=1831
+  _globals['_DELETESESSIONREQUEST']._serialized_end=1873
+  _globals['_DELETESESSIONRESPONSE']._serialized_start=1875
+  _globals['_DELETESESSIONRESPONSE']._serialized_end=1921
+  _globals['_CACHEAUTHORITY']._serialized_start=1924
+  _globals['_CACHEAUTHORITY']._serialized_end=2503
 # @@protoc_insertion_point(module_scope)

@@ -33,7 +33,7 @@ class CreateSessionRequest(_message.Message):
     session_id: _builtins.str
     """Id to create; empty lets the authority choose one. An existing id is ALREADY_EXISTS."""
     seed_brightness: _builtins.float
-    """Brightness of appended rows that name none; 0 means 255 (the Halo Weave default)."""
+    """Brightness of appended rows that name none; unset means 255 (the Halo Weave default)."""
     @_builtins.property
     def geometry(self) -> _session_pb2.ModelGeometry:
         """Geometry of the model whose K/V the session will hold."""
@@ -48,13 +48,15 @@ class CreateSessionRequest(_message.Message):
         session_id: _builtins.str = ...,
         geometry: _session_pb2.ModelGeometry | None = ...,
         budget: _session_pb2.Budget | None = ...,
-        seed_brightness: _builtins.float = ...,
+        seed_brightness: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "geometry", b"geometry"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_seed_brightness", b"_seed_brightness", "budget", b"budget", "geometry", b"geometry", "seed_brightness", b"seed_brightness"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "geometry", b"geometry", "seed_brightness", b"seed_brightness", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed_brightness", b"_seed_brightness", "budget", b"budget", "geometry", b"geometry", "seed_brightness", b"seed_brightness", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__seed_brightness: _TypeAlias = _typing.Literal["seed_brightness"]  # noqa: Y015
+    _WhichOneofArgType__seed_brightness: _TypeAlias = _typing.Literal["_seed_brightness", b"_seed_brightness"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__seed_brightness) -> _WhichOneofReturnType__seed_brightness | None: ...
 
 Global___CreateSessionRequest: _TypeAlias = CreateSessionRequest  # noqa: Y015
 
@@ -94,12 +96,18 @@ class PatchRequest(_message.Message):
     EXPECTED_VERSION_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     OPS_FIELD_NUMBER: _builtins.int
+    END_OF_PATCH_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Session to patch."""
     expected_version: _builtins.int
     """Version the client computed its ops against; anything else is ABORTED."""
     request_id: _builtins.str
     """Client-chosen id; a retry with the same id returns the first reply and applies nothing."""
+    end_of_patch: _builtins.bool
+    """True on the last message of the patch. The patch commits only after a message with
+    end_of_patch arrives; a stream that ends, breaks or is cancelled before that commits
+    nothing. Messages after it are not read.
+    """
     @_builtins.property
     def ops(self) -> _containers.RepeatedCompositeFieldContainer[_session_pb2.PatchOp]:
         """Ops, in order. Positions refer to the rows at expected_version."""
@@ -111,10 +119,11 @@ class PatchRequest(_message.Message):
         expected_version: _builtins.int = ...,
         request_id: _builtins.str = ...,
         ops: _abc.Iterable[_session_pb2.PatchOp] | None = ...,
+        end_of_patch: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["expected_version", b"expected_version", "ops", b"ops", "request_id", b"request_id", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_of_patch", b"end_of_patch", "expected_version", b"expected_version", "ops", b"ops", "request_id", b"request_id", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -131,6 +140,7 @@ class PatchResponse(_message.Message):
     ROW_COUNT_FIELD_NUMBER: _builtins.int
     REPLAYED_FIELD_NUMBER: _builtins.int
     APPLY_NS_FIELD_NUMBER: _builtins.int
+    DURABLE_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     """Version the patch committed."""
     digest: _builtins.bytes
@@ -141,6 +151,10 @@ class PatchResponse(_message.Message):
     """True when this reply is the stored answer to an earlier request with the same request_id."""
     apply_ns: _builtins.int
     """Time spent validating and applying, nanoseconds."""
+    durable: _builtins.bool
+    """True when the patch was on stable storage (fsynced) before this reply; false in memory-only
+    mode and under the batched or no-fsync durability settings.
+    """
     def __init__(
         self,
         *,
@@ -149,10 +163,11 @@ class PatchResponse(_message.Message):
         row_count: _builtins.int = ...,
         replayed: _builtins.bool = ...,
         apply_ns: _builtins.int = ...,
+        durable: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["apply_ns", b"apply_ns", "digest", b"digest", "replayed", b"replayed", "row_count", b"row_count", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["apply_ns", b"apply_ns", "digest", b"digest", "durable", b"durable", "replayed", b"replayed", "row_count", b"row_count", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -421,18 +436,22 @@ class WatchRequest(_message.Message):
     session_id: _builtins.str
     """Session to watch; empty watches every session."""
     from_version: _builtins.int
-    """Also send the summaries of retained patches after this version (0: only new ones)."""
+    """When set, first send the summaries of retained patches after this version (0: every
+    retained patch); unset, only patches committed from now on.
+    """
     def __init__(
         self,
         *,
         session_id: _builtins.str = ...,
-        from_version: _builtins.int = ...,
+        from_version: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_from_version", b"_from_version", "from_version", b"from_version"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_version", b"from_version", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_from_version", b"_from_version", "from_version", b"from_version", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__from_version: _TypeAlias = _typing.Literal["from_version"]  # noqa: Y015
+    _WhichOneofArgType__from_version: _TypeAlias = _typing.Literal["_from_version", b"_from_version"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__from_version) -> _WhichOneofReturnType__from_version | None: ...
 
 Global___WatchRequest: _TypeAlias = WatchRequest  # noqa: Y015
 

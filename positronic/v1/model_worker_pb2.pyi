@@ -43,6 +43,76 @@ ATTENTION_REDUCTION_MEAN_LAYERS: AttentionReduction.ValueType  # 2
 ATTENTION_REDUCTION_MAX_LAYERS: AttentionReduction.ValueType  # 3
 Global___AttentionReduction: _TypeAlias = AttentionReduction  # noqa: Y015
 
+class _Repairer:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RepairerEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Repairer.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    REPAIRER_UNSPECIFIED: _Repairer.ValueType  # 0
+    """The worker's configured repairer (its --repair flag)."""
+    REPAIRER_LM: _Repairer.ValueType  # 1
+    """The causal model proposes candidates and scores them (one extra forward pass)."""
+    REPAIRER_MLM: _Repairer.ValueType  # 2
+    """A masked LM proposes the replacement from the text around the pair."""
+    REPAIRER_KV_MERGE: _Repairer.ValueType  # 3
+    """No forward pass: the pair's K/V are combined into one row, keeping one of its tokens."""
+
+class Repairer(_Repairer, metaclass=_RepairerEnumTypeWrapper):
+    """How a pair's replacement is made."""
+
+REPAIRER_UNSPECIFIED: Repairer.ValueType  # 0
+"""The worker's configured repairer (its --repair flag)."""
+REPAIRER_LM: Repairer.ValueType  # 1
+"""The causal model proposes candidates and scores them (one extra forward pass)."""
+REPAIRER_MLM: Repairer.ValueType  # 2
+"""A masked LM proposes the replacement from the text around the pair."""
+REPAIRER_KV_MERGE: Repairer.ValueType  # 3
+"""No forward pass: the pair's K/V are combined into one row, keeping one of its tokens."""
+Global___Repairer: _TypeAlias = Repairer  # noqa: Y015
+
+class _KVMergeWeights:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _KVMergeWeightsEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_KVMergeWeights.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    KV_MERGE_WEIGHTS_UNSPECIFIED: _KVMergeWeights.ValueType  # 0
+    """The default: by the attention the input token pays each row in this Tick."""
+    KV_MERGE_WEIGHTS_ATTENTION: _KVMergeWeights.ValueType  # 1
+    KV_MERGE_WEIGHTS_EQUAL: _KVMergeWeights.ValueType  # 2
+
+class KVMergeWeights(_KVMergeWeights, metaclass=_KVMergeWeightsEnumTypeWrapper):
+    """How the K/V-merge repairer weighs the pair's two rows."""
+
+KV_MERGE_WEIGHTS_UNSPECIFIED: KVMergeWeights.ValueType  # 0
+"""The default: by the attention the input token pays each row in this Tick."""
+KV_MERGE_WEIGHTS_ATTENTION: KVMergeWeights.ValueType  # 1
+KV_MERGE_WEIGHTS_EQUAL: KVMergeWeights.ValueType  # 2
+Global___KVMergeWeights: _TypeAlias = KVMergeWeights  # noqa: Y015
+
+class _KVMergeKey:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _KVMergeKeyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_KVMergeKey.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    KV_MERGE_KEY_UNSPECIFIED: _KVMergeKey.ValueType  # 0
+    """The default: the weighted mean of both keys, each rotated to the merged row's position."""
+    KV_MERGE_KEY_MEAN: _KVMergeKey.ValueType  # 1
+    KV_MERGE_KEY_HEAVIER: _KVMergeKey.ValueType  # 2
+    """The key of the row with the larger weight, rotated to the merged row's position."""
+
+class KVMergeKey(_KVMergeKey, metaclass=_KVMergeKeyEnumTypeWrapper):
+    """Which key the K/V-merge repairer gives the merged row."""
+
+KV_MERGE_KEY_UNSPECIFIED: KVMergeKey.ValueType  # 0
+"""The default: the weighted mean of both keys, each rotated to the merged row's position."""
+KV_MERGE_KEY_MEAN: KVMergeKey.ValueType  # 1
+KV_MERGE_KEY_HEAVIER: KVMergeKey.ValueType  # 2
+"""The key of the row with the larger weight, rotated to the merged row's position."""
+Global___KVMergeKey: _TypeAlias = KVMergeKey  # noqa: Y015
+
 @_typing.final
 class InfoRequest(_message.Message):
     """Request of Info."""
@@ -102,6 +172,7 @@ class InfoResponse(_message.Message):
     DEVICE_FIELD_NUMBER: _builtins.int
     REPAIRER_FIELD_NUMBER: _builtins.int
     NUM_ATTENTION_HEADS_FIELD_NUMBER: _builtins.int
+    REPAIRERS_FIELD_NUMBER: _builtins.int
     model_name: _builtins.str
     """Model as named on the command line (directory or hub id)."""
     device: _builtins.str
@@ -118,6 +189,10 @@ class InfoResponse(_message.Message):
     def special_tokens(self) -> Global___SpecialTokens:
         """Special token ids."""
 
+    @_builtins.property
+    def repairers(self) -> _containers.RepeatedScalarFieldContainer[Global___Repairer.ValueType]:
+        """Repairers a Tick may ask for on this worker."""
+
     def __init__(
         self,
         *,
@@ -127,10 +202,11 @@ class InfoResponse(_message.Message):
         device: _builtins.str = ...,
         repairer: _builtins.str = ...,
         num_attention_heads: _builtins.int = ...,
+        repairers: _abc.Iterable[Global___Repairer.ValueType] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["geometry", b"geometry", "special_tokens", b"special_tokens"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "geometry", b"geometry", "model_name", b"model_name", "num_attention_heads", b"num_attention_heads", "repairer", b"repairer", "special_tokens", b"special_tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "geometry", b"geometry", "model_name", b"model_name", "num_attention_heads", b"num_attention_heads", "repairer", b"repairer", "repairers", b"repairers", "special_tokens", b"special_tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -619,21 +695,29 @@ class PairRef(_message.Message):
 
     POSITION_FIELD_NUMBER: _builtins.int
     EXPECTED_TOKEN_IDS_FIELD_NUMBER: _builtins.int
+    WEIGHTS_FIELD_NUMBER: _builtins.int
     position: _builtins.int
     """Row index of the first row."""
     @_builtins.property
     def expected_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Token ids expected at position and position + 1."""
 
+    @_builtins.property
+    def weights(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """Tick with the K/V-merge repairer only: relative weights of the two rows (two finite values
+        >= 0, not both 0). Empty: as RepairParams.kv_weights says.
+        """
+
     def __init__(
         self,
         *,
         position: _builtins.int = ...,
         expected_token_ids: _abc.Iterable[_builtins.int] | None = ...,
+        weights: _abc.Iterable[_builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["expected_token_ids", b"expected_token_ids", "position", b"position"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expected_token_ids", b"expected_token_ids", "position", b"position", "weights", b"weights"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -763,3 +847,332 @@ class RepairResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RepairResponse: _TypeAlias = RepairResponse  # noqa: Y015
+
+@_typing.final
+class RepairParams(_message.Message):
+    """How a Tick repairs the pairs it is given."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPAIRER_FIELD_NUMBER: _builtins.int
+    MAX_CANDIDATES_FIELD_NUMBER: _builtins.int
+    KV_WEIGHTS_FIELD_NUMBER: _builtins.int
+    KV_KEY_FIELD_NUMBER: _builtins.int
+    repairer: Global___Repairer.ValueType
+    """Which repairer."""
+    max_candidates: _builtins.int
+    """Candidates the lm/mlm repairers rank per pair; 0 means 5."""
+    kv_weights: Global___KVMergeWeights.ValueType
+    """K/V merge: how the two rows are weighed."""
+    kv_key: Global___KVMergeKey.ValueType
+    """K/V merge: which key the merged row gets."""
+    def __init__(
+        self,
+        *,
+        repairer: Global___Repairer.ValueType = ...,
+        max_candidates: _builtins.int = ...,
+        kv_weights: Global___KVMergeWeights.ValueType = ...,
+        kv_key: Global___KVMergeKey.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kv_key", b"kv_key", "kv_weights", b"kv_weights", "max_candidates", b"max_candidates", "repairer", b"repairer"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RepairParams: _TypeAlias = RepairParams  # noqa: Y015
+
+@_typing.final
+class TickRequest(_message.Message):
+    """Request of Tick."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    EXPECTED_DIGEST_FIELD_NUMBER: _builtins.int
+    INPUT_TOKEN_ID_FIELD_NUMBER: _builtins.int
+    SAMPLING_FIELD_NUMBER: _builtins.int
+    TOP_LOGPROBS_FIELD_NUMBER: _builtins.int
+    FORCED_NEXT_TOKEN_ID_FIELD_NUMBER: _builtins.int
+    ATTENTION_REDUCTION_FIELD_NUMBER: _builtins.int
+    MERGES_FIELD_NUMBER: _builtins.int
+    REPAIR_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    """Session whose replica is the context."""
+    version: _builtins.int
+    """Version to compute on."""
+    expected_digest: _builtins.bytes
+    """Digest the session has at `version` (required): the worker computes only on a replica with
+    exactly this history.
+    """
+    input_token_id: _builtins.int
+    """Token to feed; it is placed at row index = the replica's row count."""
+    top_logprobs: _builtins.int
+    """How many top log-probabilities to return."""
+    forced_next_token_id: _builtins.int
+    """Teacher forcing: when set, no token is sampled; next_token_id is this id."""
+    attention_reduction: Global___AttentionReduction.ValueType
+    """Layer reduction of the attention row."""
+    @_builtins.property
+    def sampling(self) -> Global___SamplingParams:
+        """How to draw the next token."""
+
+    @_builtins.property
+    def merges(self) -> _containers.RepeatedCompositeFieldContainer[Global___PairRef]:
+        """Pairs of rows (indices at `version`, disjoint, none touching the new row) the caller will
+        merge in this iteration's Patch; a replacement is built for each.
+        """
+
+    @_builtins.property
+    def repair(self) -> Global___RepairParams:
+        """How replacements are built."""
+
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        version: _builtins.int = ...,
+        expected_digest: _builtins.bytes = ...,
+        input_token_id: _builtins.int = ...,
+        sampling: Global___SamplingParams | None = ...,
+        top_logprobs: _builtins.int = ...,
+        forced_next_token_id: _builtins.int | None = ...,
+        attention_reduction: Global___AttentionReduction.ValueType = ...,
+        merges: _abc.Iterable[Global___PairRef] | None = ...,
+        repair: Global___RepairParams | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_forced_next_token_id", b"_forced_next_token_id", "forced_next_token_id", b"forced_next_token_id", "repair", b"repair", "sampling", b"sampling"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_forced_next_token_id", b"_forced_next_token_id", "attention_reduction", b"attention_reduction", "expected_digest", b"expected_digest", "forced_next_token_id", b"forced_next_token_id", "input_token_id", b"input_token_id", "merges", b"merges", "repair", b"repair", "sampling", b"sampling", "session_id", b"session_id", "top_logprobs", b"top_logprobs", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__forced_next_token_id: _TypeAlias = _typing.Literal["forced_next_token_id"]  # noqa: Y015
+    _WhichOneofArgType__forced_next_token_id: _TypeAlias = _typing.Literal["_forced_next_token_id", b"_forced_next_token_id"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__forced_next_token_id) -> _WhichOneofReturnType__forced_next_token_id | None: ...
+
+Global___TickRequest: _TypeAlias = TickRequest  # noqa: Y015
+
+@_typing.final
+class PairMerge(_message.Message):
+    """The replacement built for one pair."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POSITION_FIELD_NUMBER: _builtins.int
+    MERGED_FIELD_NUMBER: _builtins.int
+    TOKEN_ID_FIELD_NUMBER: _builtins.int
+    PIECE_FIELD_NUMBER: _builtins.int
+    KV_FIELD_NUMBER: _builtins.int
+    SCORE_FIELD_NUMBER: _builtins.int
+    REPLACED_TEXT_FIELD_NUMBER: _builtins.int
+    position: _builtins.int
+    """Row index of the pair's first row (as in the request)."""
+    merged: _builtins.bool
+    """False when no single token fits: the caller should evict a row of the pair instead."""
+    token_id: _builtins.int
+    """The replacement token."""
+    piece: _builtins.str
+    """Its vocabulary piece (as MirrorEntry.piece)."""
+    score: _builtins.float
+    """The repairer's score (higher is better)."""
+    replaced_text: _builtins.str
+    """The text of the two rows it replaces (for ReplacePairOp.replaced_text)."""
+    @_builtins.property
+    def kv(self) -> _tensor_pb2.KVBlock:
+        """Its K/V (N = 1), computed at the pair's first row's position over the rows before it."""
+
+    def __init__(
+        self,
+        *,
+        position: _builtins.int = ...,
+        merged: _builtins.bool = ...,
+        token_id: _builtins.int = ...,
+        piece: _builtins.str = ...,
+        kv: _tensor_pb2.KVBlock | None = ...,
+        score: _builtins.float = ...,
+        replaced_text: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["kv", b"kv"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kv", b"kv", "merged", b"merged", "piece", b"piece", "position", b"position", "replaced_text", b"replaced_text", "score", b"score", "token_id", b"token_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PairMerge: _TypeAlias = PairMerge  # noqa: Y015
+
+@_typing.final
+class TickResponse(_message.Message):
+    """Response of Tick."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NEXT_TOKEN_ID_FIELD_NUMBER: _builtins.int
+    NEXT_TOKEN_LOGPROB_FIELD_NUMBER: _builtins.int
+    TOP_LOGPROBS_FIELD_NUMBER: _builtins.int
+    NEXT_TOKEN_PIECE_FIELD_NUMBER: _builtins.int
+    NEXT_TOKEN_BYTES_FIELD_NUMBER: _builtins.int
+    ATTENTION_FIELD_NUMBER: _builtins.int
+    INPUT_KV_FIELD_NUMBER: _builtins.int
+    POSITION_FIELD_NUMBER: _builtins.int
+    MERGES_FIELD_NUMBER: _builtins.int
+    FORWARDS_FIELD_NUMBER: _builtins.int
+    FORWARD_NS_FIELD_NUMBER: _builtins.int
+    next_token_id: _builtins.int
+    """The sampled (or forced) next token."""
+    next_token_logprob: _builtins.float
+    """Its log-probability under the (unpenalised, temperature 1) distribution."""
+    next_token_piece: _builtins.str
+    """The vocabulary piece of next_token_id (for the mirror when it is appended next iteration)."""
+    next_token_bytes: _builtins.bytes
+    """The UTF-8 bytes next_token_id adds to the generated text (possibly part of a character);
+    the concatenation over a stream is its text. Empty for special tokens.
+    """
+    position: _builtins.int
+    """Rotary position the input token was computed at (position_offset + row count)."""
+    forwards: _builtins.int
+    """Forward passes this call ran."""
+    forward_ns: _builtins.int
+    """Time in forward passes, nanoseconds."""
+    @_builtins.property
+    def top_logprobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TokenLogprob]:
+        """The most likely tokens."""
+
+    @_builtins.property
+    def attention(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """The input token's attention over every row and itself (row_count + 1 values), mean over
+        query heads, reduced over layers as requested.
+        """
+
+    @_builtins.property
+    def input_kv(self) -> _tensor_pb2.KVBlock:
+        """The input token's K/V (N = 1), at rotary position `position`."""
+
+    @_builtins.property
+    def merges(self) -> _containers.RepeatedCompositeFieldContainer[Global___PairMerge]:
+        """One per requested pair, same order."""
+
+    def __init__(
+        self,
+        *,
+        next_token_id: _builtins.int = ...,
+        next_token_logprob: _builtins.float = ...,
+        top_logprobs: _abc.Iterable[Global___TokenLogprob] | None = ...,
+        next_token_piece: _builtins.str = ...,
+        next_token_bytes: _builtins.bytes = ...,
+        attention: _abc.Iterable[_builtins.float] | None = ...,
+        input_kv: _tensor_pb2.KVBlock | None = ...,
+        position: _builtins.int = ...,
+        merges: _abc.Iterable[Global___PairMerge] | None = ...,
+        forwards: _builtins.int = ...,
+        forward_ns: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["input_kv", b"input_kv"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attention", b"attention", "forward_ns", b"forward_ns", "forwards", b"forwards", "input_kv", b"input_kv", "merges", b"merges", "next_token_bytes", b"next_token_bytes", "next_token_id", b"next_token_id", "next_token_logprob", b"next_token_logprob", "next_token_piece", b"next_token_piece", "position", b"position", "top_logprobs", b"top_logprobs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TickResponse: _TypeAlias = TickResponse  # noqa: Y015
+
+@_typing.final
+class ListPoliciesRequest(_message.Message):
+    """Request of ListPolicies."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPoliciesRequest: _TypeAlias = ListPoliciesRequest  # noqa: Y015
+
+@_typing.final
+class PolicySpec(_message.Message):
+    """A compaction policy preset."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class ParamsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    NAME_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    MERGES_FIELD_NUMBER: _builtins.int
+    REPAIR_FIELD_NUMBER: _builtins.int
+    PARAMS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Name as `positronic generate --policy` takes it."""
+    description: _builtins.str
+    """One line on what it does and where it comes from."""
+    merges: _builtins.bool
+    """Whether it merges pairs (which needs a repairer) or only evicts."""
+    @_builtins.property
+    def repair(self) -> Global___RepairParams:
+        """The repair its merges use."""
+
+    @_builtins.property
+    def params(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """Every numeric parameter (e.g. sinks, recent_window, seed, decay, gain)."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        description: _builtins.str = ...,
+        merges: _builtins.bool = ...,
+        repair: Global___RepairParams | None = ...,
+        params: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["repair", b"repair"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "merges", b"merges", "name", b"name", "params", b"params", "repair", b"repair"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PolicySpec: _TypeAlias = PolicySpec  # noqa: Y015
+
+@_typing.final
+class ListPoliciesResponse(_message.Message):
+    """Response of ListPolicies."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POLICIES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def policies(self) -> _containers.RepeatedCompositeFieldContainer[Global___PolicySpec]:
+        """Every preset, ordered by name."""
+
+    def __init__(
+        self,
+        *,
+        policies: _abc.Iterable[Global___PolicySpec] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["policies", b"policies"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPoliciesResponse: _TypeAlias = ListPoliciesResponse  # noqa: Y015

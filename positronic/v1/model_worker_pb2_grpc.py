@@ -71,6 +71,16 @@ class ModelWorkerStub:
                 request_serializer=positronic_dot_v1_dot_model__worker__pb2.RepairRequest.SerializeToString,
                 response_deserializer=positronic_dot_v1_dot_model__worker__pb2.RepairResponse.FromString,
                 _registered_method=True)
+        self.Tick = channel.unary_unary(
+                '/positronic.v1.ModelWorker/Tick',
+                request_serializer=positronic_dot_v1_dot_model__worker__pb2.TickRequest.SerializeToString,
+                response_deserializer=positronic_dot_v1_dot_model__worker__pb2.TickResponse.FromString,
+                _registered_method=True)
+        self.ListPolicies = channel.unary_unary(
+                '/positronic.v1.ModelWorker/ListPolicies',
+                request_serializer=positronic_dot_v1_dot_model__worker__pb2.ListPoliciesRequest.SerializeToString,
+                response_deserializer=positronic_dot_v1_dot_model__worker__pb2.ListPoliciesResponse.FromString,
+                _registered_method=True)
 
 
 class ModelWorkerServicer:
@@ -128,6 +138,24 @@ class ModelWorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Tick(self, request, context):
+        """One iteration's read-only work in one call: the step of the input token (next token, its
+        text, attention row, the input token's K/V) and, for each pair the caller will merge in the
+        same iteration, the replacement token, its text and its K/V. Everything the iteration's
+        single Patch needs; the K/V of a replacement come from the pass that chose it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListPolicies(self, request, context):
+        """The compaction policies this release ships, with every parameter a client needs to
+        reproduce them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelWorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -165,6 +193,16 @@ def add_ModelWorkerServicer_to_server(servicer, server):
                     servicer.Repair,
                     request_deserializer=positronic_dot_v1_dot_model__worker__pb2.RepairRequest.FromString,
                     response_serializer=positronic_dot_v1_dot_model__worker__pb2.RepairResponse.SerializeToString,
+            ),
+            'Tick': grpc.unary_unary_rpc_method_handler(
+                    servicer.Tick,
+                    request_deserializer=positronic_dot_v1_dot_model__worker__pb2.TickRequest.FromString,
+                    response_serializer=positronic_dot_v1_dot_model__worker__pb2.TickResponse.SerializeToString,
+            ),
+            'ListPolicies': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPolicies,
+                    request_deserializer=positronic_dot_v1_dot_model__worker__pb2.ListPoliciesRequest.FromString,
+                    response_serializer=positronic_dot_v1_dot_model__worker__pb2.ListPoliciesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -358,6 +396,60 @@ class ModelWorker:
             '/positronic.v1.ModelWorker/Repair',
             positronic_dot_v1_dot_model__worker__pb2.RepairRequest.SerializeToString,
             positronic_dot_v1_dot_model__worker__pb2.RepairResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Tick(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/positronic.v1.ModelWorker/Tick',
+            positronic_dot_v1_dot_model__worker__pb2.TickRequest.SerializeToString,
+            positronic_dot_v1_dot_model__worker__pb2.TickResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPolicies(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/positronic.v1.ModelWorker/ListPolicies',
+            positronic_dot_v1_dot_model__worker__pb2.ListPoliciesRequest.SerializeToString,
+            positronic_dot_v1_dot_model__worker__pb2.ListPoliciesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -51,6 +51,16 @@ class ModelWorkerStub:
     """K/V of single tokens at given positions, each over the replica's rows before it."""
     Repair: _grpc.UnaryUnaryMultiCallable[_model_worker_pb2.RepairRequest, _model_worker_pb2.RepairResponse]
     """Ranked single-token replacements for adjacent pairs of rows."""
+    Tick: _grpc.UnaryUnaryMultiCallable[_model_worker_pb2.TickRequest, _model_worker_pb2.TickResponse]
+    """One iteration's read-only work in one call: the step of the input token (next token, its
+    text, attention row, the input token's K/V) and, for each pair the caller will merge in the
+    same iteration, the replacement token, its text and its K/V. Everything the iteration's
+    single Patch needs; the K/V of a replacement come from the pass that chose it.
+    """
+    ListPolicies: _grpc.UnaryUnaryMultiCallable[_model_worker_pb2.ListPoliciesRequest, _model_worker_pb2.ListPoliciesResponse]
+    """The compaction policies this release ships, with every parameter a client needs to
+    reproduce them.
+    """
 
 @_typing.type_check_only
 class ModelWorkerAsyncStub(ModelWorkerStub):
@@ -75,6 +85,16 @@ class ModelWorkerAsyncStub(ModelWorkerStub):
     """K/V of single tokens at given positions, each over the replica's rows before it."""
     Repair: _aio.UnaryUnaryMultiCallable[_model_worker_pb2.RepairRequest, _model_worker_pb2.RepairResponse]  # type: ignore[assignment]
     """Ranked single-token replacements for adjacent pairs of rows."""
+    Tick: _aio.UnaryUnaryMultiCallable[_model_worker_pb2.TickRequest, _model_worker_pb2.TickResponse]  # type: ignore[assignment]
+    """One iteration's read-only work in one call: the step of the input token (next token, its
+    text, attention row, the input token's K/V) and, for each pair the caller will merge in the
+    same iteration, the replacement token, its text and its K/V. Everything the iteration's
+    single Patch needs; the K/V of a replacement come from the pass that chose it.
+    """
+    ListPolicies: _aio.UnaryUnaryMultiCallable[_model_worker_pb2.ListPoliciesRequest, _model_worker_pb2.ListPoliciesResponse]  # type: ignore[assignment]
+    """The compaction policies this release ships, with every parameter a client needs to
+    reproduce them.
+    """
 
 class ModelWorkerServicer(metaclass=_abc_1.ABCMeta):
     """Runs the model; never changes session state. Every call names the session version it computes
@@ -138,5 +158,27 @@ class ModelWorkerServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_model_worker_pb2.RepairResponse, _abc.Awaitable[_model_worker_pb2.RepairResponse]]:
         """Ranked single-token replacements for adjacent pairs of rows."""
+
+    @_abc_1.abstractmethod
+    def Tick(
+        self,
+        request: _model_worker_pb2.TickRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_model_worker_pb2.TickResponse, _abc.Awaitable[_model_worker_pb2.TickResponse]]:
+        """One iteration's read-only work in one call: the step of the input token (next token, its
+        text, attention row, the input token's K/V) and, for each pair the caller will merge in the
+        same iteration, the replacement token, its text and its K/V. Everything the iteration's
+        single Patch needs; the K/V of a replacement come from the pass that chose it.
+        """
+
+    @_abc_1.abstractmethod
+    def ListPolicies(
+        self,
+        request: _model_worker_pb2.ListPoliciesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_model_worker_pb2.ListPoliciesResponse, _abc.Awaitable[_model_worker_pb2.ListPoliciesResponse]]:
+        """The compaction policies this release ships, with every parameter a client needs to
+        reproduce them.
+        """
 
 def add_ModelWorkerServicer_to_server(servicer: ModelWorkerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -208,6 +208,7 @@ class MirrorEntry(_message.Message):
     REPLACED_TOKEN_IDS_FIELD_NUMBER: _builtins.int
     ORIGIN_POSITION_FIELD_NUMBER: _builtins.int
     CREATED_VERSION_FIELD_NUMBER: _builtins.int
+    REPLACED_TEXT_FIELD_NUMBER: _builtins.int
     position: _builtins.int
     """Row index, 0-based; also the position the row's key is rotated to."""
     ledger_id: _builtins.int
@@ -224,6 +225,10 @@ class MirrorEntry(_message.Message):
     """Position at which the row's K/V were computed (its canonical key's rotation)."""
     created_version: _builtins.int
     """Version of the patch that created the row."""
+    replaced_text: _builtins.str
+    """For a merged row: the text of the rows it replaced, in order (a replaced row that was itself
+    merged contributes its own replaced_text), so a reader sees what the row stands for.
+    """
     @_builtins.property
     def replaced_ledger_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Ledger ids of the rows this one replaced (two for a merge), oldest first."""
@@ -245,10 +250,11 @@ class MirrorEntry(_message.Message):
         replaced_token_ids: _abc.Iterable[_builtins.int] | None = ...,
         origin_position: _builtins.int = ...,
         created_version: _builtins.int = ...,
+        replaced_text: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["brightness", b"brightness", "created_version", b"created_version", "ledger_id", b"ledger_id", "origin_position", b"origin_position", "piece", b"piece", "position", b"position", "replaced_ledger_ids", b"replaced_ledger_ids", "replaced_token_ids", b"replaced_token_ids", "source", b"source", "token_id", b"token_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["brightness", b"brightness", "created_version", b"created_version", "ledger_id", b"ledger_id", "origin_position", b"origin_position", "piece", b"piece", "position", b"position", "replaced_ledger_ids", b"replaced_ledger_ids", "replaced_text", b"replaced_text", "replaced_token_ids", b"replaced_token_ids", "source", b"source", "token_id", b"token_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -318,6 +324,7 @@ class ReplacePairOp(_message.Message):
     KV_FIELD_NUMBER: _builtins.int
     PIECE_FIELD_NUMBER: _builtins.int
     BRIGHTNESS_FIELD_NUMBER: _builtins.int
+    REPLACED_TEXT_FIELD_NUMBER: _builtins.int
     position: _builtins.int
     """Row index of the first row of the pair."""
     token_id: _builtins.int
@@ -326,6 +333,8 @@ class ReplacePairOp(_message.Message):
     """Decoded text of the replacement."""
     brightness: _builtins.float
     """Brightness of the merged row."""
+    replaced_text: _builtins.str
+    """The text of the two replaced rows (see MirrorEntry.replaced_text)."""
     @_builtins.property
     def expected_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Token ids expected at position and position + 1."""
@@ -343,10 +352,11 @@ class ReplacePairOp(_message.Message):
         kv: _tensor_pb2.KVBlock | None = ...,
         piece: _builtins.str = ...,
         brightness: _builtins.float = ...,
+        replaced_text: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["kv", b"kv"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["brightness", b"brightness", "expected_token_ids", b"expected_token_ids", "kv", b"kv", "piece", b"piece", "position", b"position", "token_id", b"token_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["brightness", b"brightness", "expected_token_ids", b"expected_token_ids", "kv", b"kv", "piece", b"piece", "position", b"position", "replaced_text", b"replaced_text", "token_id", b"token_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -456,6 +466,7 @@ class SessionInfo(_message.Message):
     ROW_COUNT_FIELD_NUMBER: _builtins.int
     SEED_BRIGHTNESS_FIELD_NUMBER: _builtins.int
     CREATED_UNIX_NS_FIELD_NUMBER: _builtins.int
+    POSITION_OFFSET_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Id of the session, unique within its authority."""
     version: _builtins.int
@@ -468,6 +479,14 @@ class SessionInfo(_message.Message):
     """Brightness given to appended rows that name none."""
     created_unix_ns: _builtins.int
     """Creation time, Unix nanoseconds."""
+    position_offset: _builtins.int
+    """Rotary position of row 0: the key of row i is rotated to position_offset + i, and the K/V of
+    a token appended at row index i must be computed at that position (the worker's calls do).
+    Attention only sees differences between positions, which always equal index differences.
+    Compaction moves the shorter side of the rows (the rows before an edit move one position
+    later, raising the offset), and the offset returns to 0 when the rows are moved back to the
+    front of their buffer; both are functions of the committed ops, so every replica agrees.
+    """
     @_builtins.property
     def geometry(self) -> Global___ModelGeometry:
         """Geometry the session's rows are shaped by."""
@@ -487,10 +506,11 @@ class SessionInfo(_message.Message):
         row_count: _builtins.int = ...,
         seed_brightness: _builtins.float = ...,
         created_unix_ns: _builtins.int = ...,
+        position_offset: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "geometry", b"geometry"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "created_unix_ns", b"created_unix_ns", "digest", b"digest", "geometry", b"geometry", "row_count", b"row_count", "seed_brightness", b"seed_brightness", "session_id", b"session_id", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "created_unix_ns", b"created_unix_ns", "digest", b"digest", "geometry", b"geometry", "position_offset", b"position_offset", "row_count", b"row_count", "seed_brightness", b"seed_brightness", "session_id", b"session_id", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
