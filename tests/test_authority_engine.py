@@ -39,7 +39,7 @@ def make_engine(data_dir=None, **limits) -> Engine:
 
 
 def prime(engine: Engine, sid: str = "s", n: int = 6) -> None:
-    engine.create_session(sid, tiny_geometry(), Budget(16, 16), 0.0, lambda s: None)
+    engine.create_session(sid, tiny_geometry(), Budget(16, 16), None, lambda s: None)
     engine.patch(sid, 0, "p0", [append_pb(0, list(range(10, 10 + n)), seed=1)])
     engine.patch(sid, 1, "p1", [evict_pb(2, 12), append_pb(n, [30], seed=2)])
 
@@ -340,7 +340,7 @@ def test_sync_plan_gives_deltas_while_the_log_reaches_back_then_a_snapshot():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_sessions_survive_snapshot_and_log(tmp_path, dtype):
     engine = make_engine(tmp_path, snapshot_every=3)
-    engine.create_session("h", tiny_geometry(dtype), Budget(8, 8), 0.0, lambda s: None)
+    engine.create_session("h", tiny_geometry(dtype), Budget(8, 8), None, lambda s: None)
     for v in range(3):  # v1..v3, a snapshot at v3
         op = session_pb2.PatchOp(
             append=session_pb2.AppendOp(position=v, token_ids=[v], kv=kv_pb(1, v, dtype))
