@@ -69,6 +69,7 @@ class StoredReply:
     version: int
     digest: bytes
     row_count: int
+    fingerprint: bytes = b""  # ops.patch_fingerprint of the request (empty in older snapshots)
 
 
 @dataclass
@@ -230,7 +231,10 @@ class SessionStore:
         self, folder: Path, state: SessionState, replies: Iterable[StoredReply] = ()
     ) -> None:
         header = state_to_header(state)
-        stored = [[r.request_id, r.version, r.digest.hex(), r.row_count] for r in replies]
+        stored = [
+            [r.request_id, r.version, r.digest.hex(), r.row_count, r.fingerprint.hex()]
+            for r in replies
+        ]
         blob = save_safetensors(
             {
                 "canonical_keys": state.live_canonical_keys().contiguous(),
@@ -334,8 +338,10 @@ def _load_snapshot(path: Path) -> tuple[SessionState, list[StoredReply]]:
         state = state_from_parts(header, f.get_tensor("canonical_keys"), f.get_tensor("values"))
     # Snapshots written before replies were kept have none.
     replies = [
-        StoredReply(rid, version, bytes.fromhex(digest), rows)
-        for rid, version, digest, rows in json.loads(metadata.get("replies", "[]"))
+        StoredReply(
+            rid, version, bytes.fromhex(digest), rows, bytes.fromhex(rest[0] if rest else "")
+        )
+        for rid, version, digest, rows, *rest in json.loads(metadata.get("replies", "[]"))
     ]
     return state, replies
 

@@ -44,6 +44,9 @@ class PatchResult:
     row_count: int
     apply_ns: int
     replayed: bool = False
+    # ops.patch_fingerprint of the request, so that a reused request id with another patch is
+    # refused; empty for replies recovered from snapshots written before fingerprints were kept.
+    fingerprint: bytes = b""
 
 
 @dataclass(frozen=True)
