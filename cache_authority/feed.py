@@ -109,9 +109,15 @@ class FeedSignal:
     nothing: a publish in between has completed that future already, so no commit is missed.
     """
 
+    # Waiters wake this long after a commit, so that the Patch that committed answers first
+    # (asyncio runs callbacks in order: woken at once, a thousand watchers' writes would go out
+    # before its reply); commits within the delay coalesce into one wake-up.
+    WAKE_DELAY_S = 0.002
+
     def __init__(self, feed: Feed, loop: asyncio.AbstractEventLoop):
         self._loop = loop
         self._future: asyncio.Future[None] = loop.create_future()
+        self._pending = False  # a wake-up is scheduled (loop thread only)
         self._unsubscribe = feed.subscribe(self._wake_threadsafe)
 
     def changed(self) -> asyncio.Future[None]:
@@ -127,9 +133,15 @@ class FeedSignal:
 
     def _wake_threadsafe(self) -> None:
         with contextlib.suppress(RuntimeError):  # the loop already closed: nobody waits
-            self._loop.call_soon_threadsafe(self._fire)
+            self._loop.call_soon_threadsafe(self._schedule)
+
+    def _schedule(self) -> None:
+        if not self._pending:
+            self._pending = True
+            self._loop.call_later(self.WAKE_DELAY_S, self._fire)
 
     def _fire(self) -> None:
+        self._pending = False
         if not self._future.done():
             self._future.set_result(None)
         self._future = self._loop.create_future()
