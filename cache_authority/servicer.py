@@ -77,14 +77,17 @@ def _unary(fn: Callable) -> Callable:
 def _streaming(fn: Callable) -> Callable:
     @functools.wraps(fn)
     async def wrapper(self, request, context):
+        messages = fn(self, request, context)
         try:
-            async for msg in fn(self, request, context):
+            async for msg in messages:
                 yield msg
             return
         except grpc.aio.AbortError:
             raise
         except Exception as e:  # CancelledError (client gone) is not an Exception: it passes
             error = e
+        finally:
+            await messages.aclose()  # its stream count is released now, not when collected
         await _abort(context, fn.__name__, error)
 
     return wrapper

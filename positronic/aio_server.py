@@ -31,6 +31,85 @@ from positronic.rpc import (
 from positronic.tls import ServerTls
 
 
+class _Malformed:
+    """What a request that does not parse becomes, instead of an exception grpc would turn into
+    UNKNOWN (unary) or an INTERNAL bug report (streams)."""
+
+    def __init__(self, error: Exception):
+        self.message = str(error)[:200]
+
+
+async def _refuse(context, request: _Malformed) -> None:
+    await context.abort(
+        grpc.StatusCode.INVALID_ARGUMENT, f"the request does not parse: {request.message}"
+    )
+
+
+class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
+    """Request bytes that are not a valid message of the method's type are INVALID_ARGUMENT.
+
+    Applied to the methods under `prefix` (our services, whose handlers are coroutines and async
+    generators), it swaps in a deserializer that cannot raise and refuses what it marked.
+    """
+
+    def __init__(self, prefix: str):
+        self._prefix = prefix
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if (
+            handler is None
+            or handler.request_deserializer is None
+            or not handler_call_details.method.startswith(self._prefix)
+        ):
+            return handler
+        parse = handler.request_deserializer
+
+        def tolerant(data: bytes):
+            try:
+                return parse(data)
+            except Exception as e:  # DecodeError, and whatever a parser may raise on garbage
+                return _Malformed(e)
+
+        if handler.request_streaming and handler.response_streaming:
+            return handler  # no such method in our services
+        if handler.request_streaming:
+            inner_su = handler.stream_unary
+
+            async def stream_unary(request_iterator, context):
+                async def checked():
+                    async for request in request_iterator:
+                        if isinstance(request, _Malformed):
+                            await _refuse(context, request)
+                        yield request
+
+                return await inner_su(checked(), context)
+
+            return handler._replace(request_deserializer=tolerant, stream_unary=stream_unary)
+        if handler.response_streaming:
+            inner_us = handler.unary_stream
+
+            async def unary_stream(request, context):
+                if isinstance(request, _Malformed):
+                    await _refuse(context, request)
+                responses = inner_us(request, context)
+                try:
+                    async for response in responses:
+                        yield response
+                finally:
+                    await responses.aclose()  # its cleanup runs now, not when collected
+
+            return handler._replace(request_deserializer=tolerant, unary_stream=unary_stream)
+        inner_uu = handler.unary_unary
+
+        async def unary_unary(request, context):
+            if isinstance(request, _Malformed):
+                await _refuse(context, request)
+            return await inner_uu(request, context)
+
+        return handler._replace(request_deserializer=tolerant, unary_unary=unary_unary)
+
+
 class LoopThread:
     """An asyncio loop running forever in a daemon thread; `run(coro)` waits for a result."""
 
@@ -97,11 +176,15 @@ def start_aio_server(
     serving: bool = True,
 ) -> AioRunningServer:
     """Start a grpc.aio server on `listen` with health and reflection (health open to callers
-    without the token, as with the threaded server)."""
+    without the token, as with the threaded server). Requests to `service_names` that do not
+    parse are INVALID_ARGUMENT."""
     loop = LoopThread("authority-aio")
 
     async def start() -> tuple[grpc.aio.Server, int, aio_health.HealthServicer]:
-        interceptors = []
+        interceptors: list[grpc.aio.ServerInterceptor] = [
+            MalformedRequestInterceptor(prefix)
+            for prefix in {"/" + name.rpartition(".")[0] + "." for name in service_names}
+        ]
         if auth_token:
             interceptors.append(
                 AioBearerAuthInterceptor(
