@@ -300,3 +300,32 @@ def test_huge_strings_in_other_fields_are_refused_with_short_messages(authority)
         assert error is not None and error.code() == code, error and error.details()[:200]
         assert len(error.details()) < 300
     assert snapshot(client) == before
+
+
+# -- auth ---------------------------------------------------------------------------------------
+@settings(max_examples=30, deadline=None)
+@given(token=st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=300))
+def test_any_wrong_token_is_unauthenticated_everywhere_and_changes_nothing(token):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from positronic import rpc
+
+    if token.strip() == "sesame":
+        return
+    with running_authority(auth_token="sesame") as (server, good):
+        client = stub(good)
+        primed((server, client))
+        before = snapshot(client)
+        hostile = rpc.open_channel(f"127.0.0.1:{server.port}", token or None)
+        try:
+            intruder = stub(hostile)
+            calls = [call for _, call in _every_session_rpc(intruder, "s")]
+            calls.append(lambda: intruder.ListSessions(ca.ListSessionsRequest()))
+            for call in calls:
+                error = refused(call)
+                assert error is not None and error.code() == C.UNAUTHENTICATED
+            health = health_pb2_grpc.HealthStub(hostile)
+            assert health.Check(health_pb2.HealthCheckRequest()).status == 1  # open to probes
+        finally:
+            hostile.close()
+        assert snapshot(client) == before
