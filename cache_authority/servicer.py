@@ -2,9 +2,7 @@
 
 Every handler is a coroutine on the server's event loop; whatever can block (a patch's apply and
 fsync, a snapshot, anything that takes a session lock) runs in the engine's thread pool, so a
-stream that waits holds no thread. Errors map to status codes here and only here: a PatchError
-carries its code (ABORTED with a VersionConflict detail); anything else is a bug, logged with its
-traceback and sent as INTERNAL. Messages never quote more than a bounded prefix of client input.
+stream that waits holds no thread. Errors become statuses in one place, boundary.py.
 """
 
 from __future__ import annotations
@@ -19,6 +17,7 @@ from typing import Any, TypeVar
 import grpc
 
 from cache_authority import admission
+from cache_authority.boundary import abort_for, streaming, unary
 from cache_authority.convert import (
     budget_from_pb,
     geometry_from_pb,
@@ -29,68 +28,14 @@ from cache_authority.engine import Engine, SyncPlan
 from cache_authority.feed import FeedSignal
 from cache_authority.ops import PatchError, Status
 from cache_authority.sync import delta_messages, snapshot_messages
-from positronic import codec, rpc
+from positronic import codec
 from positronic.limits import clip
 from positronic.v1 import cache_authority_pb2 as ca
 from positronic.v1 import cache_authority_pb2_grpc
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
-
 SERVICE_NAME = ca.DESCRIPTOR.services_by_name["CacheAuthority"].full_name
-
-
-async def _abort(context, method: str, error: BaseException, expected_version=None) -> None:
-    if isinstance(error, PatchError):
-        logger.debug("%s refused: %s %s", method, error.status.value, error.message)
-        if error.status is Status.CANCELLED:  # no rich status: nobody is there to read it
-            await context.abort(grpc.StatusCode.CANCELLED, error.message)
-        details = []
-        if error.status is Status.ABORTED and error.current_version is not None:
-            details.append(
-                ca.VersionConflict(
-                    current_version=error.current_version, expected_version=expected_version or 0
-                )
-            )
-        await rpc.abort_async(context, error.status.value, error.message, details)
-        return  # abort raised already; this line only documents that
-    logger.error("%s failed with a bug", method, exc_info=error)
-    await context.abort(
-        grpc.StatusCode.INTERNAL, f"{method}: internal error ({type(error).__name__})"
-    )
-
-
-def _unary(fn: Callable) -> Callable:
-    @functools.wraps(fn)
-    async def wrapper(self, request, context):
-        try:
-            return await fn(self, request, context)
-        except grpc.aio.AbortError:
-            raise
-        except Exception as e:  # aborting inside the try would be caught here as a bug
-            error = e
-        await _abort(context, fn.__name__, error)
-
-    return wrapper
-
-
-def _streaming(fn: Callable) -> Callable:
-    @functools.wraps(fn)
-    async def wrapper(self, request, context):
-        messages = fn(self, request, context)
-        try:
-            async for msg in messages:
-                yield msg
-            return
-        except grpc.aio.AbortError:
-            raise
-        except Exception as e:  # CancelledError (client gone) is not an Exception: it passes
-            error = e
-        finally:
-            await messages.aclose()  # its stream count is released now, not when collected
-        await _abort(context, fn.__name__, error)
-
-    return wrapper
 
 
 def _invalid(message: str) -> PatchError:
@@ -128,7 +73,7 @@ class CacheAuthorityServicer(cache_authority_pb2_grpc.CacheAuthorityServicer):
         return signal
 
     # -- unary ------------------------------------------------------------------------------
-    @_unary
+    @unary
     async def CreateSession(self, request: ca.CreateSessionRequest, context):
         admission.check_session_id(request.session_id, allow_empty=True)
         admission.check_geometry_fields(request.geometry)
@@ -148,7 +93,7 @@ class CacheAuthorityServicer(cache_authority_pb2_grpc.CacheAuthorityServicer):
         )
         return ca.CreateSessionResponse(session=info)
 
-    @_unary
+    @unary
     async def GetSession(self, request: ca.GetSessionRequest, context):
         response = await self._call(
             self.engine.read,
@@ -158,13 +103,13 @@ class CacheAuthorityServicer(cache_authority_pb2_grpc.CacheAuthorityServicer):
         self.engine.metrics.add_bytes_out(response.ByteSize())
         return response
 
-    @_unary
+    @unary
     async def ListSessions(self, request, context) -> ca.ListSessionsResponse:
         return ca.ListSessionsResponse(
             sessions=await self._call(self.engine.read_all, session_info_to_pb)
         )
 
-    @_unary
+    @unary
     async def DeleteSession(self, request: ca.DeleteSessionRequest, context):
         version = await self._call(self.engine.delete_session, request.session_id)
         return ca.DeleteSessionResponse(final_version=version)
@@ -185,7 +130,7 @@ class CacheAuthorityServicer(cache_authority_pb2_grpc.CacheAuthorityServicer):
             )
             raise
         except Exception as e:
-            await _abort(context, "Patch", e, expected)
+            await abort_for(context, "Patch", e, expected)
             raise AssertionError("unreachable") from e  # abort raised
         return ca.PatchResponse(
             version=result.version,
@@ -254,7 +199,7 @@ class CacheAuthorityServicer(cache_authority_pb2_grpc.CacheAuthorityServicer):
         return self.engine.patch(session_id, expected, request_id, ops)
 
     # -- server streams ---------------------------------------------------------------------
-    @_streaming
+    @streaming
     async def Sync(self, request: ca.SyncRequest, context) -> AsyncIterator[ca.SyncResponse]:
         if request.from_version < 0 or request.max_chunk_bytes < 0:
             raise _invalid("from_version and max_chunk_bytes must not be negative")
@@ -293,7 +238,7 @@ class CacheAuthorityServicer(cache_authority_pb2_grpc.CacheAuthorityServicer):
             self.engine.metrics.add_bytes_out(msg.ByteSize())
             yield msg
 
-    @_streaming
+    @streaming
     async def Watch(self, request: ca.WatchRequest, context) -> AsyncIterator[ca.WatchResponse]:
         sid = request.session_id
         admission.check_session_id(sid, allow_empty=True)
