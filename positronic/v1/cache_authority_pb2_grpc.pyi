@@ -41,6 +41,13 @@ class CacheAuthorityStub:
       over: RESOURCE_EXHAUSTED.
     - Brightness (seed_brightness, AppendOp.brightness, ReplacePairOp.brightness,
       SetBrightnessOp.brightness): finite, in [0, MAX_BRIGHTNESS = 1e9]; else INVALID_ARGUMENT.
+    - Every other repeated field has the length the session fixes, else INVALID_ARGUMENT (or
+      FAILED_PRECONDITION when it names state that changed): AppendOp.token_ids at most
+      hard_max_rows in all (more rows than that: RESOURCE_EXHAUSTED), pieces and brightness as
+      many as token_ids (or none), ReplacePairOp.expected_token_ids exactly 2,
+      SetBrightnessOp.brightness one per row, RopeParameters.inv_freq head_dim / 2, Tensor.shape
+      4 dimensions [L, H, N, D] matching the geometry. Budget.hard_max_rows is bounded by the bytes
+      the authority may preallocate (RESOURCE_EXHAUSTED).
     - Open streams (Patch, Sync, Watch) per client address, per session and in all are capped by
       the authority's configuration (defaults 1024, 64 and 16384); one more is RESOURCE_EXHAUSTED.
     """
@@ -90,6 +97,13 @@ class CacheAuthorityAsyncStub(CacheAuthorityStub):
       over: RESOURCE_EXHAUSTED.
     - Brightness (seed_brightness, AppendOp.brightness, ReplacePairOp.brightness,
       SetBrightnessOp.brightness): finite, in [0, MAX_BRIGHTNESS = 1e9]; else INVALID_ARGUMENT.
+    - Every other repeated field has the length the session fixes, else INVALID_ARGUMENT (or
+      FAILED_PRECONDITION when it names state that changed): AppendOp.token_ids at most
+      hard_max_rows in all (more rows than that: RESOURCE_EXHAUSTED), pieces and brightness as
+      many as token_ids (or none), ReplacePairOp.expected_token_ids exactly 2,
+      SetBrightnessOp.brightness one per row, RopeParameters.inv_freq head_dim / 2, Tensor.shape
+      4 dimensions [L, H, N, D] matching the geometry. Budget.hard_max_rows is bounded by the bytes
+      the authority may preallocate (RESOURCE_EXHAUSTED).
     - Open streams (Patch, Sync, Watch) per client address, per session and in all are capped by
       the authority's configuration (defaults 1024, 64 and 16384); one more is RESOURCE_EXHAUSTED.
     """
@@ -135,6 +149,13 @@ class CacheAuthorityServicer(metaclass=_abc_1.ABCMeta):
       over: RESOURCE_EXHAUSTED.
     - Brightness (seed_brightness, AppendOp.brightness, ReplacePairOp.brightness,
       SetBrightnessOp.brightness): finite, in [0, MAX_BRIGHTNESS = 1e9]; else INVALID_ARGUMENT.
+    - Every other repeated field has the length the session fixes, else INVALID_ARGUMENT (or
+      FAILED_PRECONDITION when it names state that changed): AppendOp.token_ids at most
+      hard_max_rows in all (more rows than that: RESOURCE_EXHAUSTED), pieces and brightness as
+      many as token_ids (or none), ReplacePairOp.expected_token_ids exactly 2,
+      SetBrightnessOp.brightness one per row, RopeParameters.inv_freq head_dim / 2, Tensor.shape
+      4 dimensions [L, H, N, D] matching the geometry. Budget.hard_max_rows is bounded by the bytes
+      the authority may preallocate (RESOURCE_EXHAUSTED).
     - Open streams (Patch, Sync, Watch) per client address, per session and in all are capped by
       the authority's configuration (defaults 1024, 64 and 16384); one more is RESOURCE_EXHAUSTED.
     """
