@@ -78,17 +78,10 @@ class Feed:
 
         return unsubscribe
 
-    def read(self, cursor: int, timeout: float) -> tuple[list[WatchEvent], int]:
-        """Events at or after `cursor` (waiting up to `timeout` for one) and the next cursor.
-
-        Raises LookupError when events the reader has not seen were already dropped.
-        """
-        with self._cond:
-            self._cond.wait_for(lambda: self._next > cursor or self._closed, timeout)
-            return self._read(cursor)
-
     def read_nowait(self, cursor: int) -> tuple[list[WatchEvent], int]:
-        """read() without waiting: what a coroutine calls after its FeedSignal fired."""
+        """Events at or after `cursor` and the next cursor, without waiting (a coroutine waits
+        on its FeedSignal first). LookupError when events the reader has not seen were dropped.
+        """
         with self._cond:
             return self._read(cursor)
 
