@@ -86,7 +86,8 @@ class CacheAuthorityServicer:
     def Patch(self, request_iterator, context):
         """Applies an ordered list of ops atomically at `expected_version` and commits version + 1.
         Ops may be spread over several messages of one stream (a large prime); all commit as one
-        version when the client closes the stream.
+        version when the client closes the stream. A stale `expected_version` is ABORTED with a
+        VersionConflict in the status details (see VersionConflict).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

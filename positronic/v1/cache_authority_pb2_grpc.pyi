@@ -38,7 +38,8 @@ class CacheAuthorityStub:
     Patch: _grpc.StreamUnaryMultiCallable[_cache_authority_pb2.PatchRequest, _cache_authority_pb2.PatchResponse]
     """Applies an ordered list of ops atomically at `expected_version` and commits version + 1.
     Ops may be spread over several messages of one stream (a large prime); all commit as one
-    version when the client closes the stream.
+    version when the client closes the stream. A stale `expected_version` is ABORTED with a
+    VersionConflict in the status details (see VersionConflict).
     """
     GetSession: _grpc.UnaryUnaryMultiCallable[_cache_authority_pb2.GetSessionRequest, _cache_authority_pb2.GetSessionResponse]
     """Returns the session's summary and its mirror."""
@@ -63,7 +64,8 @@ class CacheAuthorityAsyncStub(CacheAuthorityStub):
     Patch: _aio.StreamUnaryMultiCallable[_cache_authority_pb2.PatchRequest, _cache_authority_pb2.PatchResponse]  # type: ignore[assignment]
     """Applies an ordered list of ops atomically at `expected_version` and commits version + 1.
     Ops may be spread over several messages of one stream (a large prime); all commit as one
-    version when the client closes the stream.
+    version when the client closes the stream. A stale `expected_version` is ABORTED with a
+    VersionConflict in the status details (see VersionConflict).
     """
     GetSession: _aio.UnaryUnaryMultiCallable[_cache_authority_pb2.GetSessionRequest, _cache_authority_pb2.GetSessionResponse]  # type: ignore[assignment]
     """Returns the session's summary and its mirror."""
@@ -97,7 +99,8 @@ class CacheAuthorityServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_cache_authority_pb2.PatchResponse, _abc.Awaitable[_cache_authority_pb2.PatchResponse]]:
         """Applies an ordered list of ops atomically at `expected_version` and commits version + 1.
         Ops may be spread over several messages of one stream (a large prime); all commit as one
-        version when the client closes the stream.
+        version when the client closes the stream. A stale `expected_version` is ABORTED with a
+        VersionConflict in the status details (see VersionConflict).
         """
 
     @_abc_1.abstractmethod
