@@ -184,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
 
         try:
             status.loop = Loop(endpoints, config, write)
-            with line.logs_routed():
+            with line.running():
                 stats = status.loop.run(prompt)
         except LoopError as e:
             logger.error("%s", e)
@@ -192,8 +192,6 @@ def run(args: argparse.Namespace) -> int:
         except grpc.RpcError as e:
             logger.error("%s: %s", e.code().name, e.details())  # type: ignore[attr-defined]
             return 1
-        finally:
-            line.close()
     sys.stdout.write((echo.pop() if echo else "") + "\n")
     logger.info(
         "%d tokens in %.1fs (%.1f tokens/s), %d merges, %d evictions, max rows %d/%d",

@@ -113,18 +113,18 @@ class ProgressLine:
                 self._draw(force=True)
 
     @contextlib.contextmanager
-    def logs_routed(self) -> Iterator[None]:
-        """Route the root logger's handlers that write to `err` through `write_record`."""
-        if self.mode not in ("beside", "below"):
-            yield
-            return
+    def running(self) -> Iterator[None]:
+        """While the text streams: the root logger's handlers that write to `err` go through
+        `write_record`; at the end (an error included) the line is closed first."""
         swapped = []
-        for handler in logging.getLogger().handlers:
-            if isinstance(handler, logging.StreamHandler) and handler.stream is self.err:
-                swapped.append((handler, handler.setStream(_RecordStream(self))))
+        if self.mode in ("beside", "below"):
+            for handler in logging.getLogger().handlers:
+                if isinstance(handler, logging.StreamHandler) and handler.stream is self.err:
+                    swapped.append((handler, handler.setStream(_RecordStream(self))))
         try:
             yield
         finally:
+            self.close()
             for handler, old in swapped:
                 handler.setStream(old)
 

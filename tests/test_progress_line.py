@@ -5,6 +5,7 @@ of the line is left once it closes."""
 from __future__ import annotations
 
 import io
+import logging
 import os
 import pty
 
@@ -190,3 +191,23 @@ def test_mode_follows_the_streams(tmp_path):
 def test_unknown_mode_is_refused():
     with pytest.raises(ValueError):
         ProgressLine(io.StringIO(), io.StringIO(), "fancy", lambda: "")
+
+
+def test_while_running_logs_go_above_the_line_and_an_error_closes_it_first():
+    term = Terminal(30, 12)
+    line = ProgressLine(term.buf, term.buf, "below", lambda: "[status]", columns=lambda: 30)
+    handler = logging.StreamHandler(term.buf)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        with pytest.raises(RuntimeError), line.running():
+            line.write_text("Once upon a time")
+            logging.getLogger("positronic.test").warning("worker retry")
+            line.write_text(", there")
+            raise RuntimeError("the loop failed")
+        assert handler.stream is term.buf  # the handler writes to the terminal directly again
+        assert not line.shown
+        assert term.rows()[:3] == ["Once upon a time", "worker retry", ", there"]
+        assert "[status]" not in "".join(term.rows())
+    finally:
+        root.removeHandler(handler)
