@@ -13,7 +13,8 @@ from pathlib import Path
 
 import yaml
 
-from tests.conftest import REPO, shared_path
+from positronic.models import demo_model_dir
+from tests.conftest import REPO
 from tests.loop_fixtures import env as clean_env
 
 COMPOSE = REPO / "docker-compose.yml"
@@ -96,7 +97,7 @@ def order(spec: dict) -> list[str]:
 
 
 def test_compose_file_runs_as_local_processes(tmp_path):
-    models = shared_path("models")
+    models = demo_model_dir().parent  # the packaged folder that holds stories260K
     spec = yaml.safe_load(COMPOSE.read_text())
     assert order(spec) == ["authority", "worker", "demo"]
     topo = Topology(spec, {"POSITRONIC_MODELS_DIR": str(models)}, tmp_path)
