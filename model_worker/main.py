@@ -14,6 +14,7 @@ from collections.abc import Mapping
 
 from model_worker.server import DEVICES, REPAIRERS, WorkerConfig, start_worker
 from positronic import flags
+from positronic.models import DEMO_MODEL, demo_model_dir
 from positronic.rpc import bound_address, read_token_file
 
 logger = logging.getLogger(__name__)
@@ -38,7 +39,10 @@ STOP_GRACE_S = 5.0
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument
     a("--listen", help="HOST:PORT to bind, port 0 picks one (default 127.0.0.1:50052)")
-    a("--model", help="causal LM: directory or Hugging Face id (required)")
+    a(
+        "--model",
+        help=f"causal LM: directory or Hugging Face id (default: the packaged {DEMO_MODEL})",
+    )
     a("--authority", help="HOST:PORT of the cache authority (required)")
     a("--repair", choices=REPAIRERS, help="repairer (default lm)")
     a("--repair-model", help="masked LM for --repair mlm, e.g. distilbert-base-uncased")
@@ -64,13 +68,11 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Wo
     values: dict[str, str | None] = {
         dest: flags.pick(args, dest, env, environ, DEFAULTS.get(dest)) for dest, env in ENV.items()
     }
-    if not values["model"]:
-        raise ValueError("--model (or POSITRONIC_MODEL) is required")
     if not values["authority"]:
         raise ValueError("--authority (or POSITRONIC_AUTHORITY) is required")
     port = values["metrics_port"]
     return WorkerConfig(
-        model=values["model"],
+        model=values["model"] or str(demo_model_dir()),
         authority=values["authority"],
         listen=values["listen"] or DEFAULTS["listen"],
         repair=values["repair"] or DEFAULTS["repair"],

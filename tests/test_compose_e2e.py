@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, shared_path
+from positronic.models import demo_model_dir
+from tests.conftest import REPO
 from tests.loop_fixtures import env as clean_env
 from tests.tls_fixtures import make_certs
 
@@ -111,7 +112,7 @@ def order(spec: dict) -> list[str]:
 
 @pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls overlay"])
 def test_compose_file_runs_as_local_processes(tmp_path, tls):
-    models = shared_path("models")
+    models = demo_model_dir().parent  # the packaged folder that holds stories260K
     spec = yaml.safe_load(COMPOSE.read_text())
     assert order(spec) == ["authority", "worker", "demo"]
     variables = {"POSITRONIC_MODELS_DIR": str(models)}

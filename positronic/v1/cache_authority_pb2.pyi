@@ -186,7 +186,11 @@ Global___PatchResponse: _TypeAlias = PatchResponse  # noqa: Y015
 
 @_typing.final
 class VersionConflict(_message.Message):
-    """Detail attached to every ABORTED reply of Patch (google.rpc.Status details)."""
+    """Detail attached to ABORTED replies (Patch here; the worker's compute RPCs too). gRPC's
+    `grpc-status-details-bin` trailer holds a serialized google.rpc.Status (vendored in
+    protos/google/rpc/status.proto) whose `details` has this message packed in a
+    google.protobuf.Any (type URL type.googleapis.com/positronic.v1.VersionConflict).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -133,6 +133,7 @@ class CacheAuthorityServicer:
         version once a message with end_of_patch arrives. A stream that ends without it is
         INVALID_ARGUMENT; one that is cancelled, breaks or passes its deadline ends as gRPC reports
         it (CANCELLED, DEADLINE_EXCEEDED, UNAVAILABLE); in every such case nothing commits.
+        A stale `expected_version` is ABORTED with a VersionConflict in the status details.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

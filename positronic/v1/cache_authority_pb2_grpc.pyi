@@ -64,6 +64,7 @@ class CacheAuthorityStub:
     version once a message with end_of_patch arrives. A stream that ends without it is
     INVALID_ARGUMENT; one that is cancelled, breaks or passes its deadline ends as gRPC reports
     it (CANCELLED, DEADLINE_EXCEEDED, UNAVAILABLE); in every such case nothing commits.
+    A stale `expected_version` is ABORTED with a VersionConflict in the status details.
     """
     GetSession: _grpc.UnaryUnaryMultiCallable[_cache_authority_pb2.GetSessionRequest, _cache_authority_pb2.GetSessionResponse]
     """Returns the session's summary and its mirror."""
@@ -117,6 +118,7 @@ class CacheAuthorityAsyncStub(CacheAuthorityStub):
     version once a message with end_of_patch arrives. A stream that ends without it is
     INVALID_ARGUMENT; one that is cancelled, breaks or passes its deadline ends as gRPC reports
     it (CANCELLED, DEADLINE_EXCEEDED, UNAVAILABLE); in every such case nothing commits.
+    A stale `expected_version` is ABORTED with a VersionConflict in the status details.
     """
     GetSession: _aio.UnaryUnaryMultiCallable[_cache_authority_pb2.GetSessionRequest, _cache_authority_pb2.GetSessionResponse]  # type: ignore[assignment]
     """Returns the session's summary and its mirror."""
@@ -179,6 +181,7 @@ class CacheAuthorityServicer(metaclass=_abc_1.ABCMeta):
         version once a message with end_of_patch arrives. A stream that ends without it is
         INVALID_ARGUMENT; one that is cancelled, breaks or passes its deadline ends as gRPC reports
         it (CANCELLED, DEADLINE_EXCEEDED, UNAVAILABLE); in every such case nothing commits.
+        A stale `expected_version` is ABORTED with a VersionConflict in the status details.
         """
 
     @_abc_1.abstractmethod
