@@ -12,7 +12,7 @@ import sys
 import grpc
 
 from positronic.clients import Endpoints
-from positronic.loop import REDUCTIONS, LoopConfig, LoopError, run_loop
+from positronic.loop import REDUCTIONS, LoopConfig, LoopConfigError, LoopError, run_loop
 from positronic.policies import POLICIES, make_policy
 from positronic.rpc import read_token_file
 
@@ -139,6 +139,9 @@ def run(args: argparse.Namespace) -> int:
         stack.callback(endpoints.close)
         try:
             stats = run_loop(endpoints, prompt, config, write)
+        except LoopConfigError as e:  # the settings cannot work with this model: a usage error
+            logger.error("%s", e)
+            return 2
         except LoopError as e:
             logger.error("%s", e)
             return 1

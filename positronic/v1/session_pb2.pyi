@@ -216,7 +216,9 @@ class MirrorEntry(_message.Message):
     token_id: _builtins.int
     """Token id whose K/V the row holds."""
     piece: _builtins.str
-    """Text of the token as the tokenizer decodes it in context."""
+    """Vocabulary piece of the token ("▁Once", "<0xF0>", "<s>"), the same for prompt, generated
+    and merged rows; its text is the worker's to give (Detokenize).
+    """
     brightness: _builtins.float
     """Brightness in [0, max], maintained by the loop."""
     source: Global___TokenSource.ValueType
@@ -288,7 +290,9 @@ class AppendOp(_message.Message):
 
     @_builtins.property
     def pieces(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Decoded text of each token, same length as token_ids (may be empty strings)."""
+        """Vocabulary piece of each token (see MirrorEntry.piece), same length as token_ids (may be
+        empty strings).
+        """
 
     @_builtins.property
     def brightness(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
@@ -330,7 +334,7 @@ class ReplacePairOp(_message.Message):
     token_id: _builtins.int
     """The replacement token."""
     piece: _builtins.str
-    """Decoded text of the replacement."""
+    """Vocabulary piece of the replacement (see MirrorEntry.piece)."""
     brightness: _builtins.float
     """Brightness of the merged row."""
     replaced_text: _builtins.str
