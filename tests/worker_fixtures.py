@@ -252,7 +252,7 @@ def stories(path: str) -> LoadedModel:
 def story_ids(lm: LoadedModel, text: str = STORY) -> list[int]:
     from positronic.special_tokens import encode_prompt
 
-    return encode_prompt(lm.tokenizer, text).ids
+    return encode_prompt(lm.encoder, text).ids
 
 
 def eager_copy(lm: LoadedModel):
