@@ -173,7 +173,7 @@ def test_hugging_face_alone_differs_from_sentencepiece_on_whitespace(real):
 
 
 def test_tokenize_cli_json(llama2_tokenizer_dir, sp, tmp_path):
-    text = text_of_exactly(sp, 300)
+    text = text_of_exactly(sp, 300) + " a<s>b </s>  <unk>"  # special-token strings are text
     f = tmp_path / "prompt.txt"
     f.write_text(text, encoding="utf-8")
     base = [
@@ -198,4 +198,5 @@ def test_tokenize_cli_json(llama2_tokenizer_dir, sp, tmp_path):
     assert plain["ids"] == sp.encode(text)
     assert plain["pieces"] == sp.encode(text, out_type=str)
     assert with_bos["ids"] == [BOS, *sp.encode(text)]
-    assert len(with_bos["pieces"]) == 301
+    assert len(with_bos["pieces"]) == len(sp.encode(text)) + 1
+    assert with_bos["structural"] == [True] + [False] * len(sp.encode(text))

@@ -35,7 +35,8 @@ class ModelWorkerStub:
     pairs 256; max_candidates 100; top_logprobs 100. session_id: 1 to 128 characters of
     [A-Za-z0-9._-], starting with a letter or digit. expected_digest: 32 bytes, required on
     Prefill, Step, ComputeKV, Repair and Tick (INVALID_ARGUMENT when empty). Error messages quote
-    at most 32 characters of a request's own values.
+    a request's values only in bounded form: a valid session id (at most 128 characters), numbers,
+    and at most 32 characters of anything else.
 
     Text: every `piece` in these messages (and in the mirror) is the vocabulary piece of an id
     ("▁Once", "<0xF0>", "<s>"); the text an id adds is given as bytes or text where it is needed.
@@ -104,7 +105,8 @@ class ModelWorkerServicer:
     pairs 256; max_candidates 100; top_logprobs 100. session_id: 1 to 128 characters of
     [A-Za-z0-9._-], starting with a letter or digit. expected_digest: 32 bytes, required on
     Prefill, Step, ComputeKV, Repair and Tick (INVALID_ARGUMENT when empty). Error messages quote
-    at most 32 characters of a request's own values.
+    a request's values only in bounded form: a valid session id (at most 128 characters), numbers,
+    and at most 32 characters of anything else.
 
     Text: every `piece` in these messages (and in the mirror) is the vocabulary piece of an id
     ("▁Once", "<0xF0>", "<s>"); the text an id adds is given as bytes or text where it is needed.
@@ -245,7 +247,8 @@ class ModelWorker:
     pairs 256; max_candidates 100; top_logprobs 100. session_id: 1 to 128 characters of
     [A-Za-z0-9._-], starting with a letter or digit. expected_digest: 32 bytes, required on
     Prefill, Step, ComputeKV, Repair and Tick (INVALID_ARGUMENT when empty). Error messages quote
-    at most 32 characters of a request's own values.
+    a request's values only in bounded form: a valid session id (at most 128 characters), numbers,
+    and at most 32 characters of anything else.
 
     Text: every `piece` in these messages (and in the mirror) is the vocabulary piece of an id
     ("▁Once", "<0xF0>", "<s>"); the text an id adds is given as bytes or text where it is needed.
