@@ -39,18 +39,20 @@ def tokenize(lm: LoadedModel, text: str, add_bos: bool) -> Encoded:
 
 
 def detokenize(lm: LoadedModel, ids: Sequence[int], skip_special_tokens: bool) -> Detokenized:
-    """Special tokens add their piece ("<s>") to the text, or nothing when skipped."""
+    """Special tokens add their piece ("<s>") to the text, or nothing when skipped. Ids of the
+    model's vocabulary past the tokenizer's (padding rows a model may still sample) have no
+    piece and add nothing."""
     check_count("ids", ids, MAX_IDS)
     table = lm.table
+    size = max(len(table), lm.vocab_size)
     for i, t in enumerate(ids):
-        if not 0 <= t < len(table):
-            raise invalid(f"id {i} ({t}) outside the tokenizer's vocabulary [0, {len(table)})")
+        if not 0 <= t < size:
+            raise invalid(f"id {i} ({t}) outside the vocabulary [0, {size})")
     shown = frozenset() if skip_special_tokens else table.special
-    chunks = [table.pieces[t].encode() if t in shown else table.text_bytes[t] for t in ids]
+    pieces = [table.pieces[t] if t < len(table) else "" for t in ids]
+    chunks = [
+        piece.encode() if t in shown else table.text_bytes[t] if t < len(table) else b""
+        for t, piece in zip(ids, pieces, strict=True)
+    ]
     texts = stream_texts(chunks)
-    return Detokenized(
-        text="".join(texts),
-        pieces=[table.pieces[t] for t in ids],
-        piece_bytes=chunks,
-        piece_texts=texts,
-    )
+    return Detokenized(text="".join(texts), pieces=pieces, piece_bytes=chunks, piece_texts=texts)
