@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 
 from cache_authority.feed import WatchEvent
 from cache_authority.metrics import Metrics
-from cache_authority.ops import PatchError, Status, chain_digest, ops_from_pb
+from cache_authority.ops import PatchError, Status, chain_digest, ops_from_pb, patch_fingerprint
 from cache_authority.persistence import LogRepairFailed, SessionStore, StoredReply
 from cache_authority.sessions import (
     Committed,
@@ -27,6 +27,7 @@ from cache_authority.sessions import (
 )
 from cache_authority.snapshot import state_to_snapshot
 from cache_authority.state import commit_staged, stage_ops, validate_ops
+from positronic.limits import clip
 from positronic.v1 import cache_authority_pb2, session_pb2
 
 logger = logging.getLogger(__name__)
@@ -56,7 +57,13 @@ class Engine(SessionRegistry):
                     self._remember(
                         s,
                         reply.request_id,
-                        PatchResult(reply.version, reply.digest, reply.row_count, 0),
+                        PatchResult(
+                            reply.version,
+                            reply.digest,
+                            reply.row_count,
+                            0,
+                            fingerprint=reply.fingerprint,
+                        ),
                     )
                 for r in rec.replayed:
                     c = Committed(r.patch, r.row_count, r.appended, r.merged, r.evicted)
@@ -65,7 +72,15 @@ class Engine(SessionRegistry):
                         self._remember(
                             s,
                             r.patch.request_id,
-                            PatchResult(r.patch.version, r.patch.digest, r.row_count, 0),
+                            PatchResult(
+                                r.patch.version,
+                                r.patch.digest,
+                                r.row_count,
+                                0,
+                                fingerprint=patch_fingerprint(
+                                    r.patch.version - 1, list(r.patch.ops)
+                                ),
+                            ),
                         )
                 self._sessions[rec.state.session_id] = s
                 self.metrics.set_session(rec.state)
@@ -92,10 +107,18 @@ class Engine(SessionRegistry):
         session = self._session(session_id)
         with session.cond:
             self._check_live(session)
+            fingerprint = patch_fingerprint(expected_version, list(ops_pb))
             if request_id and request_id in session.replies:
-                # The stored reply, whatever ops came with the id this time: ids are the
-                # client's promise that a retry carries the same patch; we do not re-check it.
-                return replace(session.replies[request_id], replayed=True)
+                # A retry gets the stored reply; the same id with another patch is refused, not
+                # answered with the first reply while its own ops are silently dropped.
+                stored = session.replies[request_id]
+                if stored.fingerprint and stored.fingerprint != fingerprint:
+                    raise PatchError(
+                        Status.ALREADY_EXISTS,
+                        f"session {session_id}: request id {clip(request_id)} was used by "
+                        f"another patch (committed as v{stored.version}); use a new id",
+                    )
+                return replace(stored, replayed=True)
             st = session.state
             if session.broken:
                 raise PatchError(
@@ -136,7 +159,9 @@ class Engine(SessionRegistry):
                 if store is not None and mark is not None:
                     self._rollback_log(store, session, mark)
                 raise
-            result = PatchResult(version, digest, st.row_count, time.perf_counter_ns() - t0)
+            result = PatchResult(
+                version, digest, st.row_count, time.perf_counter_ns() - t0, fingerprint=fingerprint
+            )
             committed = Committed(
                 patch, st.row_count, staged.appended, staged.merged, staged.evicted
             )
@@ -174,7 +199,8 @@ class Engine(SessionRegistry):
             return
         session.snapshot_tried = st.version
         replies = [
-            StoredReply(rid, r.version, r.digest, r.row_count) for rid, r in session.replies.items()
+            StoredReply(rid, r.version, r.digest, r.row_count, r.fingerprint)
+            for rid, r in session.replies.items()
         ]
         try:
             store.snapshot(st, replies)

@@ -69,6 +69,7 @@ class StoredReply:
     version: int
     digest: bytes
     row_count: int
+    fingerprint: bytes = b""  # ops.patch_fingerprint of the request (empty in older snapshots)
 
 
 @dataclass
@@ -110,15 +111,40 @@ class SessionStore:
 
     # -- writing ----------------------------------------------------------------------------
     def create(self, state: SessionState) -> None:
-        """Persist a new session: its folder appears, complete, in one rename."""
+        """Persist a new session: its folder appears, complete, in one rename.
+
+        A failure anywhere leaves no session folder behind: the caller answers an error, so a
+        restart must not bring the session back. Before the rename a dot-folder is left at worst
+        (recovery removes those); after it, the folder is moved aside into one again.
+        """
         tmp = self.root / f".creating-{state.session_id}-{time.time_ns()}"
-        tmp.mkdir()
-        self._write_snapshot(tmp, state)
-        (tmp / _wal_name(state.version)).touch()
         final = self.root / state.session_id
-        os.replace(tmp, final)
-        _fsync_dir(self.root)
-        self._open_wal(state.session_id, state.version)
+        try:
+            tmp.mkdir()
+            self._write_snapshot(tmp, state)
+            (tmp / _wal_name(state.version)).touch()
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        try:
+            _fsync_dir(self.root)
+            self._open_wal(state.session_id, state.version)
+        except BaseException:
+            self.close_session(state.session_id)
+            self._discard(final, state.session_id)
+            raise
+
+    def _discard(self, folder: Path, session_id: str) -> None:
+        """Move a session folder aside in one rename (recovery skips dot-folders); remove it."""
+        trash = self.root / f".deleted-{session_id}-{time.time_ns()}"
+        try:
+            os.replace(folder, trash)
+            _fsync_dir(self.root)
+        except OSError as e:
+            logger.error("session %s: could not remove a half-created folder: %s", session_id, e)
+            return
+        shutil.rmtree(trash, ignore_errors=True)
 
     def append(self, session_id: str, patch: session_pb2.CommittedPatch) -> int:
         """Append and fsync one record; returns the offset to roll back to. On failure nothing
@@ -205,7 +231,10 @@ class SessionStore:
         self, folder: Path, state: SessionState, replies: Iterable[StoredReply] = ()
     ) -> None:
         header = state_to_header(state)
-        stored = [[r.request_id, r.version, r.digest.hex(), r.row_count] for r in replies]
+        stored = [
+            [r.request_id, r.version, r.digest.hex(), r.row_count, r.fingerprint.hex()]
+            for r in replies
+        ]
         blob = save_safetensors(
             {
                 "canonical_keys": state.live_canonical_keys().contiguous(),
@@ -309,8 +338,10 @@ def _load_snapshot(path: Path) -> tuple[SessionState, list[StoredReply]]:
         state = state_from_parts(header, f.get_tensor("canonical_keys"), f.get_tensor("values"))
     # Snapshots written before replies were kept have none.
     replies = [
-        StoredReply(rid, version, bytes.fromhex(digest), rows)
-        for rid, version, digest, rows in json.loads(metadata.get("replies", "[]"))
+        StoredReply(
+            rid, version, bytes.fromhex(digest), rows, bytes.fromhex(rest[0] if rest else "")
+        )
+        for rid, version, digest, rows, *rest in json.loads(metadata.get("replies", "[]"))
     ]
     return state, replies
 

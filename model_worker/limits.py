@@ -1,16 +1,16 @@
 """Limits on every request field of the ModelWorker (stated in model_worker.proto), and the checks
 every RPC shares: the session it names, the digest it must name.
 
-A field over its limit is RESOURCE_EXHAUSTED; a malformed one INVALID_ARGUMENT. Messages echo at
-most `ECHO_CHARS` characters of what the client sent.
+A field over its limit is RESOURCE_EXHAUSTED; a malformed one INVALID_ARGUMENT. Messages quote
+client strings through `positronic.limits.clip` (a bounded prefix), as the authority does.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sized
 
 from model_worker.errors import WorkerError, invalid
+from positronic.limits import check_session_id
 
 MAX_TEXT_BYTES = 1 << 20  # Tokenize: UTF-8 bytes of text
 MAX_IDS = 1 << 16  # Detokenize ids, Prefill token_ids
@@ -19,15 +19,6 @@ MAX_PAIRS = 256  # Repair pairs
 MAX_TOP_LOGPROBS = 100  # Step top_logprobs
 MAX_CANDIDATES = 100  # Repair max_candidates
 DIGEST_BYTES = 32  # sha256, as the authority's digest chain
-ECHO_CHARS = 32
-# As the authority's session ids (cache_authority/sessions.py).
-SESSION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-
-
-def echo(value: object) -> str:
-    """A bounded, printable prefix of client input for an error message."""
-    text = repr(value)
-    return text if len(text) <= ECHO_CHARS else text[:ECHO_CHARS] + "..."
 
 
 def over(what: str, count: int, limit: int) -> WorkerError:
@@ -40,8 +31,9 @@ def check_count(what: str, items: Sized, limit: int) -> None:
 
 
 def check_session(session_id: str, version: int) -> None:
-    if not SESSION_ID.fullmatch(session_id):
-        raise invalid(f"session id {echo(session_id)} must match {SESSION_ID.pattern}")
+    why = check_session_id(session_id)  # the authority's rule
+    if why:
+        raise invalid(why)
     if version < 0:
         raise invalid(f"version must be >= 0, got {version}")
 

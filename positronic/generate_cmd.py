@@ -11,6 +11,7 @@ import sys
 
 import grpc
 
+from positronic import flags
 from positronic.clients import Endpoints
 from positronic.loop import REDUCTIONS, LoopConfig, LoopConfigError, LoopError, run_loop
 from positronic.policies import POLICIES, make_policy
@@ -32,7 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--worker",
         default=env("POSITRONIC_WORKER"),
-        help="HOST:PORT of a running worker [POSITRONIC_WORKER]",
+        help="HOST:PORT of a running worker; several workers as A:P,B:P or dns:///NAME:PORT "
+        "(calls go round-robin, a lost worker's calls are retried on the others) "
+        "[POSITRONIC_WORKER]",
     )
     p.add_argument(
         "--authority",
@@ -73,6 +76,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=env("POSITRONIC_AUTH_TOKEN_FILE"),
         help="bearer token for both services [POSITRONIC_AUTH_TOKEN_FILE]",
     )
+    flags.add_client_tls_arguments(p)
 
 
 def _config(args: argparse.Namespace) -> LoopConfig:
@@ -111,7 +115,12 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         logger.error("%s", e)
         return 2
-    token = read_token_file(args.auth_token_file)
+    try:
+        token = read_token_file(args.auth_token_file)
+        tls = flags.client_tls(args, os.environ)
+    except (ValueError, OSError) as e:
+        logger.error("%s", e)
+        return 2
 
     def write(text: str) -> None:
         sys.stdout.write(text)
@@ -135,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
                 )
             )
             authority, worker = addrs.authority, addrs.worker
-        endpoints = Endpoints.connect(authority, worker, token)
+        endpoints = Endpoints.connect(authority, worker, token, tls if args.worker else None)
         stack.callback(endpoints.close)
         try:
             stats = run_loop(endpoints, prompt, config, write)

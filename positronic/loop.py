@@ -195,7 +195,7 @@ class Loop:
             budget=session_pb2.Budget(
                 target_rows=self.cfg.target_rows, hard_max_rows=self.cfg.hard_max_rows
             ),
-            seed_brightness=self.cfg.policy.initial_score() or 0.0,
+            seed_brightness=self.cfg.policy.initial_score(),
         )
         resp = call_with_retry(lambda: self.ep.authority.CreateSession(req), "CreateSession")
         return resp.session.session_id, resp.session.digest
@@ -255,7 +255,15 @@ class Loop:
                         )
                     )
                 )
-        resp = send_patch(self.ep, session_id, 0, _request_id(), ops)
+        resp = send_patch(
+            self.ep,
+            session_id,
+            0,
+            _request_id(),
+            ops,
+            timeout_s=self.cfg.retry_timeout_s,
+            call_timeout_s=10 * self.cfg.call_timeout_s,  # a prime may be large
+        )
         self.stats.max_rows = max(self.stats.max_rows, resp.row_count)
         return View(
             version=resp.version,
@@ -351,6 +359,7 @@ class Loop:
             _request_id(),
             ops,
             timeout_s=self.cfg.retry_timeout_s,
+            call_timeout_s=self.cfg.call_timeout_s,
         )
         new_view = apply_edits(
             view,

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Validates docker-compose.yml with Debian's docker-compose (no engine needed for `config`).
+# Validates docker-compose.yml, alone and with the TLS overlay, with Debian's docker-compose
+# (no engine needed for `config`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! command -v docker-compose >/dev/null 2>&1; then
@@ -12,3 +13,5 @@ if ! command -v docker-compose >/dev/null 2>&1; then
 fi
 docker-compose -f docker-compose.yml config -q
 echo "docker-compose.yml is valid"
+docker-compose -f docker-compose.yml -f docker-compose.tls.yml config -q
+echo "docker-compose.yml + docker-compose.tls.yml (TLS, token) is valid"

@@ -160,7 +160,7 @@ def draw_patch(data, rows: list[Row], seed: int):
 @given(data=st.data())
 def test_random_patches_match_the_reference_model(data):
     engine = Engine()
-    engine.create_session("s", tiny_geometry(), Budget(HARD, HARD), 0.0, lambda s: None)
+    engine.create_session("s", tiny_geometry(), Budget(HARD, HARD), None, lambda s: None)
     replica = Reference("s", HARD)  # a worker-style replica replaying the committed ops
     rows: list[Row] = []
     ledger, digest = 0, GENESIS_DIGEST
@@ -185,7 +185,7 @@ def test_random_patches_match_the_reference_model(data):
 
 def _primed(n: int = 4):
     engine = Engine()
-    engine.create_session("s", tiny_geometry(), Budget(8, 8), 0.0, lambda s: None)
+    engine.create_session("s", tiny_geometry(), Budget(8, 8), None, lambda s: None)
     engine.patch("s", 0, "", [append_pb(0, list(range(10, 10 + n)), seed=1)])
     return engine
 

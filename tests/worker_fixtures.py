@@ -334,6 +334,7 @@ def patch(authority, session_id: str, version: int, ops) -> At:
         expected_version=version,
         request_id=uuid.uuid4().hex,
         ops=ops,
+        end_of_patch=True,
     )
     resp = authority.Patch(iter([request]))
     return At(resp.version, resp.digest)

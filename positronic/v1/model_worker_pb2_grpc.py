@@ -36,7 +36,7 @@ class ModelWorkerStub:
     [A-Za-z0-9._-], starting with a letter or digit. expected_digest: 32 bytes, required on
     Prefill, Step, ComputeKV, Repair and Tick (INVALID_ARGUMENT when empty). Error messages quote
     a request's values only in bounded form: a valid session id (at most 128 characters), numbers,
-    and at most 32 characters of anything else.
+    and at most 64 characters of anything else.
 
     Text: every `piece` in these messages (and in the mirror) is the vocabulary piece of an id
     ("▁Once", "<0xF0>", "<s>"); the text an id adds is given as bytes or text where it is needed.
@@ -106,7 +106,7 @@ class ModelWorkerServicer:
     [A-Za-z0-9._-], starting with a letter or digit. expected_digest: 32 bytes, required on
     Prefill, Step, ComputeKV, Repair and Tick (INVALID_ARGUMENT when empty). Error messages quote
     a request's values only in bounded form: a valid session id (at most 128 characters), numbers,
-    and at most 32 characters of anything else.
+    and at most 64 characters of anything else.
 
     Text: every `piece` in these messages (and in the mirror) is the vocabulary piece of an id
     ("▁Once", "<0xF0>", "<s>"); the text an id adds is given as bytes or text where it is needed.
@@ -248,7 +248,7 @@ class ModelWorker:
     [A-Za-z0-9._-], starting with a letter or digit. expected_digest: 32 bytes, required on
     Prefill, Step, ComputeKV, Repair and Tick (INVALID_ARGUMENT when empty). Error messages quote
     a request's values only in bounded form: a valid session id (at most 128 characters), numbers,
-    and at most 32 characters of anything else.
+    and at most 64 characters of anything else.
 
     Text: every `piece` in these messages (and in the mirror) is the vocabulary piece of an id
     ("▁Once", "<0xF0>", "<s>"); the text an id adds is given as bytes or text where it is needed.

@@ -37,7 +37,7 @@ class ModelWorkerStub:
     [A-Za-z0-9._-], starting with a letter or digit. expected_digest: 32 bytes, required on
     Prefill, Step, ComputeKV, Repair and Tick (INVALID_ARGUMENT when empty). Error messages quote
     a request's values only in bounded form: a valid session id (at most 128 characters), numbers,
-    and at most 32 characters of anything else.
+    and at most 64 characters of anything else.
 
     Text: every `piece` in these messages (and in the mirror) is the vocabulary piece of an id
     ("▁Once", "<0xF0>", "<s>"); the text an id adds is given as bytes or text where it is needed.
@@ -88,7 +88,7 @@ class ModelWorkerAsyncStub(ModelWorkerStub):
     [A-Za-z0-9._-], starting with a letter or digit. expected_digest: 32 bytes, required on
     Prefill, Step, ComputeKV, Repair and Tick (INVALID_ARGUMENT when empty). Error messages quote
     a request's values only in bounded form: a valid session id (at most 128 characters), numbers,
-    and at most 32 characters of anything else.
+    and at most 64 characters of anything else.
 
     Text: every `piece` in these messages (and in the mirror) is the vocabulary piece of an id
     ("▁Once", "<0xF0>", "<s>"); the text an id adds is given as bytes or text where it is needed.
@@ -135,7 +135,7 @@ class ModelWorkerServicer(metaclass=_abc_1.ABCMeta):
     [A-Za-z0-9._-], starting with a letter or digit. expected_digest: 32 bytes, required on
     Prefill, Step, ComputeKV, Repair and Tick (INVALID_ARGUMENT when empty). Error messages quote
     a request's values only in bounded form: a valid session id (at most 128 characters), numbers,
-    and at most 32 characters of anything else.
+    and at most 64 characters of anything else.
 
     Text: every `piece` in these messages (and in the mirror) is the vocabulary piece of an id
     ("▁Once", "<0xF0>", "<s>"); the text an id adds is given as bytes or text where it is needed.
