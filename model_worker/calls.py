@@ -16,6 +16,7 @@ from model_worker import forward, sampling
 from model_worker.attention import LAST_LAYER
 from model_worker.errors import WorkerError, invalid
 from model_worker.forward import KV, Rows, StepOutput
+from model_worker.limits import MAX_IDS, MAX_INSERTIONS, MAX_TOP_LOGPROBS, check_count, over
 from model_worker.model import LoadedModel
 
 DEFAULT_CHUNK_TOKENS = 256
@@ -59,8 +60,10 @@ def check_step(lm: LoadedModel, params: StepParams) -> None:
     check_token(lm, params.input_token_id, "input token")
     if params.forced_next_token_id is not None:
         check_token(lm, params.forced_next_token_id, "forced next token")
-    if not 0 <= params.top_logprobs <= sampling.MAX_TOP_LOGPROBS:
-        raise invalid(f"top_logprobs must be in [0, {sampling.MAX_TOP_LOGPROBS}]")
+    if params.top_logprobs < 0:
+        raise invalid(f"top_logprobs must be >= 0, got {params.top_logprobs}")
+    if params.top_logprobs > MAX_TOP_LOGPROBS:
+        raise over("top_logprobs", params.top_logprobs, MAX_TOP_LOGPROBS)
 
 
 def step(lm: LoadedModel, rows: Rows, params: StepParams) -> StepResult:
@@ -84,16 +87,26 @@ def step(lm: LoadedModel, rows: Rows, params: StepParams) -> StepResult:
 
 
 def check_tokens(lm: LoadedModel, token_ids: Sequence[int], what: str) -> None:
+    check_count(f"{what}s", token_ids, MAX_IDS)
     for i, t in enumerate(token_ids):
         check_token(lm, t, f"{what} {i}")
 
 
+def check_insertions(lm: LoadedModel, insertions: Sequence[tuple[int, int]]) -> None:
+    """What can be checked without the replica (so before syncing)."""
+    check_count("insertions", insertions, MAX_INSERTIONS)
+    for i, (position, token_id) in enumerate(insertions):
+        if position < 0:
+            raise invalid(f"insertion {i}: position {position} is negative")
+        check_token(lm, token_id, f"insertion {i}")
+
+
 def compute_kv(lm: LoadedModel, rows: Rows, insertions: Sequence[tuple[int, int]]) -> list[KV]:
     """K/V of each (position, token) over the rows before it. All are checked before any runs."""
-    for i, (position, token_id) in enumerate(insertions):
+    check_insertions(lm, insertions)
+    for i, (position, _) in enumerate(insertions):
         if not 0 <= position <= rows.count:
             raise invalid(f"insertion {i}: position {position} outside [0, {rows.count}]")
-        check_token(lm, token_id, f"insertion {i}")
         check_positions(lm, position, 1, f"insertion {i}")
     return forward.compute_kv(lm, rows, insertions)
 
@@ -104,6 +117,8 @@ def check_prefill(
     """Validate a Prefill request; returns the chunk size to forward with."""
     if not token_ids:
         raise invalid("prefill needs at least one token")
+    if len(token_ids) > MAX_IDS:
+        raise over("prefill tokens", len(token_ids), MAX_IDS)
     if not 0 <= start <= row_count:
         raise invalid(f"start_position {start} outside [0, {row_count}]")
     if chunk_tokens < 0:

@@ -16,7 +16,7 @@ import torch
 
 from model_worker.forward import Rows, alternatives_logits, next_token_logits
 from model_worker.model import LoadedModel
-from model_worker.repair import Candidate, banned_ids, piece_after
+from model_worker.repair import Candidate, banned_ids, candidate
 
 
 @dataclass
@@ -46,7 +46,4 @@ class LMRepairer:
             logits = alternatives_logits(self.lm, rows, p, ids.tolist()).cpu()
             scores += logits.log_softmax(dim=-1)[:, follower]
         order = torch.argsort(scores, descending=True, stable=True)[:max_candidates]
-        return [
-            Candidate(int(ids[i]), piece_after(self.lm, rows, p, int(ids[i])), float(scores[i]))
-            for i in order.tolist()
-        ]
+        return [candidate(self.lm, int(ids[i]), float(scores[i])) for i in order.tolist()]

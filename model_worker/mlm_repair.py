@@ -1,10 +1,12 @@
 """The `mlm` repairer: the user's design, a masked LM reads the text around the pair.
 
-For the pair (a, b) at rows (p, p + 1): the rows around it are detokenized (a window on each
-side); a's text is replaced by the mask token and b's text is left out; the masked LM predicts the
-masked word; each prediction is re-tokenized with the causal model's tokenizer, without special
-tokens and after the left context (a word alone gets a word-start marker it may not have in
-place), and kept only if it is exactly one causal token. Candidates keep the masked LM's order
+For the pair (a, b) at rows (p, p + 1): the rows around it are turned into text (a window on
+each side, exact bytes from the token table); a's text is replaced by the mask token and b's text
+is left out; the masked LM predicts the masked word; each prediction is re-tokenized with the
+causal model's tokenizer, without special tokens and after the left context (a word alone gets a
+word-start marker it may not have in place), and kept only if it is exactly one causal token.
+The mask is placed by id between the encoded left and right texts: text in the window that spells
+a special token ("[MASK]", "[SEP]") stays text. Candidates keep the masked LM's order
 and score (its log-probability). Real users point `--repair-model` at e.g.
 `distilbert-base-uncased`.
 """
@@ -18,8 +20,8 @@ import torch
 
 from model_worker.forward import Rows
 from model_worker.model import LoadedModel, choose_device
-from model_worker.repair import Candidate, banned_ids, piece_after
-from positronic.special_tokens import decode_pieces, encode_text
+from model_worker.repair import Candidate, banned_ids, candidate
+from positronic.special_tokens import TextEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -29,10 +31,12 @@ class MaskedLM:
     name: str
     model: torch.nn.Module
     tokenizer: object
+    encoder: TextEncoder = field(init=False)
 
     def __post_init__(self) -> None:
         if getattr(self.tokenizer, "mask_token_id", None) is None:
             raise ValueError(f"{self.name}: the tokenizer has no mask token")
+        self.encoder = TextEncoder(self.tokenizer)
         self.model.eval()
 
 
@@ -60,22 +64,33 @@ class MLMRepairer:
     def masked_text(self, rows: Rows, p: int) -> tuple[str, str, str]:
         """(left text, the space the first token carried, right text) around the pair."""
         lo, hi = max(0, p - self.window), min(rows.count, p + 2 + self.window)
-        ids = list(rows.token_ids[lo:hi])
-        pieces = decode_pieces(self.lm.tokenizer, ids)
-        pieces = ["" if t in self._banned else s for t, s in zip(ids, pieces, strict=True)]
-        first = pieces[p - lo]
-        lead = first[: len(first) - len(first.lstrip())]
-        return "".join(pieces[: p - lo]).lstrip(), lead, "".join(pieces[p + 2 - lo :])
 
-    def predictions(self, left: str, lead: str, right: str) -> list[tuple[int, float]]:
-        """Masked-LM (id, log-prob) for the masked word, best first, special tokens left out."""
+        def text(a: int, b: int) -> str:  # special and undecodable ids add nothing
+            ids = [int(t) for t in rows.token_ids[a:b]]
+            return self.lm.table.text_of(t for t in ids if t not in self._banned)
+
+        first = text(p, p + 1)
+        lead = first[: len(first) - len(first.lstrip())]
+        return text(lo, p).lstrip(), lead, text(p + 2, hi)
+
+    def masked_ids(self, left: str, right: str) -> tuple[list[int], int]:
+        """The masked LM's input ids and the mask's index: CLS, left, the mask, right, SEP. The
+        mask carries the masked token's word-start space (masked LMs' masks absorb it)."""
         tok = self.mlm.tokenizer
-        text = f"{left}{lead}{tok.mask_token}{right}"  # type: ignore[attr-defined]
-        ids = encode_text(tok, text)
+        mask = int(tok.mask_token_id)  # type: ignore[attr-defined]
+        left_ids = self.mlm.encoder.encode(left) if left else []
+        right_ids = self.mlm.encoder.encode(right) if right else []
         # Structural tokens the masked LM was trained with, added on purpose.
         cls, sep = getattr(tok, "cls_token_id", None), getattr(tok, "sep_token_id", None)
-        ids = ([cls] if cls is not None else []) + ids + ([sep] if sep is not None else [])
-        mask_at = ids.index(tok.mask_token_id)  # type: ignore[attr-defined]
+        head = [int(cls)] if cls is not None else []
+        tail = [int(sep)] if sep is not None else []
+        return [*head, *left_ids, mask, *right_ids, *tail], len(head) + len(left_ids)
+
+    def predictions(self, left: str, lead: str, right: str) -> list[tuple[int, float]]:
+        """Masked-LM (id, log-prob) for the masked word, best first, special tokens left out.
+        (`lead`, the masked token's space, is the mask's own.)"""
+        tok = self.mlm.tokenizer
+        ids, mask_at = self.masked_ids(left, right)
         limit = int(getattr(self.mlm.model.config, "max_position_embeddings", 512))
         if len(ids) > limit:  # keep the mask near the middle
             start = min(max(0, mask_at - limit // 2), len(ids) - limit)
@@ -93,22 +108,22 @@ class MLMRepairer:
 
     def candidates(self, rows: Rows, position: int, max_candidates: int) -> list[Candidate]:
         left, lead, right = self.masked_text(rows, position)
-        causal = self.lm.tokenizer
-        left_ids = encode_text(causal, left) if left else []
+        causal = self.lm.encoder
+        left_ids = causal.encode(left) if left else []
         out: list[Candidate] = []
         seen: set[int] = set()
         for mlm_id, score in self.predictions(left, lead, right):
             word = self.mlm.tokenizer.decode([mlm_id]).strip()  # type: ignore[attr-defined]
             if not word or word.startswith("##"):  # a word-piece continuation is no word
                 continue
-            ids = encode_text(causal, f"{left}{lead}{word}")
+            ids = causal.encode(f"{left}{lead}{word}")
             if ids[: len(left_ids)] != left_ids or len(ids) != len(left_ids) + 1:
                 continue  # more than one causal token (or the boundary merged with the left)
             token = ids[-1]
             if token in self._banned or token in seen:
                 continue
             seen.add(token)
-            out.append(Candidate(token, piece_after(self.lm, rows, position, token), score))
+            out.append(candidate(self.lm, token, score))
             if len(out) == max_candidates:
                 break
         return out

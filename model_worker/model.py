@@ -18,7 +18,8 @@ import torch
 from cache_authority.state import Geometry
 from model_worker import attention
 from positronic.rope import Rope
-from positronic.special_tokens import special_id
+from positronic.special_tokens import TextEncoder, special_id
+from positronic.token_text import TokenTable
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -51,6 +52,8 @@ class LoadedModel:
     geometry: Geometry  # L, H, D, dtype, RoPE, vocabulary, positions, fingerprint
     special: SpecialIds
     num_attention_heads: int
+    encoder: TextEncoder  # the only way text becomes ids (never a special id)
+    table: TokenTable  # each id's vocabulary piece and the bytes it adds to text
 
     @property
     def device(self) -> torch.device:
@@ -144,6 +147,8 @@ def describe(name: str, model: PreTrainedModel, tokenizer) -> LoadedModel:
         geometry=geometry,
         special=special_ids(tokenizer),
         num_attention_heads=n_heads,
+        encoder=TextEncoder(tokenizer),
+        table=TokenTable.from_tokenizer(tokenizer),
     )
 
 

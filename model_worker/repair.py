@@ -16,18 +16,16 @@ from typing import Protocol
 
 from model_worker.errors import WorkerError, invalid
 from model_worker.forward import Rows
+from model_worker.limits import MAX_CANDIDATES, MAX_PAIRS, check_count, over
 from model_worker.model import LoadedModel
-from positronic.special_tokens import decode_pieces
 
 DEFAULT_CANDIDATES = 5
-MAX_CANDIDATES = 100
-PIECE_CONTEXT_ROWS = 8  # rows of left context a candidate's piece is decoded after
 
 
 @dataclass(frozen=True)
 class Candidate:
     token_id: int
-    piece: str  # its text after the rows before the pair
+    piece: str  # its vocabulary piece ("▁dog"), as the mirror records it
     score: float  # higher is better, comparable within one pair
 
 
@@ -53,22 +51,32 @@ def banned_ids(lm: LoadedModel) -> set[int]:
     return banned
 
 
-def piece_after(lm: LoadedModel, rows: Rows, position: int, token_id: int) -> str:
-    """The text `token_id` adds after the rows just before `position`."""
-    context = list(rows.token_ids[max(0, position - PIECE_CONTEXT_ROWS) : position])
-    return decode_pieces(lm.tokenizer, [token_id], context=context)[0]
+def candidate(lm: LoadedModel, token_id: int, score: float) -> Candidate:
+    return Candidate(token_id, lm.table.pieces[token_id], score)
+
+
+def check_request(pairs: Sequence[PairRef], max_candidates: int) -> int:
+    """What can be checked without the replica (so before syncing); returns the candidate
+    count to use."""
+    check_count("pairs", pairs, MAX_PAIRS)
+    if max_candidates < 0:
+        raise invalid(f"max_candidates must be >= 0, got {max_candidates}")
+    if max_candidates > MAX_CANDIDATES:
+        raise over("max_candidates", max_candidates, MAX_CANDIDATES)
+    for i, pair in enumerate(pairs):
+        if len(pair.expected_token_ids) != 2:
+            got = len(pair.expected_token_ids)
+            raise invalid(f"pair {i}: needs 2 expected token ids, got {got}")
+    return max_candidates or DEFAULT_CANDIDATES
 
 
 def check_pairs(rows: Rows, pairs: Sequence[PairRef], max_candidates: int) -> int:
     """Validate every pair before computing anything; returns the candidate count to use."""
-    if max_candidates < 0:
-        raise invalid(f"max_candidates must be >= 0, got {max_candidates}")
+    k = check_request(pairs, max_candidates)
     for i, pair in enumerate(pairs):
         p = pair.position
         if p < 0 or p + 1 >= rows.count:
             raise invalid(f"pair {i}: position {p} needs rows {p}, {p + 1} of {rows.count}")
-        if len(pair.expected_token_ids) != 2:
-            raise invalid(f"pair {i}: needs 2 expected token ids")
         actual = list(rows.token_ids[p : p + 2])
         if actual != list(pair.expected_token_ids):
             raise WorkerError(
@@ -76,7 +84,7 @@ def check_pairs(rows: Rows, pairs: Sequence[PairRef], max_candidates: int) -> in
                 f"pair {i}: expected tokens {list(pair.expected_token_ids)} at {p}, "
                 f"the replica holds {actual}",
             )
-    return min(max_candidates or DEFAULT_CANDIDATES, MAX_CANDIDATES)
+    return k
 
 
 def repair_pairs(

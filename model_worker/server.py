@@ -23,13 +23,15 @@ from model_worker.model import DTYPES, LoadedModel, check_session_geometry, load
 from model_worker.repair import Repairer, build_repairer
 from model_worker.replica import ReplicaStore, SyncSource
 from model_worker.servicer import ModelWorkerServicer
+from positronic.request_parsing import register_servicer
 from positronic.rpc import RunningServer, start_server
 from positronic.tls import ClientTls, ServerTls
-from positronic.v1 import model_worker_pb2, model_worker_pb2_grpc
+from positronic.v1 import model_worker_pb2
 
 logger = logging.getLogger(__name__)
 
-SERVICE_NAME = model_worker_pb2.DESCRIPTOR.services_by_name["ModelWorker"].full_name
+SERVICE = model_worker_pb2.DESCRIPTOR.services_by_name["ModelWorker"]
+SERVICE_NAME = SERVICE.full_name
 REPAIRERS = ("lm", "mlm")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -138,7 +140,7 @@ def start_worker(
     servicer = ModelWorkerServicer(lm, replicas, repairer, metrics, load_error)
     running = start_server(
         config.listen,
-        lambda server: model_worker_pb2_grpc.add_ModelWorkerServicer_to_server(servicer, server),
+        lambda server: register_servicer(server, servicer, SERVICE),
         [SERVICE_NAME],
         auth_token=config.auth_token,
         max_workers=config.max_workers,

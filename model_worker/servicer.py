@@ -15,9 +15,10 @@ import grpc
 
 from model_worker import calls, convert, tokens
 from model_worker.errors import WorkerError
+from model_worker.limits import check_compute
 from model_worker.metrics import WorkerMetrics
 from model_worker.model import LoadedModel
-from model_worker.repair import Repairer, repair_pairs
+from model_worker.repair import Repairer, check_request, repair_pairs
 from model_worker.replica import ReplicaStore
 from positronic import codec
 from positronic.rpc import abort
@@ -77,13 +78,19 @@ class ModelWorkerServicer(model_worker_pb2_grpc.ModelWorkerServicer):
     def Detokenize(self, request, context):
         with self._boundary(context, "Detokenize"):
             lm, _ = self._ready()
-            text, pieces = tokens.detokenize(lm, list(request.ids), request.skip_special_tokens)
-            return pb.DetokenizeResponse(text=text, pieces=pieces)
+            out = tokens.detokenize(lm, list(request.ids), request.skip_special_tokens)
+            return pb.DetokenizeResponse(
+                text=out.text,
+                pieces=out.pieces,
+                piece_bytes=out.piece_bytes,
+                piece_texts=out.piece_texts,
+            )
 
     def Prefill(self, request, context):
         with self._boundary(context, "Prefill"):
             lm, replicas = self._ready()
             sid, version = request.session_id, request.version
+            check_compute(sid, version, request.expected_digest)
             ids = list(request.token_ids)
             start = request.start_position
             calls.check_tokens(lm, ids, "token")  # malformed before stale
@@ -109,6 +116,7 @@ class ModelWorkerServicer(model_worker_pb2_grpc.ModelWorkerServicer):
     def Step(self, request, context):
         with self._boundary(context, "Step"):
             lm, replicas = self._ready()
+            check_compute(request.session_id, request.version, request.expected_digest)
             params = convert.step_params_from_pb(request)
             calls.check_step(lm, params)  # malformed before stale
             with replicas.reading(
@@ -123,8 +131,9 @@ class ModelWorkerServicer(model_worker_pb2_grpc.ModelWorkerServicer):
     def ComputeKV(self, request, context):
         with self._boundary(context, "ComputeKV"):
             lm, replicas = self._ready()
+            check_compute(request.session_id, request.version, request.expected_digest)
             insertions = [(i.position, i.token_id) for i in request.insertions]
-            calls.check_tokens(lm, [t for _, t in insertions], "insertion")
+            calls.check_insertions(lm, insertions)
             t0 = time.perf_counter()
             with replicas.reading(
                 request.session_id, request.version, request.expected_digest
@@ -138,7 +147,9 @@ class ModelWorkerServicer(model_worker_pb2_grpc.ModelWorkerServicer):
             _, replicas = self._ready()
             if self.repairer is None:
                 raise WorkerError("UNAVAILABLE", "no repairer is loaded")
+            check_compute(request.session_id, request.version, request.expected_digest)
             pairs = convert.pairs_from_pb(request.pairs)
+            check_request(pairs, request.max_candidates)
             with replicas.reading(
                 request.session_id, request.version, request.expected_digest
             ) as rows:

@@ -15,6 +15,11 @@ import torch
 from positronic.v1 import tensor_pb2
 
 MAX_CHUNK_BYTES = 2 * 1024 * 1024  # per-message tensor payload; well under gRPC's 4 MiB default
+# Any wire shape: at most this many dimensions, and at most this many elements counting empty
+# dimensions as 1 (an empty [2^40, 2^40, 0, 8] overflows torch.empty). Far above any real block:
+# a message carries at most 64 MiB.
+MAX_DIMS = 8
+MAX_ELEMENTS = 1 << 32
 
 _TO_WIRE = {
     torch.float32: tensor_pb2.DTYPE_FLOAT32,
@@ -68,14 +73,19 @@ def encode(t: torch.Tensor) -> tensor_pb2.Tensor:
 def decode(msg: tensor_pb2.Tensor, *, max_numel: int | None = None) -> torch.Tensor:
     """Wire -> tensor (a fresh, writable CPU tensor). Raises CodecError on malformed input."""
     dtype = dtype_from_wire(msg.dtype)
+    if len(msg.shape) > MAX_DIMS:
+        raise CodecError(f"tensor of {len(msg.shape)} dimensions; at most {MAX_DIMS}")
     shape = [int(s) for s in msg.shape]
     if any(s < 0 for s in shape):
         raise CodecError(f"negative dimension in shape {shape}")
-    numel = 1
+    numel = extent = 1
     for s in shape:
         numel *= s
+        extent *= max(s, 1)
     if max_numel is not None and numel > max_numel:
         raise CodecError(f"tensor of {numel} elements exceeds the limit of {max_numel}")
+    if extent > MAX_ELEMENTS:
+        raise CodecError(f"shape {shape} is over the limit of {MAX_ELEMENTS} elements")
     expected = tensor_nbytes(dtype, shape)
     if len(msg.data) != expected:
         raise CodecError(

@@ -15,7 +15,7 @@ import grpc
 
 from positronic import flags
 from positronic.clients import Endpoints
-from positronic.loop import REDUCTIONS, Loop, LoopConfig, LoopError
+from positronic.loop import REDUCTIONS, Loop, LoopConfig, LoopConfigError, LoopError
 from positronic.models import DEMO_MODEL, demo_model_dir
 from positronic.policies import POLICIES, make_policy
 from positronic.progress_line import ProgressLine, choose_mode
@@ -195,6 +195,9 @@ def run(args: argparse.Namespace) -> int:
             status.loop = Loop(endpoints, config, write)
             with line.running():
                 stats = status.loop.run(prompt)
+        except LoopConfigError as e:  # the settings cannot work with this model: a usage error
+            logger.error("%s", e)
+            return 2
         except LoopError as e:
             logger.error("%s", e)
             return 1

@@ -27,6 +27,7 @@ from positronic import codec
 from positronic.clients import Endpoints, call_with_retry, send_patch
 from positronic.loop_view import View, apply_edits, view_from_mirror
 from positronic.policies import Policy
+from positronic.token_text import Utf8Assembler
 from positronic.v1 import cache_authority_pb2, model_worker_pb2, session_pb2
 
 logger = logging.getLogger(__name__)
@@ -42,11 +43,14 @@ REDUCTIONS = {
 
 
 MAX_STALE_IN_A_ROW = 20
-DETOKENIZE_CONTEXT = 5  # prompt ids decoded before the first new one (TGI keeps 5 too)
 
 
 class LoopError(RuntimeError):
     """The loop cannot go on (a prompt over the budget, `full` out of positions...)."""
+
+
+class LoopConfigError(LoopError):
+    """The configuration cannot work with this model (found before anything is created)."""
 
 
 @dataclass
@@ -109,31 +113,24 @@ class LoopStats:
 
 
 class Detokenizer:
-    """Incremental text through the worker's Detokenize (prefix/read offsets, as TGI does), so
-    multi-token characters are printed once they are complete. `context` (the prompt's last
-    ids) is decoded but never returned: the first new token is decoded after it, so it keeps
-    its leading space ("time," + "▁there" is " there", where "▁there" alone decodes to "there")."""
+    """Generated text, linear: one Detokenize of the one new id per token gives the bytes it adds
+    and its vocabulary piece; the UTF-8 assembler prints a character split over byte tokens once
+    its last byte arrives."""
 
-    def __init__(self, endpoints: Endpoints, context: list[int] | None = None):
-        self._worker = endpoints.worker
-        self.ids: list[int] = list(context or [])
-        self._prefix = 0
-        self._read = len(self.ids)
+    def __init__(self, call: Callable[[model_worker_pb2.DetokenizeRequest], Any]):
+        self._call = call
+        self._assembler = Utf8Assembler()
 
-    def _decode(self, ids: list[int]) -> str:
-        if not ids:
-            return ""
-        req = model_worker_pb2.DetokenizeRequest(ids=ids, skip_special_tokens=True)
-        return call_with_retry(lambda: self._worker.Detokenize(req), "Detokenize").text
+    def push(self, token_id: int) -> tuple[str, str]:
+        """(text now complete, the id's vocabulary piece). Special tokens add no text."""
+        resp = self._call(
+            model_worker_pb2.DetokenizeRequest(ids=[token_id], skip_special_tokens=True)
+        )
+        return self._assembler.push(resp.piece_bytes[0]), resp.pieces[0]
 
-    def push(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        prefix_text = self._decode(self.ids[self._prefix : self._read])
-        text = self._decode(self.ids[self._prefix :])
-        if len(text) > len(prefix_text) and not text.endswith("\ufffd"):
-            self._prefix, self._read = self._read, len(self.ids)
-            return text[len(prefix_text) :]
-        return ""
+    def flush(self) -> str:
+        """The end of the text: a character still incomplete is U+FFFD."""
+        return self._assembler.flush()
 
 
 def _sampling(config: LoopConfig, iteration: int) -> model_worker_pb2.SamplingParams:
@@ -157,11 +154,38 @@ class Loop:
         self.stats = LoopStats(hard_max=config.hard_max_rows)
         self.info = self._worker_call(lambda: self.ep.worker.Info(model_worker_pb2.InfoRequest()))
         self.eos = self.info.special_tokens.eos_token_id
+        self._check_budget_fits_positions()
+
+    def _check_budget_fits_positions(self) -> None:
+        """A compacting policy feeds each token at the row count, up to the hard maximum: rows
+        at or past the model's positions would fail mid-stream, so they are refused here."""
+        positions = self.info.geometry.max_position_embeddings
+        cfg = self.cfg
+        if cfg.policy.name == "full" or not positions or cfg.hard_max_rows < positions:
+            return
+        raise LoopConfigError(
+            f"target {cfg.target_rows} / hard maximum {cfg.hard_max_rows} rows do not fit the "
+            f"model's {positions} positions: the hard maximum (default target + 32) must be "
+            f"below {positions} (lower --target-size or --hard-max)"
+        )
 
     def _worker_call(self, fn, what: str = "worker"):
         return call_with_retry(
             fn, what, timeout_s=self.cfg.retry_timeout_s, retry_codes=WORKER_RETRY
         )
+
+    def _detokenize(self, req: model_worker_pb2.DetokenizeRequest):
+        return self._worker_call(
+            lambda: self.ep.worker.Detokenize(req, timeout=self.cfg.call_timeout_s), "Detokenize"
+        )
+
+    def _pieces(self, ids: list[int]) -> list[str]:
+        """Vocabulary pieces of ids given as ids (benchmarks), in one call per 4,096."""
+        out: list[str] = []
+        for i in range(0, len(ids), 4096):
+            req = model_worker_pb2.DetokenizeRequest(ids=ids[i : i + 4096])
+            out += list(self._detokenize(req).pieces)
+        return out
 
     # -- 0: create and prime -------------------------------------------------------------------
     def create_session(self) -> tuple[str, bytes]:
@@ -425,7 +449,7 @@ class Loop:
             ids = list(prompt_ids)
             bos = self.info.special_tokens.bos_token_id
             structural = [i == 0 and t == bos for i, t in enumerate(ids)]
-            pieces = [""] * len(ids)
+            pieces = self._pieces(ids)
         if len(ids) < 2 or all(structural):
             raise LoopError("the prompt has no text tokens")
         session_id, digest = self.create_session()
@@ -442,7 +466,8 @@ class Loop:
         view = self.prime(session_id, digest, ids[:-1], pieces[:-1], structural[:-1])
         token, source = ids[-1], session_pb2.TOKEN_SOURCE_PROMPT
         self._pending_piece = pieces[-1]
-        detok = Detokenizer(self.ep, context=ids[-DETOKENIZE_CONTEXT:])
+        detok = Detokenizer(self._detokenize)
+        forced_pieces = self._pieces(cfg.forced_tokens) if cfg.forced_tokens is not None else []
         steps = len(cfg.forced_tokens) if cfg.forced_tokens is not None else cfg.max_new_tokens
         t0 = time.perf_counter()
         i = stale_in_a_row = 0
@@ -473,12 +498,12 @@ class Loop:
             else:
                 source = session_pb2.TOKEN_SOURCE_GENERATED
             if cfg.forced_tokens is not None:
-                text = ""  # teacher forcing scores text; nothing to print
-            elif next_token == self.eos:
-                text = "\n\n"
+                text, piece = "", forced_pieces[i - 1]  # teacher forcing scores; prints nothing
             else:
-                text = detok.push(next_token)
-            self._pending_piece = text
+                text, piece = detok.push(next_token)
+                if next_token == self.eos:
+                    text += detok.flush() + "\n\n"
+            self._pending_piece = piece
             if text:
                 self.on_text(text)
             token = next_token
@@ -495,6 +520,9 @@ class Loop:
                 )
             if cfg.stop_at_eos and next_token == self.eos:
                 break
+        tail = detok.flush()
+        if tail:
+            self.on_text(tail)
         elapsed = time.perf_counter() - t0
         self.stats.tokens_generated = self.stats.iterations
         self.stats.elapsed_s = elapsed

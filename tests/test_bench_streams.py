@@ -49,3 +49,23 @@ def test_streams_from_real_text_have_no_added_specials(stories260k_dir, tinystor
     assert s.token_ids[0] == tok.bos_token_id
     assert s.token_ids[1 : 1 + 20] == text_ids[:20]  # exactly one BOS, no other special
     assert tok.eos_token_id not in s.token_ids
+
+
+def test_story_text_that_spells_special_tokens_stays_text(stories260k_dir, tmp_path):
+    """Benchmark streams get BOS only where a story starts: a story that writes "<s>" or "</s>"
+    gets sentencepiece's ids for those characters."""
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(stories260k_dir)
+    sp = spm.SentencePieceProcessor(model_file=str(stories260k_dir / "tokenizer.model"))
+    stories = ["Tom said <s> hi </s> to Sue.", "The end</s><s>  of  it."]
+    f = tmp_path / "s.txt"
+    f.write_text("\n<|endoftext|>\n".join(stories) + "\n<|endoftext|>\n")
+    want = [1, *sp.encode(stories[0]), 1, *sp.encode(stories[1])]
+    (s,) = streams_from_file(tok, f, count=1, tokens=len(want))
+    assert s.token_ids == want
+    assert [i for i, t in enumerate(s.token_ids) if t in (1, 2)] == [
+        0,
+        1 + len(sp.encode(stories[0])),
+    ]

@@ -66,6 +66,37 @@ def test_malformed_tensors_raise_codec_error(msg, fragment):
         codec.decode(msg)
 
 
+@pytest.mark.parametrize(
+    "shape, fragment",
+    [
+        ([2**40, 2**40, 0, 8], "over the limit"),  # issue 12: torch.empty overflowed (INTERNAL)
+        ([2**62, 0], "over the limit"),
+        ([2**33, 0, 0, 0], "over the limit"),
+        ([1] * 9, "dimensions"),
+        ([0] * 10**5, "dimensions"),
+    ],
+)
+def test_hostile_empty_shapes_are_codec_errors(shape, fragment):
+    for dtype in (tensor_pb2.DTYPE_FLOAT32, tensor_pb2.DTYPE_BFLOAT16, tensor_pb2.DTYPE_INT64):
+        with pytest.raises(codec.CodecError, match=fragment):
+            codec.decode(tensor_pb2.Tensor(dtype=dtype, shape=shape, data=b""))
+
+
+def test_a_hostile_shape_in_a_patch_is_invalid_argument():
+    from cache_authority.ops import PatchError, op_from_pb
+    from positronic.v1 import session_pb2
+
+    bad = tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_FLOAT32, shape=[2**40, 2**40, 0, 8])
+    op = session_pb2.PatchOp(
+        append=session_pb2.AppendOp(
+            position=0, token_ids=[1], kv=tensor_pb2.KVBlock(keys=bad, values=bad)
+        )
+    )
+    with pytest.raises(PatchError) as e:
+        op_from_pb(op)
+    assert e.value.status.name == "INVALID_ARGUMENT"
+
+
 def test_element_limit_is_enforced_before_allocation():
     msg = tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_FLOAT32, shape=[10**6, 10**6], data=b"")
     with pytest.raises(codec.CodecError, match="exceeds the limit"):

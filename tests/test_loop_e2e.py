@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -9,15 +11,18 @@ import pytest
 from cache_authority.server import AuthorityConfig, start_authority
 from model_worker.server import WorkerConfig, start_worker
 from positronic.clients import Endpoints, MutationCounter
-from positronic.loop import LoopConfig, LoopError, run_loop
+from positronic.loop import Detokenizer, LoopConfig, LoopConfigError, LoopError, run_loop
 from positronic.policies import make_policy
 from positronic.rpc import open_channel
 from positronic.v1 import (
     cache_authority_pb2,
     cache_authority_pb2_grpc,
+    model_worker_pb2,
     model_worker_pb2_grpc,
     session_pb2,
 )
+from tests.conftest import REPO
+from tests.loop_fixtures import env
 
 PROMPT = "Once upon a time"
 
@@ -190,3 +195,83 @@ def test_a_recreated_session_id_is_not_served_from_the_old_replica(services):
     assert first.final_version == second.final_version  # same versions, other history
     assert second.token_ids == fresh.token_ids
     assert second.consistent
+
+
+class CountingWorker:
+    """The worker stub, with every Detokenize request recorded."""
+
+    def __init__(self, stub):
+        self._stub = stub
+        self.detokenized: list[list[int]] = []
+
+    def __getattr__(self, name):
+        return getattr(self._stub, name)
+
+    def Detokenize(self, request, **kw):
+        self.detokenized.append(list(request.ids))
+        return self._stub.Detokenize(request, **kw)
+
+
+def test_text_costs_one_detokenize_of_one_id_per_token_and_pieces_are_vocabulary(services):
+    """The driver used to Detokenize the growing text twice per token (quadratic); now one id
+    per call, and the printed text is exactly the text of the generated ids."""
+    c = Counted(services)
+    worker = CountingWorker(c.endpoints.worker)
+    c.endpoints.worker = worker  # type: ignore[assignment]
+    out: list[str] = []
+    config = LoopConfig(policy=make_policy("halo"), target_rows=24, max_new_tokens=60, seed=3)
+    try:
+        stats = run_loop(c.endpoints, PROMPT, config, out.append)
+        whole = worker.Detokenize(
+            model_worker_pb2.DetokenizeRequest(ids=stats.token_ids, skip_special_tokens=True)
+        )
+        vocab = worker.Detokenize(model_worker_pb2.DetokenizeRequest(ids=range(512))).pieces
+    finally:
+        c.endpoints.close()
+    assert worker.detokenized[:-2] == [[t] for t in stats.token_ids]
+    assert "".join(out) == whole.text.replace("</s>", "\n\n")
+    rows = mirror(services, stats.session_id).mirror
+    assert [m.piece for m in rows] == [vocab[m.token_id] for m in rows]
+    assert rows[1].piece == "▁Once" and rows[0].piece == "<s>"
+
+
+def test_a_character_split_over_byte_tokens_prints_once_complete(services):
+    channel = open_channel(services[1])
+    stub = model_worker_pb2_grpc.ModelWorkerStub(channel)
+    try:
+        ids = stub.Tokenize(model_worker_pb2.TokenizeRequest(text="I like 🐱 cats")).ids
+        detok = Detokenizer(stub.Detokenize)
+        printed = [detok.push(t)[0] for t in ids]
+    finally:
+        channel.close()
+    assert printed == [" I", " li", "ke", " ", "", "", "", "🐱", " c", "at", "s"]
+
+
+@pytest.mark.parametrize("policy", ["halo", "streaming"])
+def test_a_budget_past_the_models_positions_is_refused_before_anything_starts(services, policy):
+    """stories260K has 512 positions; a compacting policy feeds tokens at row indices up to the
+    hard maximum. Before: accepted, then a raw RESOURCE_EXHAUSTED a few hundred tokens in."""
+    channel = open_channel(services[0])
+    stub = cache_authority_pb2_grpc.CacheAuthorityStub(channel)
+    listed = cache_authority_pb2.ListSessionsRequest()
+    try:
+        before = len(stub.ListSessions(listed).sessions)
+        for target, hard in ((500, 0), (480, 512), (600, 700)):
+            with pytest.raises(LoopConfigError, match="512 positions"):
+                generate(services, policy=policy, tokens=600, target=target, hard_max_rows=hard)
+        assert len(stub.ListSessions(listed).sessions) == before  # nothing was created
+    finally:
+        channel.close()
+    stats, _, _ = generate(services, policy=policy, tokens=2, target=479)  # hard max 511: fits
+    assert stats.iterations == 2
+
+
+def test_generate_exits_2_with_one_line_for_a_budget_past_the_positions(services):
+    authority, worker = services
+    cmd = [sys.executable, "-m", "positronic.cli", "generate", "--prompt", PROMPT]
+    cmd += ["--authority", authority, "--worker", worker, "--target-size", "500"]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env(), timeout=120)
+    assert done.returncode == 2, done.stderr
+    lines = [line for line in done.stderr.splitlines() if "positions" in line]
+    assert len(lines) == 1 and "512 positions" in lines[0]
+    assert done.stdout == ""

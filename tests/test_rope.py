@@ -66,6 +66,57 @@ def test_dynamic_rope_is_refused():
         Rope.from_config(config)
 
 
+LONGROPE = {
+    "rope_type": "longrope",
+    "rope_theta": 10000.0,
+    "short_factor": [1.0, 1.0, 1.0, 1.0],
+    "long_factor": [1.0, 2.0, 4.0, 8.0],
+    "original_max_position_embeddings": 64,
+}
+
+
+def test_longrope_is_refused_at_load():
+    """Issue 12: accepted before, though past its original context longrope switches to other
+    frequencies, so one fixed inv_freq re-rotates its keys wrongly."""
+    from model_worker.model import describe
+    from tests.worker_fixtures import word_tokenizer
+
+    model = tiny_llama(dict(LONGROPE))
+    with pytest.raises(ValueError, match=r"longrope.*sequence length"):
+        Rope.from_config(model.config)
+    with pytest.raises(ValueError, match="longrope"):
+        describe("tiny-longrope", model, word_tokenizer())
+
+
+@pytest.mark.parametrize("head_dim, theta", [(8, 10000.0), (64, 10000.0), (128, 500000.0)])
+def test_default_inv_freq_is_the_models_bit_for_bit(head_dim, theta):
+    """HF computes the default frequencies in float32; a float64 computation differs in the
+    last bits (up to 6e-8 here) and so did every key re-rotated with it."""
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=11,
+        hidden_size=head_dim * 2,
+        intermediate_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=head_dim,
+        rope_parameters={"rope_type": "default", "rope_theta": theta},
+    )
+    model = LlamaForCausalLM(config)
+    want = model.model.rotary_emb.inv_freq
+    assert Rope.from_config(config).inv_freq.dtype == want.dtype == torch.float32
+    assert torch.equal(Rope.from_config(config).inv_freq, want)
+    assert torch.equal(Rope.from_theta(head_dim, theta).inv_freq, want)
+
+
+def test_stories260k_inv_freq_is_the_models_bit_for_bit(stories260k_dir):
+    from tests.worker_fixtures import stories
+
+    lm = stories(str(stories260k_dir))
+    assert torch.equal(lm.geometry.rope.inv_freq, lm.model.model.rotary_emb.inv_freq)
+
+
 @pytest.mark.parametrize("drop", [0, 3, 7, 11])
 def test_dropping_a_row_then_rerotating_equals_recompute(drop):
     model = tiny_llama()

@@ -36,7 +36,7 @@ def test_lm_candidates_are_scored_by_the_merged_continuation(story):
             _logprobs(lm, ids[:p])[c.token_id] + _logprobs(lm, [*ids[:p], c.token_id])[ids[p + 2]]
         )
         assert c.score == pytest.approx(float(want), abs=1e-4)
-        assert c.piece.strip()
+        assert c.piece == lm.tokenizer.convert_ids_to_tokens(c.token_id)  # the vocabulary piece
 
 
 def test_lm_pair_at_the_end_and_at_the_start(story):
@@ -93,11 +93,33 @@ def test_mlm_returns_only_single_token_candidates(story, mlm_repairer):
     assert cands, "some single-token word should survive"
     assert len({c.token_id for c in cands}) == len(cands)
     assert not {c.token_id for c in cands} & banned_ids(lm)
+    words_of = {c.token_id: lm.table.text_of([c.token_id]).strip() for c in cands}
     for c in cands:
-        assert encode_text(lm.tokenizer, left + lead + c.piece.strip()) == [*left_ids, c.token_id]
+        assert c.piece == lm.table.pieces[c.token_id]
+        assert encode_text(lm.encoder, left + lead + words_of[c.token_id]) == [
+            *left_ids,
+            c.token_id,
+        ]
     multi = {w for w, n in lengths.items() if n > 1}
-    assert not {c.piece.strip() for c in cands} & multi
+    assert not set(words_of.values()) & multi
     assert [c.score for c in cands] == sorted((c.score for c in cands), reverse=True)
+
+
+def test_mlm_text_that_spells_special_tokens_stays_text(story, mlm_repairer):
+    """A story that writes "[MASK]" or "[SEP]" gives the masked LM those characters, never a
+    second mask or a separator: the one mask is placed by id."""
+    lm = story[0]
+    ids = [1, *encode_text(lm.encoder, "once upon [MASK] a time [SEP] there was a dog")]
+    rows = rows_of(replica_of(lm, ids))
+    p = ids.index(encode_text(lm.encoder, "once upon [MASK] a time")[-1])  # " time"
+    left, lead, right = mlm_repairer.masked_text(rows, p)
+    assert left == "once upon [MASK] a" and lead == " "
+    assert right.endswith("[SEP] there was a dog")
+    tok = mlm_repairer.mlm.tokenizer
+    seen, mask_at = mlm_repairer.masked_ids(left, right)
+    assert seen.count(tok.mask_token_id) == 1 and seen[mask_at] == tok.mask_token_id
+    assert seen.count(tok.sep_token_id) == 1 and seen[-1] == tok.sep_token_id
+    assert seen.count(tok.cls_token_id) == 1 and seen[0] == tok.cls_token_id
 
 
 def test_mlm_needs_a_mask_token(story):

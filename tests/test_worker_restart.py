@@ -11,7 +11,7 @@ import sys
 
 import grpc
 import pytest
-from worker_fixtures import append_step, health_status, prime_session, reflected_services
+from worker_fixtures import At, append_step, health_status, prime_session, reflected_services
 
 from cache_authority.server import AuthorityConfig, start_authority
 from positronic.rpc import open_channel
@@ -51,11 +51,10 @@ class WorkerProcess:
         return self.proc.wait(timeout=30)
 
 
-def _results(worker, version: int, token: int, pair_tokens: list[int]):
+def _results(worker, at: At, token: int, pair_tokens: list[int]):
     step = worker.Step(
         pb.StepRequest(
-            session_id="s",
-            version=version,
+            **at.names(),
             input_token_id=token,
             sampling=pb.SamplingParams(temperature=0.9, top_k=40, top_p=0.95, seed=11),
             top_logprobs=5,
@@ -65,14 +64,11 @@ def _results(worker, version: int, token: int, pair_tokens: list[int]):
     )
     step.forward_ns = 0  # timing is the one field allowed to differ
     kv = worker.ComputeKV(
-        pb.ComputeKVRequest(
-            session_id="s", version=version, insertions=[pb.Insertion(position=4, token_id=token)]
-        )
+        pb.ComputeKVRequest(**at.names(), insertions=[pb.Insertion(position=4, token_id=token)])
     )
     repair = worker.Repair(
         pb.RepairRequest(
-            session_id="s",
-            version=version,
+            **at.names(),
             pairs=[pb.PairRef(position=6, expected_token_ids=pair_tokens)],
         )
     )
@@ -95,17 +91,15 @@ def test_killed_worker_restarts_resyncs_and_answers_identically(stories260k_dir)
         prompt = pb.TokenizeRequest(text="Once upon a time, a", add_bos=True)
         ids = list(worker.Tokenize(prompt).ids)
         geometry = worker.Info(pb.InfoRequest()).geometry
-        version = prime_session(auth, worker, geometry, ids[:-1])
+        at = prime_session(auth, worker, geometry, ids[:-1])
         token = ids[-1]
         for _ in range(3):  # generate a little, committing each step as the loop does
-            step = worker.Step(
-                pb.StepRequest(session_id="s", version=version, input_token_id=token)
-            )
-            version = append_step(auth, "s", version, token, step)
+            step = worker.Step(pb.StepRequest(**at.names(), input_token_id=token))
+            at = append_step(auth, "s", at, token, step)
             token = step.next_token_id
         rows = auth.GetSession(cache_authority_pb2.GetSessionRequest(session_id="s")).mirror
         pair = [rows[6].token_id, rows[7].token_id]
-        before = _results(worker, version, token, pair)
+        before = _results(worker, at, token, pair)
         assert first.signal(signal.SIGKILL) == -signal.SIGKILL
 
         second = WorkerProcess(  # configured from the environment this time
@@ -117,13 +111,14 @@ def test_killed_worker_restarts_resyncs_and_answers_identically(stories260k_dir)
             },
         )
         worker = second.stub()
-        after = _results(worker, version, token, pair)
+        after = _results(worker, at, token, pair)
         for a, b in zip(before, after, strict=True):
             assert a.SerializeToString(deterministic=True) == b.SerializeToString(
                 deterministic=True
             )
         with pytest.raises(grpc.RpcError) as e:  # and it still refuses what it cannot reach
-            worker.Step(pb.StepRequest(session_id="s", version=version + 1, input_token_id=3))
+            ahead = {**at.names(), "version": at.version + 1}
+            worker.Step(pb.StepRequest(**ahead, input_token_id=3))
         assert e.value.code() == grpc.StatusCode.ABORTED
         assert second.signal(signal.SIGTERM) == 0  # graceful stop
     finally:

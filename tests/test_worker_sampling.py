@@ -58,11 +58,36 @@ def test_top_logprobs_are_sorted():
         {"top_p": 1.5},
         {"top_k": -2},
         {"repetition_penalty": float("nan")},
+        {"temperature": float("inf")},
+        {"temperature": 100.5},
+        {"repetition_penalty": 1e-45},  # issue 12: NaN probabilities in torch.multinomial
+        {"repetition_penalty": 0.009},
+        {"repetition_penalty": 101.0},
     ],
 )
 def test_bad_sampling_parameters_are_refused(bad):
     with pytest.raises(ValueError):
         Sampling(**bad)
+
+
+@pytest.mark.parametrize("top_k", [0, 3])
+@pytest.mark.parametrize("temperature", [1e-38, 1e-45, 1e-30, 1e-6])
+def test_a_tiny_temperature_draws_the_argmax_not_nan(temperature, top_k):
+    """Issue 12: temperature 1e-38 made logits / temperature overflow to inf and softmax NaN."""
+    t = float(torch.tensor(temperature, dtype=torch.float32))  # as it arrives on the wire
+    logits = torch.randn(512, generator=torch.Generator().manual_seed(1)) * 10
+    for seed in range(5):
+        s = Sampling(temperature=t, top_k=top_k, top_p=0.9, seed=seed)
+        assert sample(logits, s) == int(torch.argmax(logits))
+
+
+def test_the_edges_of_the_ranges_are_accepted_and_defined():
+    wire = float(torch.tensor(0.01, dtype=torch.float32))  # 0.0099999998 as float32
+    huge = torch.tensor([3e38, 1.0, -3e38, 0.5])
+    for penalty in (wire, 100.0):
+        s = Sampling(temperature=100.0, repetition_penalty=penalty, seed=3)
+        assert 0 <= sample(huge, s, present=[0, 2]) < 4
+    assert sample(huge, Sampling(temperature=1e-38, repetition_penalty=wire), present=[0]) == 0
 
 
 @pytest.fixture(scope="module")

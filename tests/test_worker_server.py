@@ -9,6 +9,7 @@ import grpc
 import pytest
 import torch
 from worker_fixtures import (
+    At,
     append_step,
     full_forward,
     health_status,
@@ -64,8 +65,8 @@ def session(services, stories260k_dir):
     lm = stories(str(stories260k_dir))
     ids = story_ids(lm)
     info = worker.Info(pb.InfoRequest())
-    version = prime_session(authority, worker, info.geometry, ids[:12], "story")
-    return lm, ids, version
+    at = prime_session(authority, worker, info.geometry, ids[:12], "story")
+    return lm, ids, at
 
 
 def _code(call) -> grpc.StatusCode:
@@ -108,23 +109,63 @@ def test_tokenize_and_detokenize(services):
     plain = worker.Tokenize(pb.TokenizeRequest(text="Once upon a time"))
     assert with_bos.ids[0] == 1 and list(with_bos.structural) == [True] + [False] * len(plain.ids)
     assert list(with_bos.ids[1:]) == list(plain.ids) and plain.ids[0] != 1
-    assert plain.pieces[0] == "▁Once"
+    assert list(plain.pieces) == ["▁Once", "▁upon", "▁a", "▁time"]
     out = worker.Detokenize(pb.DetokenizeRequest(ids=with_bos.ids, skip_special_tokens=True))
-    assert out.text == "Once upon a time" and "".join(out.pieces) == out.text
-    assert out.pieces[0] == ""
+    assert out.text == " Once upon a time" and "".join(out.piece_texts) == out.text
+    assert list(out.pieces) == list(with_bos.pieces) == ["<s>", *plain.pieces]
+    assert list(out.piece_bytes) == [b"", b" Once", b" upon", b" a", b" time"]
     kept = worker.Detokenize(pb.DetokenizeRequest(ids=with_bos.ids))
-    assert "".join(kept.pieces) == kept.text and kept.text.startswith("<s>")
+    assert "".join(kept.piece_texts) == kept.text == "<s> Once upon a time"
+
+
+def test_text_never_becomes_special_tokens_and_bytes_are_exact(services, stories260k_dir):
+    """Issue 12: "a<s>b" was [261, 1, 430]; sentencepiece gives ▁a < s > b."""
+    import sentencepiece as spm
+
+    _, worker, _ = services
+    sp = spm.SentencePieceProcessor(model_file=str(stories260k_dir / "tokenizer.model"))
+    for text in ("a<s>b", "<s>", "</s>", "x</s><unk>  <pad>", "I like 🐱 cats"):
+        got = worker.Tokenize(pb.TokenizeRequest(text=text))
+        assert list(got.ids) == sp.encode(text) and not any(got.structural)
+        assert list(got.pieces) == sp.encode(text, out_type=str)
+        back = worker.Detokenize(pb.DetokenizeRequest(ids=got.ids))
+        assert back.text == " " + text and b"".join(back.piece_bytes) == back.text.encode()
+    cat = worker.Detokenize(pb.DetokenizeRequest(ids=sp.encode("I like 🐱 cats")))
+    assert list(cat.piece_texts) == [" I", " li", "ke", " ", "", "", "", "🐱", " c", "at", "s"]
+    assert list(cat.piece_bytes)[4:8] == [b"\xf0", b"\x9f", b"\x90", b"\xb1"]
+    assert list(cat.pieces)[4:8] == ["<0xF0>", "<0x9F>", "<0x90>", "<0xB1>"]
+
+
+def test_detokenize_is_linear_and_bounded(services, stories260k_dir):
+    """20,000 ids used to take minutes (each piece decoded the whole prefix again): the text
+    now comes from the table, without a single call of the tokenizer's decode."""
+    _, worker, running = services
+    ids = [(7 * i) % 509 + 3 for i in range(20_000)]
+    lm = running.servicer.lm
+    real_decode = lm.tokenizer.decode
+
+    def no_decode(*args, **kwargs):
+        raise AssertionError("Detokenize called tokenizer.decode")
+
+    lm.tokenizer.decode = no_decode
+    try:
+        out = worker.Detokenize(pb.DetokenizeRequest(ids=ids), timeout=60)
+    finally:
+        lm.tokenizer.decode = real_decode
+    assert len(out.pieces) == len(out.piece_bytes) == len(out.piece_texts) == 20_000
+    assert out.text == lm.table.text_of(ids) == "".join(out.piece_texts)
+    too_many = pb.DetokenizeRequest(ids=[3] * 65_537)
+    assert _code(lambda: worker.Detokenize(too_many)) == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 def test_steps_over_the_authoritys_session_equal_a_monolithic_forward(services, session):
     authority, worker, running = services
-    lm, ids, version = session
+    lm, ids, at = session
     replicas = running.servicer.replicas
     for i in range(12, 16):
         step = worker.Step(
             pb.StepRequest(
-                session_id="story",
-                version=version,
+                **at.names("story"),
                 input_token_id=ids[i],
                 top_logprobs=3,
                 return_logits=True,
@@ -135,9 +176,9 @@ def test_steps_over_the_authoritys_session_equal_a_monolithic_forward(services, 
         assert step.position == i and len(step.attention) == i + 1
         assert step.next_token_id == int(torch.argmax(want))  # temperature 0: greedy
         assert step.top_logprobs[0].token_id == step.next_token_id
-        version = append_step(authority, "story", version, ids[i], step)
+        at = append_step(authority, "story", at, ids[i], step)
     info = authority.GetSession(cache_authority_pb2.GetSessionRequest(session_id="story")).session
-    worker.Step(pb.StepRequest(session_id="story", version=version, input_token_id=ids[16]))
+    worker.Step(pb.StepRequest(**at.names("story"), input_token_id=ids[16]))
     assert replicas.held("story").digest == info.digest  # the replica is the authority's
 
 
@@ -146,28 +187,22 @@ def test_no_rpc_changes_the_replica(services, session):
     _, ids, _ = session
     sid = "story"
     state = running.servicer.replicas.held(sid)
-    version = state.version
+    at = At(state.version, state.digest)
     before = snapshot_of(state)
     n = state.row_count
     tokens = state.live_token_ids()
-    worker.Step(pb.StepRequest(session_id=sid, version=version, input_token_id=ids[3]))
-    list(worker.Prefill(pb.PrefillRequest(session_id=sid, version=version, token_ids=ids[:5])))
-    list(
-        worker.Prefill(
-            pb.PrefillRequest(session_id=sid, version=version, token_ids=ids[:5], start_position=4)
-        )
-    )
+    worker.Step(pb.StepRequest(**at.names(sid), input_token_id=ids[3]))
+    list(worker.Prefill(pb.PrefillRequest(**at.names(sid), token_ids=ids[:5])))
+    list(worker.Prefill(pb.PrefillRequest(**at.names(sid), token_ids=ids[:5], start_position=4)))
     worker.ComputeKV(
         pb.ComputeKVRequest(
-            session_id=sid,
-            version=version,
+            **at.names(sid),
             insertions=[pb.Insertion(position=3, token_id=ids[9]), pb.Insertion(position=n)],
         )
     )
     repair = worker.Repair(
         pb.RepairRequest(
-            session_id=sid,
-            version=version,
+            **at.names(sid),
             pairs=[pb.PairRef(position=5, expected_token_ids=tokens[5:7])],
             max_candidates=4,
         )
@@ -181,18 +216,22 @@ def test_bad_requests_get_specific_codes(services, session):
     _, ids, _ = session
     sid = "story"
     get = cache_authority_pb2.GetSessionRequest(session_id=sid)
-    v = authority.GetSession(get).session.version
+    info = authority.GetSession(get).session
+    v, digest = info.version, info.digest
     C = grpc.StatusCode
 
     def step(**kw):
-        return lambda: worker.Step(pb.StepRequest(**{"session_id": sid, "version": v, **kw}))
+        request = {"session_id": sid, "version": v, "expected_digest": digest, **kw}
+        return lambda: worker.Step(pb.StepRequest(**request))
 
     assert _code(step(input_token_id=512)) == C.INVALID_ARGUMENT
     assert _code(step(input_token_id=-1, version=0)) == C.INVALID_ARGUMENT  # malformed > stale
     assert _code(step(input_token_id=3, sampling=pb.SamplingParams(top_p=2))) == C.INVALID_ARGUMENT
     assert _code(step(session_id="nope", input_token_id=3)) == C.NOT_FOUND
     with pytest.raises(grpc.RpcError) as e:
-        worker.Step(pb.StepRequest(session_id=sid, version=10**6, input_token_id=3))
+        worker.Step(
+            pb.StepRequest(session_id=sid, version=10**6, expected_digest=digest, input_token_id=3)
+        )
     assert e.value.code() == C.ABORTED
     (detail,) = status_details(e.value)
     conflict = cache_authority_pb2.VersionConflict()
@@ -200,19 +239,40 @@ def test_bad_requests_get_specific_codes(services, session):
     assert _code(step(version=0, input_token_id=3)) == C.ABORTED  # the replica is past 0
     held = conflict.current_version
     assert held == v
+    at = {"session_id": sid, "version": held, "expected_digest": digest}
     bad_pair = pb.PairRef(position=2, expected_token_ids=[ids[2], ids[2] + 1])
-    repair = pb.RepairRequest(session_id=sid, version=held, pairs=[bad_pair])
+    repair = pb.RepairRequest(**at, pairs=[bad_pair])
     assert _code(lambda: worker.Repair(repair)) == C.FAILED_PRECONDITION
-    far = pb.ComputeKVRequest(
-        session_id=sid, version=held, insertions=[pb.Insertion(position=10**4, token_id=3)]
-    )
+    far = pb.ComputeKVRequest(**at, insertions=[pb.Insertion(position=10**4, token_id=3)])
     assert _code(lambda: worker.ComputeKV(far)) == C.INVALID_ARGUMENT
-    prefill = pb.PrefillRequest(session_id=sid, version=held, token_ids=[3], start_position=10**4)
+    prefill = pb.PrefillRequest(**at, token_ids=[3], start_position=10**4)
     assert _code(lambda: list(worker.Prefill(prefill))) == C.INVALID_ARGUMENT
-    too_long = pb.PrefillRequest(session_id=sid, version=held, token_ids=[3] * 600)
+    too_long = pb.PrefillRequest(**at, token_ids=[3] * 600)
     assert _code(lambda: list(worker.Prefill(too_long))) == C.RESOURCE_EXHAUSTED
     bad_ids = pb.DetokenizeRequest(ids=[-1])
     assert _code(lambda: worker.Detokenize(bad_ids)) == C.INVALID_ARGUMENT
+
+
+def test_compute_calls_require_the_digest(services, session):
+    """Issue 12: with expected_digest unset, a re-created session id was computed on with the
+    deleted session's rows. Every compute call must name it."""
+    _, worker, running = services
+    _, ids, _ = session
+    state = running.servicer.replicas.held("story")
+    C = grpc.StatusCode
+    for digest, code in ((b"", C.INVALID_ARGUMENT), (b"x" * 31, C.INVALID_ARGUMENT)):
+        at = {"session_id": "story", "version": state.version, "expected_digest": digest}
+        calls = [
+            lambda at=at: worker.Step(pb.StepRequest(**at, input_token_id=3)),
+            lambda at=at: list(worker.Prefill(pb.PrefillRequest(**at, token_ids=[3]))),
+            lambda at=at: worker.ComputeKV(
+                pb.ComputeKVRequest(**at, insertions=[pb.Insertion(position=1, token_id=3)])
+            ),
+            lambda at=at: worker.Repair(
+                pb.RepairRequest(**at, pairs=[pb.PairRef(position=1, expected_token_ids=ids[1:3])])
+            ),
+        ]
+        assert [_code(call) for call in calls] == [code] * 4
 
 
 def test_metrics_endpoint(services, session):
@@ -281,11 +341,11 @@ def test_bugs_are_internal_and_logged(caplog):
     try:
         with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
             stub = model_worker_pb2_grpc.ModelWorkerStub(channel)
-            step = stub.Step(pb.StepRequest(session_id="s", version=version, input_token_id=9))
+            at = At(version, mini.states["s"].digest)
+            step = stub.Step(pb.StepRequest(**at.names(), input_token_id=9))
             assert step.position == 5 and len(step.attention) == 6
             request = pb.RepairRequest(
-                session_id="s",
-                version=version,
+                **at.names(),
                 pairs=[pb.PairRef(position=1, expected_token_ids=[5, 6])],
             )
             assert _code(lambda: stub.Repair(request)) == grpc.StatusCode.INTERNAL

@@ -252,7 +252,7 @@ def stories(path: str) -> LoadedModel:
 def story_ids(lm: LoadedModel, text: str = STORY) -> list[int]:
     from positronic.special_tokens import encode_prompt
 
-    return encode_prompt(lm.tokenizer, text).ids
+    return encode_prompt(lm.encoder, text).ids
 
 
 def eager_copy(lm: LoadedModel):
@@ -284,13 +284,25 @@ def reflected_services(address: str, token: str | None = None) -> list[str]:
     return [s.name for s in resp.list_services_response.service]
 
 
-def prime_session(authority, worker, geometry, prompt_ids: list[int], session_id: str = "s"):
+@dataclass(frozen=True)
+class At:
+    """A committed version of a session and its digest: what every compute call names."""
+
+    version: int
+    digest: bytes
+
+    def names(self, session_id: str = "s") -> dict:
+        """The fields a compute request needs to name this state of `session_id`."""
+        return {"session_id": session_id, "version": self.version, "expected_digest": self.digest}
+
+
+def prime_session(authority, worker, geometry, prompt_ids: list[int], session_id: str = "s") -> At:
     """CreateSession, Prefill on the worker at version 0, Patch the K/V in: version 1."""
     from cache_authority.ops import AppendOp, op_to_pb
     from positronic import codec
     from positronic.v1 import model_worker_pb2, session_pb2
 
-    authority.CreateSession(
+    created = authority.CreateSession(
         cache_authority_pb2.CreateSessionRequest(
             session_id=session_id,
             geometry=geometry,
@@ -300,7 +312,11 @@ def prime_session(authority, worker, geometry, prompt_ids: list[int], session_id
     chunks = list(
         worker.Prefill(
             model_worker_pb2.PrefillRequest(
-                session_id=session_id, version=0, token_ids=prompt_ids, chunk_tokens=5
+                session_id=session_id,
+                version=0,
+                expected_digest=created.session.digest,
+                token_ids=prompt_ids,
+                chunk_tokens=5,
             )
         )
     )
@@ -310,7 +326,7 @@ def prime_session(authority, worker, geometry, prompt_ids: list[int], session_id
     return patch(authority, session_id, 0, [op_to_pb(op)])
 
 
-def patch(authority, session_id: str, version: int, ops) -> int:
+def patch(authority, session_id: str, version: int, ops) -> At:
     import uuid
 
     request = cache_authority_pb2.PatchRequest(
@@ -320,12 +336,13 @@ def patch(authority, session_id: str, version: int, ops) -> int:
         ops=ops,
         end_of_patch=True,
     )
-    return authority.Patch(iter([request])).version
+    resp = authority.Patch(iter([request]))
+    return At(resp.version, resp.digest)
 
 
-def append_step(authority, session_id: str, version: int, token_id: int, step) -> int:
+def append_step(authority, session_id: str, at: At, token_id: int, step) -> At:
     """Commit a Step's input token and its K/V, as the loop does."""
     op = session_pb2.PatchOp(
         append=session_pb2.AppendOp(position=step.position, token_ids=[token_id], kv=step.input_kv)
     )
-    return patch(authority, session_id, version, [op])
+    return patch(authority, session_id, at.version, [op])

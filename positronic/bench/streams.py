@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from positronic.special_tokens import encode_text
+from positronic.special_tokens import encode_text, text_encoder
 
 STORY_SEPARATOR = "<|endoftext|>"
 
@@ -65,7 +65,8 @@ def build_streams(
 
 def tokenize_stories(tokenizer, stories: Sequence[str]) -> list[list[int]]:
     """Each story's ids, no special tokens (special_tokens.encode_text)."""
-    return [encode_text(tokenizer, s) for s in stories]
+    encoder = text_encoder(tokenizer)
+    return [encode_text(encoder, s) for s in stories]
 
 
 def streams_from_file(
@@ -77,5 +78,6 @@ def streams_from_file(
     stories = read_stories(path)
     if not 0 <= first_story < len(stories):
         raise ValueError(f"first story {first_story} is not among the {len(stories)} in {path}")
-    lazily = (encode_text(tokenizer, s) for s in stories[first_story:])
+    encoder = text_encoder(tokenizer)  # built once: it loads and checks the vocabulary
+    lazily = (encode_text(encoder, s) for s in stories[first_story:])
     return build_streams(lazily, int(bos), count, tokens, first_story)

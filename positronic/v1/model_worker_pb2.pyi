@@ -221,7 +221,9 @@ class TokenizeRequest(_message.Message):
     TEXT_FIELD_NUMBER: _builtins.int
     ADD_BOS_FIELD_NUMBER: _builtins.int
     text: _builtins.str
-    """Text to tokenize. The tokenizer never adds special tokens on its own."""
+    """Text to tokenize (at most 1 MiB of UTF-8). The tokenizer never adds special tokens on its
+    own, and no text becomes a special token.
+    """
     add_bos: _builtins.bool
     """Put BOS first, as the special-token policy does for the start of a session."""
     def __init__(
@@ -253,7 +255,7 @@ class TokenizeResponse(_message.Message):
 
     @_builtins.property
     def pieces(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """The sentencepiece piece of each id."""
+        """The vocabulary piece of each id ("▁Once", "<0xF0>")."""
 
     @_builtins.property
     def structural(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bool]:
@@ -283,10 +285,10 @@ class DetokenizeRequest(_message.Message):
     IDS_FIELD_NUMBER: _builtins.int
     SKIP_SPECIAL_TOKENS_FIELD_NUMBER: _builtins.int
     skip_special_tokens: _builtins.bool
-    """Leave special tokens out of `text`."""
+    """Special tokens add nothing to the text; otherwise they add their piece ("<s>")."""
     @_builtins.property
     def ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
-        """Ids to decode."""
+        """Ids to decode, at most 65,536, each within the tokenizer's vocabulary."""
 
     def __init__(
         self,
@@ -310,21 +312,39 @@ class DetokenizeResponse(_message.Message):
 
     TEXT_FIELD_NUMBER: _builtins.int
     PIECES_FIELD_NUMBER: _builtins.int
+    PIECE_BYTES_FIELD_NUMBER: _builtins.int
+    PIECE_TEXTS_FIELD_NUMBER: _builtins.int
     text: _builtins.str
-    """The decoded text."""
+    """The text of the ids: their bytes joined, decoded as UTF-8 (an invalid sequence becomes one
+    U+FFFD). Unlike Hugging Face's decode, a leading word-start space is kept (" Once").
+    """
     @_builtins.property
     def pieces(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """The text each id adds in context, same length as ids (their concatenation is `text`)."""
+        """The vocabulary piece of each id ("▁Once", "<0xF0>"), same length as ids."""
+
+    @_builtins.property
+    def piece_bytes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """The UTF-8 bytes each id adds to the text (a byte-fallback id adds one byte, possibly part of
+        a character), same length as ids; a stream's text is the concatenation of its bytes.
+        """
+
+    @_builtins.property
+    def piece_texts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The text each id adds, same length as ids, joining to `text`: a character made of several
+        byte ids belongs to the id that completes it (the ones before it add "").
+        """
 
     def __init__(
         self,
         *,
         text: _builtins.str = ...,
         pieces: _abc.Iterable[_builtins.str] | None = ...,
+        piece_bytes: _abc.Iterable[_builtins.bytes] | None = ...,
+        piece_texts: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["pieces", b"pieces", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["piece_bytes", b"piece_bytes", "piece_texts", b"piece_texts", "pieces", b"pieces", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -351,13 +371,14 @@ class PrefillRequest(_message.Message):
     chunk_tokens: _builtins.int
     """Tokens per forward pass; 0 lets the worker choose."""
     expected_digest: _builtins.bytes
-    """Digest the session has at `version` (from the authority's replies). When set, the worker
-    computes only on a replica with exactly this digest, resyncing fully from the authority if
-    its replica differs (a deleted and re-created session, an authority that lost state).
+    """Digest the session has at `version` (from the authority's replies; required, 32 bytes). The
+    worker computes only on a replica with exactly this digest, resyncing fully from the
+    authority if its replica differs (a deleted and re-created session, an authority that lost
+    state).
     """
     @_builtins.property
     def token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
-        """Tokens to compute K/V for."""
+        """Tokens to compute K/V for (1 to 65,536, within the model's positions)."""
 
     def __init__(
         self,
@@ -415,7 +436,9 @@ Global___PrefillResponse: _TypeAlias = PrefillResponse  # noqa: Y015
 
 @_typing.final
 class SamplingParams(_message.Message):
-    """How a token is drawn from the next-token distribution."""
+    """How a token is drawn from the next-token distribution. Values outside the ranges below (or
+    NaN, infinite) are INVALID_ARGUMENT; within them the draw is always defined.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -425,13 +448,18 @@ class SamplingParams(_message.Message):
     REPETITION_PENALTY_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
     temperature: _builtins.float
-    """0 is greedy."""
+    """0 is greedy; otherwise in (0, 100]. A temperature so small that logits / temperature
+    overflow draws from the largest logits only (greedy in effect).
+    """
     top_k: _builtins.int
-    """Keep the k most likely tokens; 0 keeps all."""
+    """Keep the k most likely tokens; 0 (or k >= the vocabulary) keeps all; >= 0."""
     top_p: _builtins.float
-    """Keep the smallest set whose probability reaches p; 0 or 1 keeps all."""
+    """Keep the smallest set whose probability reaches p; 0 or 1 keeps all; in [0, 1]."""
     repetition_penalty: _builtins.float
-    """Penalty > 1 on tokens present in the session's rows (CTRL-style); 0 or 1 is none."""
+    """CTRL-style penalty on tokens present in the session's rows: positive logits divided by it,
+    negative ones multiplied; 0 or 1 is none; otherwise in [0.01, 100] (> 1 discourages
+    repetition).
+    """
     seed: _builtins.int
     """Seed of this draw; the same seed and inputs give the same token."""
     def __init__(
@@ -497,7 +525,7 @@ class StepRequest(_message.Message):
     input_token_id: _builtins.int
     """Token to feed; it is placed at position = the replica's row count."""
     top_logprobs: _builtins.int
-    """How many top log-probabilities to return."""
+    """How many top log-probabilities to return, 0 to 100."""
     forced_next_token_id: _builtins.int
     """Teacher forcing: when set, no token is sampled; next_token_id is this id and
     next_token_logprob its log-probability.
@@ -507,9 +535,10 @@ class StepRequest(_message.Message):
     return_logits: _builtins.bool
     """Return the raw logits of the next token (for tests and benchmarks)."""
     expected_digest: _builtins.bytes
-    """Digest the session has at `version` (from the authority's replies). When set, the worker
-    computes only on a replica with exactly this digest, resyncing fully from the authority if
-    its replica differs (a deleted and re-created session, an authority that lost state).
+    """Digest the session has at `version` (from the authority's replies; required, 32 bytes). The
+    worker computes only on a replica with exactly this digest, resyncing fully from the
+    authority if its replica differs (a deleted and re-created session, an authority that lost
+    state).
     """
     @_builtins.property
     def sampling(self) -> Global___SamplingParams:
@@ -639,13 +668,14 @@ class ComputeKVRequest(_message.Message):
     version: _builtins.int
     """Version to compute on."""
     expected_digest: _builtins.bytes
-    """Digest the session has at `version` (from the authority's replies). When set, the worker
-    computes only on a replica with exactly this digest, resyncing fully from the authority if
-    its replica differs (a deleted and re-created session, an authority that lost state).
+    """Digest the session has at `version` (from the authority's replies; required, 32 bytes). The
+    worker computes only on a replica with exactly this digest, resyncing fully from the
+    authority if its replica differs (a deleted and re-created session, an authority that lost
+    state).
     """
     @_builtins.property
     def insertions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Insertion]:
-        """Tokens and positions, each computed independently."""
+        """Tokens and positions, each computed independently (at most 256)."""
 
     def __init__(
         self,
@@ -739,15 +769,16 @@ class RepairRequest(_message.Message):
     version: _builtins.int
     """Version to compute on."""
     max_candidates: _builtins.int
-    """Candidates per pair; 0 means 5."""
+    """Candidates per pair, at most 100; 0 means 5."""
     expected_digest: _builtins.bytes
-    """Digest the session has at `version` (from the authority's replies). When set, the worker
-    computes only on a replica with exactly this digest, resyncing fully from the authority if
-    its replica differs (a deleted and re-created session, an authority that lost state).
+    """Digest the session has at `version` (from the authority's replies; required, 32 bytes). The
+    worker computes only on a replica with exactly this digest, resyncing fully from the
+    authority if its replica differs (a deleted and re-created session, an authority that lost
+    state).
     """
     @_builtins.property
     def pairs(self) -> _containers.RepeatedCompositeFieldContainer[Global___PairRef]:
-        """Pairs to repair."""
+        """Pairs to repair (at most 256)."""
 
     def __init__(
         self,
@@ -778,7 +809,7 @@ class RepairCandidate(_message.Message):
     token_id: _builtins.int
     """Replacement token id."""
     piece: _builtins.str
-    """Its text."""
+    """Its vocabulary piece ("▁dog"), as the mirror records it."""
     score: _builtins.float
     """Higher is better; comparable within one pair."""
     def __init__(
@@ -903,13 +934,13 @@ class TickRequest(_message.Message):
     version: _builtins.int
     """Version to compute on."""
     expected_digest: _builtins.bytes
-    """Digest the session has at `version` (required): the worker computes only on a replica with
-    exactly this history.
+    """Digest the session has at `version` (required, 32 bytes): the worker computes only on a
+    replica with exactly this history.
     """
     input_token_id: _builtins.int
     """Token to feed; it is placed at row index = the replica's row count."""
     top_logprobs: _builtins.int
-    """How many top log-probabilities to return."""
+    """How many top log-probabilities to return, 0 to 100."""
     forced_next_token_id: _builtins.int
     """Teacher forcing: when set, no token is sampled; next_token_id is this id."""
     attention_reduction: Global___AttentionReduction.ValueType
@@ -921,7 +952,7 @@ class TickRequest(_message.Message):
     @_builtins.property
     def merges(self) -> _containers.RepeatedCompositeFieldContainer[Global___PairRef]:
         """Pairs of rows (indices at `version`, disjoint, none touching the new row) the caller will
-        merge in this iteration's Patch; a replacement is built for each.
+        merge in this iteration's Patch; a replacement is built for each (at most 256).
         """
 
     @_builtins.property

@@ -26,9 +26,21 @@ if _version_not_supported:
 
 
 class ModelWorkerStub:
-    """Runs the model; never changes session state. Every call names the session version it computes
-    on; the worker syncs its replica to that version from the authority or answers ABORTED, with
-    a positronic.v1.VersionConflict in the google.rpc.Status details (see VersionConflict).
+    """Runs the model; never changes session state. Every compute call names the session version it
+    computes on and the session's digest at that version; the worker syncs its replica to exactly
+    that history from the authority or answers ABORTED, with a positronic.v1.VersionConflict in the
+    google.rpc.Status details (see VersionConflict).
+
+    Limits (RESOURCE_EXHAUSTED beyond them; malformed values are INVALID_ARGUMENT): Tokenize text
+    1 MiB of UTF-8; Detokenize ids and Prefill token_ids 65,536; ComputeKV insertions 256; Repair
+    pairs 256; max_candidates 100; top_logprobs 100. session_id: 1 to 128 characters of
+    [A-Za-z0-9._-], starting with a letter or digit. expected_digest: 32 bytes, required on
+    Prefill, Step, ComputeKV, Repair and Tick (INVALID_ARGUMENT when empty). Error messages quote
+    a request's values only in bounded form: a valid session id (at most 128 characters), numbers,
+    and at most 64 characters of anything else.
+
+    Text: every `piece` in these messages (and in the mirror) is the vocabulary piece of an id
+    ("▁Once", "<0xF0>", "<s>"); the text an id adds is given as bytes or text where it is needed.
     """
 
     def __init__(self, channel):
@@ -85,9 +97,21 @@ class ModelWorkerStub:
 
 
 class ModelWorkerServicer:
-    """Runs the model; never changes session state. Every call names the session version it computes
-    on; the worker syncs its replica to that version from the authority or answers ABORTED, with
-    a positronic.v1.VersionConflict in the google.rpc.Status details (see VersionConflict).
+    """Runs the model; never changes session state. Every compute call names the session version it
+    computes on and the session's digest at that version; the worker syncs its replica to exactly
+    that history from the authority or answers ABORTED, with a positronic.v1.VersionConflict in the
+    google.rpc.Status details (see VersionConflict).
+
+    Limits (RESOURCE_EXHAUSTED beyond them; malformed values are INVALID_ARGUMENT): Tokenize text
+    1 MiB of UTF-8; Detokenize ids and Prefill token_ids 65,536; ComputeKV insertions 256; Repair
+    pairs 256; max_candidates 100; top_logprobs 100. session_id: 1 to 128 characters of
+    [A-Za-z0-9._-], starting with a letter or digit. expected_digest: 32 bytes, required on
+    Prefill, Step, ComputeKV, Repair and Tick (INVALID_ARGUMENT when empty). Error messages quote
+    a request's values only in bounded form: a valid session id (at most 128 characters), numbers,
+    and at most 64 characters of anything else.
+
+    Text: every `piece` in these messages (and in the mirror) is the vocabulary piece of an id
+    ("▁Once", "<0xF0>", "<s>"); the text an id adds is given as bytes or text where it is needed.
     """
 
     def Info(self, request, context):
@@ -98,14 +122,15 @@ class ModelWorkerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Tokenize(self, request, context):
-        """Turns text into ids through the explicit special-token policy (no hidden BOS/EOS).
+        """Turns text into ids through the explicit special-token policy: no hidden BOS/EOS, and text
+        that spells a special token ("<s>") is tokenized as text, as sentencepiece does.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Detokenize(self, request, context):
-        """Turns ids into text and per-token pieces.
+        """Turns ids into text, with each id's piece, bytes and text; linear in the ids.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -215,9 +240,21 @@ def add_ModelWorkerServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class ModelWorker:
-    """Runs the model; never changes session state. Every call names the session version it computes
-    on; the worker syncs its replica to that version from the authority or answers ABORTED, with
-    a positronic.v1.VersionConflict in the google.rpc.Status details (see VersionConflict).
+    """Runs the model; never changes session state. Every compute call names the session version it
+    computes on and the session's digest at that version; the worker syncs its replica to exactly
+    that history from the authority or answers ABORTED, with a positronic.v1.VersionConflict in the
+    google.rpc.Status details (see VersionConflict).
+
+    Limits (RESOURCE_EXHAUSTED beyond them; malformed values are INVALID_ARGUMENT): Tokenize text
+    1 MiB of UTF-8; Detokenize ids and Prefill token_ids 65,536; ComputeKV insertions 256; Repair
+    pairs 256; max_candidates 100; top_logprobs 100. session_id: 1 to 128 characters of
+    [A-Za-z0-9._-], starting with a letter or digit. expected_digest: 32 bytes, required on
+    Prefill, Step, ComputeKV, Repair and Tick (INVALID_ARGUMENT when empty). Error messages quote
+    a request's values only in bounded form: a valid session id (at most 128 characters), numbers,
+    and at most 64 characters of anything else.
+
+    Text: every `piece` in these messages (and in the mirror) is the vocabulary piece of an id
+    ("▁Once", "<0xF0>", "<s>"); the text an id adds is given as bytes or text where it is needed.
     """
 
     @staticmethod

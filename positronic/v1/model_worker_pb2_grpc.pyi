@@ -27,9 +27,21 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class ModelWorkerStub:
-    """Runs the model; never changes session state. Every call names the session version it computes
-    on; the worker syncs its replica to that version from the authority or answers ABORTED, with
-    a positronic.v1.VersionConflict in the google.rpc.Status details (see VersionConflict).
+    """Runs the model; never changes session state. Every compute call names the session version it
+    computes on and the session's digest at that version; the worker syncs its replica to exactly
+    that history from the authority or answers ABORTED, with a positronic.v1.VersionConflict in the
+    google.rpc.Status details (see VersionConflict).
+
+    Limits (RESOURCE_EXHAUSTED beyond them; malformed values are INVALID_ARGUMENT): Tokenize text
+    1 MiB of UTF-8; Detokenize ids and Prefill token_ids 65,536; ComputeKV insertions 256; Repair
+    pairs 256; max_candidates 100; top_logprobs 100. session_id: 1 to 128 characters of
+    [A-Za-z0-9._-], starting with a letter or digit. expected_digest: 32 bytes, required on
+    Prefill, Step, ComputeKV, Repair and Tick (INVALID_ARGUMENT when empty). Error messages quote
+    a request's values only in bounded form: a valid session id (at most 128 characters), numbers,
+    and at most 64 characters of anything else.
+
+    Text: every `piece` in these messages (and in the mirror) is the vocabulary piece of an id
+    ("▁Once", "<0xF0>", "<s>"); the text an id adds is given as bytes or text where it is needed.
     """
 
     @_typing.overload
@@ -39,9 +51,11 @@ class ModelWorkerStub:
     Info: _grpc.UnaryUnaryMultiCallable[_model_worker_pb2.InfoRequest, _model_worker_pb2.InfoResponse]
     """Describes the loaded model: geometry, RoPE, special ids, fingerprint."""
     Tokenize: _grpc.UnaryUnaryMultiCallable[_model_worker_pb2.TokenizeRequest, _model_worker_pb2.TokenizeResponse]
-    """Turns text into ids through the explicit special-token policy (no hidden BOS/EOS)."""
+    """Turns text into ids through the explicit special-token policy: no hidden BOS/EOS, and text
+    that spells a special token ("<s>") is tokenized as text, as sentencepiece does.
+    """
     Detokenize: _grpc.UnaryUnaryMultiCallable[_model_worker_pb2.DetokenizeRequest, _model_worker_pb2.DetokenizeResponse]
-    """Turns ids into text and per-token pieces."""
+    """Turns ids into text, with each id's piece, bytes and text; linear in the ids."""
     Prefill: _grpc.UnaryStreamMultiCallable[_model_worker_pb2.PrefillRequest, _model_worker_pb2.PrefillResponse]
     """K/V for a run of tokens over the replica's first `start_position` rows, streamed in chunks."""
     Step: _grpc.UnaryUnaryMultiCallable[_model_worker_pb2.StepRequest, _model_worker_pb2.StepResponse]
@@ -65,18 +79,32 @@ class ModelWorkerStub:
 
 @_typing.type_check_only
 class ModelWorkerAsyncStub(ModelWorkerStub):
-    """Runs the model; never changes session state. Every call names the session version it computes
-    on; the worker syncs its replica to that version from the authority or answers ABORTED, with
-    a positronic.v1.VersionConflict in the google.rpc.Status details (see VersionConflict).
+    """Runs the model; never changes session state. Every compute call names the session version it
+    computes on and the session's digest at that version; the worker syncs its replica to exactly
+    that history from the authority or answers ABORTED, with a positronic.v1.VersionConflict in the
+    google.rpc.Status details (see VersionConflict).
+
+    Limits (RESOURCE_EXHAUSTED beyond them; malformed values are INVALID_ARGUMENT): Tokenize text
+    1 MiB of UTF-8; Detokenize ids and Prefill token_ids 65,536; ComputeKV insertions 256; Repair
+    pairs 256; max_candidates 100; top_logprobs 100. session_id: 1 to 128 characters of
+    [A-Za-z0-9._-], starting with a letter or digit. expected_digest: 32 bytes, required on
+    Prefill, Step, ComputeKV, Repair and Tick (INVALID_ARGUMENT when empty). Error messages quote
+    a request's values only in bounded form: a valid session id (at most 128 characters), numbers,
+    and at most 64 characters of anything else.
+
+    Text: every `piece` in these messages (and in the mirror) is the vocabulary piece of an id
+    ("▁Once", "<0xF0>", "<s>"); the text an id adds is given as bytes or text where it is needed.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Info: _aio.UnaryUnaryMultiCallable[_model_worker_pb2.InfoRequest, _model_worker_pb2.InfoResponse]  # type: ignore[assignment]
     """Describes the loaded model: geometry, RoPE, special ids, fingerprint."""
     Tokenize: _aio.UnaryUnaryMultiCallable[_model_worker_pb2.TokenizeRequest, _model_worker_pb2.TokenizeResponse]  # type: ignore[assignment]
-    """Turns text into ids through the explicit special-token policy (no hidden BOS/EOS)."""
+    """Turns text into ids through the explicit special-token policy: no hidden BOS/EOS, and text
+    that spells a special token ("<s>") is tokenized as text, as sentencepiece does.
+    """
     Detokenize: _aio.UnaryUnaryMultiCallable[_model_worker_pb2.DetokenizeRequest, _model_worker_pb2.DetokenizeResponse]  # type: ignore[assignment]
-    """Turns ids into text and per-token pieces."""
+    """Turns ids into text, with each id's piece, bytes and text; linear in the ids."""
     Prefill: _aio.UnaryStreamMultiCallable[_model_worker_pb2.PrefillRequest, _model_worker_pb2.PrefillResponse]  # type: ignore[assignment]
     """K/V for a run of tokens over the replica's first `start_position` rows, streamed in chunks."""
     Step: _aio.UnaryUnaryMultiCallable[_model_worker_pb2.StepRequest, _model_worker_pb2.StepResponse]  # type: ignore[assignment]
@@ -99,9 +127,21 @@ class ModelWorkerAsyncStub(ModelWorkerStub):
     """
 
 class ModelWorkerServicer(metaclass=_abc_1.ABCMeta):
-    """Runs the model; never changes session state. Every call names the session version it computes
-    on; the worker syncs its replica to that version from the authority or answers ABORTED, with
-    a positronic.v1.VersionConflict in the google.rpc.Status details (see VersionConflict).
+    """Runs the model; never changes session state. Every compute call names the session version it
+    computes on and the session's digest at that version; the worker syncs its replica to exactly
+    that history from the authority or answers ABORTED, with a positronic.v1.VersionConflict in the
+    google.rpc.Status details (see VersionConflict).
+
+    Limits (RESOURCE_EXHAUSTED beyond them; malformed values are INVALID_ARGUMENT): Tokenize text
+    1 MiB of UTF-8; Detokenize ids and Prefill token_ids 65,536; ComputeKV insertions 256; Repair
+    pairs 256; max_candidates 100; top_logprobs 100. session_id: 1 to 128 characters of
+    [A-Za-z0-9._-], starting with a letter or digit. expected_digest: 32 bytes, required on
+    Prefill, Step, ComputeKV, Repair and Tick (INVALID_ARGUMENT when empty). Error messages quote
+    a request's values only in bounded form: a valid session id (at most 128 characters), numbers,
+    and at most 64 characters of anything else.
+
+    Text: every `piece` in these messages (and in the mirror) is the vocabulary piece of an id
+    ("▁Once", "<0xF0>", "<s>"); the text an id adds is given as bytes or text where it is needed.
     """
 
     @_abc_1.abstractmethod
@@ -118,7 +158,9 @@ class ModelWorkerServicer(metaclass=_abc_1.ABCMeta):
         request: _model_worker_pb2.TokenizeRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_model_worker_pb2.TokenizeResponse, _abc.Awaitable[_model_worker_pb2.TokenizeResponse]]:
-        """Turns text into ids through the explicit special-token policy (no hidden BOS/EOS)."""
+        """Turns text into ids through the explicit special-token policy: no hidden BOS/EOS, and text
+        that spells a special token ("<s>") is tokenized as text, as sentencepiece does.
+        """
 
     @_abc_1.abstractmethod
     def Detokenize(
@@ -126,7 +168,7 @@ class ModelWorkerServicer(metaclass=_abc_1.ABCMeta):
         request: _model_worker_pb2.DetokenizeRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_model_worker_pb2.DetokenizeResponse, _abc.Awaitable[_model_worker_pb2.DetokenizeResponse]]:
-        """Turns ids into text and per-token pieces."""
+        """Turns ids into text, with each id's piece, bytes and text; linear in the ids."""
 
     @_abc_1.abstractmethod
     def Prefill(

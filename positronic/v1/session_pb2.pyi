@@ -216,7 +216,9 @@ class MirrorEntry(_message.Message):
     token_id: _builtins.int
     """Token id whose K/V the row holds."""
     piece: _builtins.str
-    """Text of the token as the tokenizer decodes it in context."""
+    """Vocabulary piece of the token ("▁Once", "<0xF0>", "<s>"), the same for prompt, generated
+    and merged rows; its text is the worker's to give (Detokenize).
+    """
     brightness: _builtins.float
     """Brightness in [0, MAX_BRIGHTNESS = 1e9], maintained by the loop: the bound fits every policy
     (Halo Weave keeps [0, 255]; H2O's accumulated attention grows by at most 1 per tick).
@@ -290,8 +292,8 @@ class AppendOp(_message.Message):
 
     @_builtins.property
     def pieces(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Decoded text of each token, same length as token_ids (may be empty strings); each at most
-        1 KiB of UTF-8.
+        """Vocabulary piece of each token (see MirrorEntry.piece), same length as token_ids (may be
+        empty strings); each at most 1 KiB of UTF-8.
         """
 
     @_builtins.property
@@ -334,7 +336,7 @@ class ReplacePairOp(_message.Message):
     token_id: _builtins.int
     """The replacement token."""
     piece: _builtins.str
-    """Decoded text of the replacement (at most 1 KiB of UTF-8)."""
+    """Vocabulary piece of the replacement (see MirrorEntry.piece; at most 1 KiB of UTF-8)."""
     brightness: _builtins.float
     """Brightness of the merged row, in [0, 1e9]."""
     replaced_text: _builtins.str
