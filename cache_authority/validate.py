@@ -137,7 +137,7 @@ def _check_position(state: SessionState, position: int, what: str, width: int = 
 
 
 def _check_expected(state: SessionState, position: int, expected: Sequence[int], what: str):
-    actual = state.token_ids[position : position + len(expected)].tolist()
+    actual = state.row_token_ids(position, position + len(expected))
     if actual != list(expected):
         raise PatchError(
             S.FAILED_PRECONDITION,

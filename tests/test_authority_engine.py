@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cache_authority import engine as engine_mod
-from cache_authority import persistence, stage, validate
+from cache_authority import persistence, slots, stage, validate
 from cache_authority.engine import Engine
 from cache_authority.ops import PatchError, Status
 from cache_authority.persistence import CorruptStore, SessionStore
@@ -76,8 +76,9 @@ FAULTS = [
     ("decode", engine_mod, "ops_from_pb", 1),
     ("validate, second expected-token check", validate, "_check_expected", 2),
     ("validate, kv of the append", validate, "_check_kv", 2),
-    ("stage, second splice", stage, "_splice", 2),
-    ("stage, re-rotation", stage, "rerotate_from_canonical", 1),
+    ("stage, the merged row", stage, "_merged_row", 1),
+    ("commit, second slot move", slots, "move_slots", 2),
+    ("commit, the appended rows", slots, "write_rows", 2),
     ("digest", engine_mod, "chain_digest", 1),
     ("commit, after every row was written", stage, "check_blades", 1),
 ]
