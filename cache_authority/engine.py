@@ -1,9 +1,10 @@
 """The patch engine: every session, and the one place their state changes.
 
 A patch runs under its session's lock: request_id replay -> expected_version check -> decode ->
-validate -> stage -> digest -> write-ahead log (fsynced) -> commit. Anything that fails before the
-commit changes nothing; a commit that fails restores the rows and cuts its record off the log. A
-log that cannot be cut back marks the session broken: patches UNAVAILABLE until a restart.
+validate -> stage -> digest -> write-ahead log (fsynced as durability.py says) -> commit. Anything
+that fails before the commit changes nothing; a commit that fails restores the rows and cuts its
+record off the log. A log that cannot be cut back marks the session broken: patches UNAVAILABLE
+until a restart.
 Sessions have a lock each, so patches to different sessions run concurrently.
 """
 
@@ -50,13 +51,16 @@ class Engine(SessionRegistry):
     ):
         super().__init__(limits, store, metrics)
         if store is not None:
+            durable = store.acknowledges_durably
             for rec in store.recover_all():
                 s = SessionSlot(rec.state, snapshot_tried=rec.state.version - len(rec.replayed))
                 for reply in rec.replies:  # patches in the snapshot, then those in the log
                     self._remember(
                         s,
                         reply.request_id,
-                        PatchResult(reply.version, reply.digest, reply.row_count, 0),
+                        PatchResult(
+                            reply.version, reply.digest, reply.row_count, 0, durable=durable
+                        ),
                     )
                 for r in rec.replayed:
                     c = Committed(r.patch, r.row_count, r.appended, r.merged, r.evicted)
@@ -65,7 +69,9 @@ class Engine(SessionRegistry):
                         self._remember(
                             s,
                             r.patch.request_id,
-                            PatchResult(r.patch.version, r.patch.digest, r.row_count, 0),
+                            PatchResult(
+                                r.patch.version, r.patch.digest, r.row_count, 0, durable=durable
+                            ),
                         )
                 self._sessions[rec.state.session_id] = s
                 self.metrics.set_session(rec.state)
@@ -136,7 +142,9 @@ class Engine(SessionRegistry):
                 if store is not None and mark is not None:
                     self._rollback_log(store, session, mark)
                 raise
-            result = PatchResult(version, digest, st.row_count, time.perf_counter_ns() - t0)
+            durable = store is not None and store.acknowledges_durably
+            elapsed = time.perf_counter_ns() - t0
+            result = PatchResult(version, digest, st.row_count, elapsed, durable=durable)
             committed = Committed(
                 patch, st.row_count, staged.appended, staged.merged, staged.evicted
             )

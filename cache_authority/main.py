@@ -1,7 +1,8 @@
 """`positronic authority`: run the cache authority until SIGTERM or SIGINT.
 
 Every flag can also come from the environment (POSITRONIC_LISTEN, POSITRONIC_DATA_DIR,
-POSITRONIC_AUTH_TOKEN_FILE, POSITRONIC_METRICS_PORT, POSITRONIC_SNAPSHOT_EVERY); flags win.
+POSITRONIC_AUTH_TOKEN_FILE, POSITRONIC_METRICS_PORT, POSITRONIC_SNAPSHOT_EVERY,
+POSITRONIC_DURABILITY, POSITRONIC_FSYNC_INTERVAL_MS); flags win.
 The first line of stdout is the bound address, so `--listen 127.0.0.1:0` is usable by scripts.
 """
 
@@ -28,6 +29,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--auth-token-file", help="file holding the bearer token clients need")
     parser.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics here")
     parser.add_argument("--snapshot-every", type=int, help="versions between snapshots")
+    parser.add_argument(
+        "--durability",
+        choices=("fsync", "batch", "none"),
+        help="what a Patch reply promises (with --data-dir): fsync (default) - the patch is on "
+        "stable storage; batch - written to the OS (survives an authority crash), fsynced by a "
+        "background flusher at most --fsync-interval-ms later (a machine crash may lose the "
+        "last interval); none - written to the OS, never fsynced by the authority",
+    )
+    parser.add_argument(
+        "--fsync-interval-ms",
+        type=int,
+        help="how often the batch setting's flusher fsyncs the logs (default 100)",
+    )
 
 
 def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> AuthorityConfig:
@@ -40,6 +54,8 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Au
     listen = pick("listen", "POSITRONIC_LISTEN")
     metrics_port = pick("metrics_port", "POSITRONIC_METRICS_PORT")
     snapshot_every = pick("snapshot_every", "POSITRONIC_SNAPSHOT_EVERY")
+    durability = pick("durability", "POSITRONIC_DURABILITY")
+    fsync_interval_ms = pick("fsync_interval_ms", "POSITRONIC_FSYNC_INTERVAL_MS")
     kwargs: dict = {
         "data_dir": pick("data_dir", "POSITRONIC_DATA_DIR"),
         "auth_token": read_token_file(pick("auth_token_file", "POSITRONIC_AUTH_TOKEN_FILE")),
@@ -49,6 +65,10 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Au
         kwargs["listen"] = listen
     if snapshot_every is not None:
         kwargs["snapshot_every"] = int(snapshot_every)
+    if durability is not None:
+        kwargs["durability"] = durability
+    if fsync_interval_ms is not None:
+        kwargs["fsync_interval_ms"] = int(fsync_interval_ms)
     return AuthorityConfig(**kwargs)
 
 

@@ -4,10 +4,12 @@ Layout under the data dir, one folder per session:
   sessions/<id>/snapshot-<version>.safetensors  canonical keys + values, SnapshotHeader and the
                                                 recent request ids' replies in metadata
   sessions/<id>/wal-<version>.log               patches after that version, one record each
-A record is <u32 length><u32 crc32><CommittedPatch bytes>, written and fsynced before the patch is
-acknowledged. Recovery loads the newest readable snapshot and replays every later record through
-the same apply_ops a replica uses, checking the digest chain. A torn last record (the process died
-while writing it) was never acknowledged and is cut off; damage anywhere else refuses to start.
+A record is <u32 length><u32 crc32><CommittedPatch bytes>, written before the patch is
+acknowledged and fsynced as the durability setting says (durability.py: before the reply, by a
+background flusher, or never). Recovery loads the newest readable snapshot and replays every
+later record through the same apply_ops a replica uses, checking the digest chain. A torn last
+record (the process died while writing it) was never acknowledged and is cut off; damage
+anywhere else refuses to start, except past the last fsync in the batch and none settings.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import logging
 import os
 import shutil
 import struct
+import threading
 import time
 import zlib
 from collections.abc import Iterable
@@ -28,6 +31,7 @@ from typing import BinaryIO
 from safetensors import safe_open
 from safetensors.torch import save as save_safetensors
 
+from cache_authority.durability import Durability, Flusher
 from cache_authority.ops import chain_digest, ops_from_pb
 from cache_authority.rows import SessionState
 from cache_authority.snapshot import state_from_parts, state_to_header
@@ -103,10 +107,29 @@ def _write_durably(path: Path, data: bytes) -> None:
 class SessionStore:
     """Persistence for every session of one authority. Callers hold the session's lock."""
 
-    def __init__(self, data_dir: str | Path):
+    def __init__(
+        self,
+        data_dir: str | Path,
+        durability: Durability | str = Durability.FSYNC,
+        fsync_interval_ms: int = 100,
+    ):
         self.root = Path(data_dir) / "sessions"
         self.root.mkdir(parents=True, exist_ok=True)
+        self.durability = Durability.parse(durability)
         self._wal: dict[str, tuple[int, BinaryIO]] = {}  # session id -> (base version, file)
+        # Held to close a log (or swap it for a new one) and by the flusher around its fsync,
+        # so the flusher never fsyncs a closed (or reused) file descriptor. Appends need no lock.
+        self._files_lock = threading.Lock()
+        self._flusher = (
+            Flusher(fsync_interval_ms / 1000, self._fsync_log)
+            if self.durability is Durability.BATCH
+            else None
+        )
+
+    @property
+    def acknowledges_durably(self) -> bool:
+        """Whether a patch is on stable storage when append() returns."""
+        return self.durability is Durability.FSYNC
 
     # -- writing ----------------------------------------------------------------------------
     def create(self, state: SessionState) -> None:
@@ -121,19 +144,30 @@ class SessionStore:
         self._open_wal(state.session_id, state.version)
 
     def append(self, session_id: str, patch: session_pb2.CommittedPatch) -> int:
-        """Append and fsync one record; returns the offset to roll back to. On failure nothing
-        of the record stays in the log (or LogRepairFailed says the log could not be repaired)."""
+        """Append one record, written to the OS and fsynced as the durability setting says;
+        returns the offset to roll back to. On failure nothing of the record stays in the log
+        (or LogRepairFailed says the log could not be repaired)."""
         _, f = self._wal[session_id]
         payload = patch.SerializeToString(deterministic=True)
         mark = f.tell()
         try:
             f.write(_RECORD.pack(len(payload), zlib.crc32(payload)) + payload)
             f.flush()
-            os.fsync(f.fileno())
+            if self.durability is Durability.FSYNC:
+                os.fsync(f.fileno())
         except BaseException:
             self.rollback(session_id, mark)
             raise
+        if self._flusher is not None:
+            self._flusher.mark(session_id)
         return mark
+
+    def _fsync_log(self, session_id: str) -> None:
+        """The flusher's round for one session: fsync its current log, if it still has one."""
+        with self._files_lock:
+            entry = self._wal.get(session_id)
+            if entry is not None:
+                os.fsync(entry[1].fileno())
 
     def rollback(self, session_id: str, mark: int) -> None:
         """Cut the log back to `mark` (a record whose commit then failed must not be replayed);
@@ -195,6 +229,8 @@ class SessionStore:
         shutil.rmtree(trash, ignore_errors=True)
 
     def close(self) -> None:
+        if self._flusher is not None:
+            self._flusher.close()  # a last round: everything acknowledged reaches the disk
         for session_id in list(self._wal):
             self.close_session(session_id)
 
@@ -229,12 +265,22 @@ class SessionStore:
             f.close()
             raise
         self.close_session(session_id)
-        self._wal[session_id] = (base_version, f)
+        with self._files_lock:
+            self._wal[session_id] = (base_version, f)
 
     def close_session(self, session_id: str) -> None:
-        entry = self._wal.pop(session_id, None)
-        if entry is not None:
-            entry[1].close()
+        """Close the session's log; in the batch setting, fsync it first."""
+        with self._files_lock:
+            entry = self._wal.pop(session_id, None)
+            if entry is None:
+                return
+            try:
+                if self.durability is Durability.BATCH:
+                    os.fsync(entry[1].fileno())
+            except OSError as e:
+                logger.error("session %s: fsync of the log on close failed: %s", session_id, e)
+            finally:
+                entry[1].close()
 
     # -- recovery ---------------------------------------------------------------------------
     def recover_all(self) -> list[Recovered]:
@@ -255,7 +301,8 @@ class SessionStore:
         replayed = []
         wals = _versioned(folder, "wal")
         for i, (_, wal) in enumerate(wals):
-            for patch in _read_records(wal, last=i == len(wals) - 1):
+            lenient = self.durability is not Durability.FSYNC
+            for patch in _read_records(wal, last=i == len(wals) - 1, lenient=lenient):
                 if patch.version <= state.version:
                     continue  # already in the snapshot
                 if patch.version != state.version + 1:
@@ -315,8 +362,9 @@ def _load_snapshot(path: Path) -> tuple[SessionState, list[StoredReply]]:
     return state, replies
 
 
-def _read_records(path: Path, last: bool):
-    """Yield the CommittedPatch records of one log; cut a torn tail off the last log."""
+def _read_records(path: Path, last: bool, lenient: bool = False):
+    """Yield the CommittedPatch records of one log; cut a torn tail off the last log. `lenient`
+    (batch and none durability): damage in the last log is cut off from its first bad record."""
     data = path.read_bytes()
     offset = 0
     while offset < len(data):
@@ -327,16 +375,18 @@ def _read_records(path: Path, last: bool):
             torn = end + length > len(data)
             if not torn and zlib.crc32(data[end : end + length]) != crc:
                 # A complete record with a bad checksum is torn only if nothing follows it.
-                torn = end + length == len(data)
+                torn = end + length == len(data) or (last and lenient)
                 if not torn:
                     raise CorruptStore(f"{path}: bad record at byte {offset}")
         if torn:
             if not last:
                 raise CorruptStore(f"{path}: torn record at byte {offset} before a later log")
             logger.warning(
-                "%s: discarding a torn last record (%d bytes, never acknowledged)",
+                "%s: discarding %d bytes from byte %d: a torn last record (never acknowledged)%s",
                 path,
                 len(data) - offset,
+                offset,
+                ", or damage past the last fsync" if lenient else "",
             )
             with open(path, "r+b") as f:
                 f.truncate(offset)

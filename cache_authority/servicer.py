@@ -134,6 +134,7 @@ class CacheAuthorityServicer(cache_authority_pb2_grpc.CacheAuthorityServicer):
             row_count=result.row_count,
             replayed=result.replayed,
             apply_ns=result.apply_ns,
+            durable=result.durable,
         )
 
     @_unary

@@ -45,6 +45,7 @@ class PatchResult:
     row_count: int
     apply_ns: int
     replayed: bool = False
+    durable: bool = False  # on stable storage before the reply (the fsync durability setting)
 
 
 @dataclass(frozen=True)
