@@ -145,7 +145,7 @@ def stage_ops(state: SessionState, ops: Sequence[Op], version: int) -> StagedPat
     brightness = None
     for op in ops:
         if isinstance(op, SetBrightnessOp):
-            brightness = torch.tensor(op.brightness, dtype=torch.float32)
+            brightness = op.brightness
     firsts, next_ledger = _ledger_ids(state, ops)
     edit_ops = [(i, op) for i, op in enumerate(ops) if isinstance(op, ReplacePairOp | EvictOp)]
     edits: list[Edit] = []

@@ -115,8 +115,12 @@ def _check_kv(
             raise PatchError(S.INVALID_ARGUMENT, f"{what}: {name} contains NaN or inf")
 
 
-def _check_finite(values: Iterable[float], what: str) -> None:
-    if not all(math.isfinite(v) for v in values):
+def _check_finite(values: Iterable[float] | torch.Tensor, what: str) -> None:
+    if isinstance(values, torch.Tensor):
+        finite = bool(torch.isfinite(values).all())
+    else:
+        finite = all(math.isfinite(v) for v in values)
+    if not finite:
         raise PatchError(S.INVALID_ARGUMENT, f"{what}: NaN or inf brightness")
 
 
