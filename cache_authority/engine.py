@@ -245,7 +245,11 @@ class Engine(SessionRegistry):
                 and log
                 and log[0].patch.version <= from_version + 1
             ):
-                deltas = [c for c in log if c.patch.version > from_version]
+                # The log holds consecutive versions: index the ones wanted instead of scanning
+                # the whole retained log (up to log_retention entries) on every replica's Sync
+                # under the session's lock. Indexing a deque near its end is O(1).
+                first = from_version + 1 - log[0].patch.version
+                deltas = [log[i] for i in range(first, len(log))]
                 return SyncPlan(st.version, deltas=deltas)
             return SyncPlan(st.version, snapshot=state_to_snapshot(st))
 

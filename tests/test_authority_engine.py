@@ -3,6 +3,7 @@ disk), retries are idempotent, and the write-ahead log plus snapshots recover ev
 
 from __future__ import annotations
 
+import collections
 import os
 import threading
 
@@ -336,6 +337,24 @@ def test_sync_plan_gives_deltas_while_the_log_reaches_back_then_a_snapshot():
     engine.patch("s", 4, "", [evict_pb(0, 13)])
     assert engine.sync_plan("s", 2).snapshot is not None  # v3 fell out of the retained log
     assert engine.sync_plan("s", 5).deltas == []
+
+
+class UnscannableLog(collections.deque):
+    """A retained log that refuses to be iterated whole."""
+
+    def __iter__(self):
+        raise AssertionError("the whole retained log was scanned")
+
+
+def test_a_sync_of_the_newest_deltas_does_not_scan_the_retained_log():
+    engine = make_engine()
+    prime(engine)
+    for v in range(2, 40):
+        engine.patch("s", v, "", [brightness_pb([float(v)] * 6)])
+    session = engine._sessions["s"]
+    session.log = UnscannableLog(collections.deque.__iter__(session.log))
+    plan = engine.sync_plan("s", 38)
+    assert [c.patch.version for c in plan.deltas] == [39, 40]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
