@@ -25,7 +25,7 @@ def parse(*argv: str):
 def test_bench_patch_writes_every_case(tmp_path, transport):
     out = tmp_path / "patch.json"
     args = parse("--rows", "12,20", "--patches", "12", "--warmup", "2", "--transport", transport,
-                 "--durability", "fsync,none", "--json", str(out), *TINY)  # fmt: skip
+                 "--durability", "fsync,none", "--json", str(out), "--follower", *TINY)  # fmt: skip
     assert run(args) == 0
     doc = json.loads(out.read_text())
     cases = doc["cases"]
@@ -36,7 +36,7 @@ def test_bench_patch_writes_every_case(tmp_path, transport):
         assert 0 < c["p50_ms"] <= c["p99_ms"] <= c["max_ms"]
         assert c["patches"] == 12 and c["durable"] == c["fsync"]
         assert c["durability"] == ("fsync" if c["fsync"] else "none")
-    assert doc["shape"]["layers"] == 2 and doc["transport"] == transport
+    assert doc["shape"]["layers"] == 2 and doc["transport"] == transport and doc["follower"]
 
 
 @pytest.mark.parametrize("edit", ["append", "merge", "evict"])

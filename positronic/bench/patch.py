@@ -74,6 +74,11 @@ def add_patch_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--head-dim", type=int, default=Shape.head_dim)
     p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default=Shape.dtype)
     p.add_argument("--snapshot-every", type=int, default=1000, help="authority setting")
+    p.add_argument(
+        "--follower",
+        action="store_true",
+        help="after each patch, pull it with Sync (untimed) as a worker's replica does",
+    )
     p.add_argument("--data-dir", help="where the authority keeps its files (default: a temp dir)")
     p.add_argument("--json", help="write the results here")
 
@@ -214,6 +219,7 @@ class Authority:
     create: Callable[[str, int], None]  # (session id, hard max rows)
     patch: PatchFn
     delete: Callable[[str], object]
+    follow: Callable[[str, int], None]  # a replica's Sync of the patches after a version
 
 
 def _geometry_pb(shape: Shape):
@@ -272,8 +278,15 @@ def grpc_authority(
         def delete(sid: str) -> None:
             stub.DeleteSession(ca.DeleteSessionRequest(session_id=sid), timeout=60)
 
+        def follow(sid: str, version: int) -> None:
+            call = stub.Sync(ca.SyncRequest(session_id=sid, from_version=version), timeout=60)
+            for msg in call:
+                if msg.WhichOneof("payload") == "delta" and msg.delta.final:
+                    break
+            call.cancel()
+
         try:
-            yield Authority(create, patch, delete)
+            yield Authority(create, patch, delete, follow)
         finally:
             channel.close()
 
@@ -300,8 +313,11 @@ def engine_authority(
         result = engine.patch(sid, version, uuid.uuid4().hex, ops)
         return result.durable, result.apply_ns
 
+    def follow(sid: str, version: int) -> None:
+        engine.sync_plan(sid, version, holds_state=True)
+
     try:
-        yield Authority(create, patch, engine.delete_session)
+        yield Authority(create, patch, engine.delete_session, follow)
     finally:
         engine.close()
 
@@ -327,7 +343,9 @@ def summarize(ms: Sequence[float]) -> dict:
     return out
 
 
-def measure_case(authority: Authority, shape: Shape, case: Case, patches: int, warmup: int):
+def measure_case(
+    authority: Authority, shape: Shape, case: Case, patches: int, warmup: int, follow: bool
+):
     sid = f"bench-{case.rows}-{case.edit}"
     ticks = Ticks(shape, case.rows, case.edit)
     authority.create(sid, case.rows)
@@ -345,6 +363,8 @@ def measure_case(authority: Authority, shape: Shape, case: Case, patches: int, w
         if i >= warmup:
             client_ms.append(elapsed * 1e3)
             server_ms.append(apply_ns / 1e6)
+        if follow:  # untimed, as a worker's replica pulls each commit in the loop
+            authority.follow(sid, version - 1)
         reset = ticks.reset_ops()
         if reset:
             authority.patch(sid, version, reset)
@@ -403,7 +423,11 @@ def run_patch(args: argparse.Namespace) -> int:
             with connect(shape, durability, str(data_dir), args.snapshot_every) as authority:
                 for case in (c for c in cases if c.durability == durability):
                     print(f"measuring {case}", file=sys.stderr, flush=True)
-                    results.append(measure_case(authority, shape, case, args.patches, args.warmup))
+                    results.append(
+                        measure_case(
+                            authority, shape, case, args.patches, args.warmup, args.follower
+                        )
+                    )
     doc = {
         "transport": args.transport,
         "shape": shape.__dict__,
@@ -411,6 +435,7 @@ def run_patch(args: argparse.Namespace) -> int:
         "patches": args.patches,
         "warmup": args.warmup,
         "snapshot_every": args.snapshot_every,
+        "follower": args.follower,
         "cases": results,
         "elapsed_s": round(time.perf_counter() - t0, 1),
     }
