@@ -78,6 +78,11 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as e:
         print(f"positronic authority: {e}", file=sys.stderr)
         return 2
+    # Handlers first: a SIGTERM that arrives right after the address is printed (a supervisor
+    # or a test that stops the process at once) must still stop it gracefully.
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: stop.set())
     try:
         server = start_authority(config)
     except (OSError, CorruptStore) as e:  # port taken, data dir unreadable or damaged
@@ -93,9 +98,6 @@ def run(args: argparse.Namespace) -> int:
         )
     if server.metrics_port is not None:
         logger.info("metrics on port %d", server.metrics_port)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, frame: stop.set())
     while not stop.wait(0.5):  # a timed wait lets the main thread run the signal handlers
         pass
     logger.info("stopping (grace %.1f s)", config.grace_s)
