@@ -13,12 +13,18 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 from cache_authority.feed import WatchEvent
 from cache_authority.metrics import Metrics
 from cache_authority.ops import PatchError, Status, chain_digest, ops_from_pb
-from cache_authority.persistence import LogRepairFailed, SessionStore, StoredReply
+from cache_authority.persistence import (
+    LogRepairFailed,
+    PendingSnapshot,
+    SessionStore,
+    StoredReply,
+)
 from cache_authority.sessions import (
     Committed,
     EngineLimits,
@@ -50,6 +56,9 @@ class Engine(SessionRegistry):
         metrics: Metrics | None = None,
     ):
         super().__init__(limits, store, metrics)
+        # One thread writes every session's snapshots, off the patches' path.
+        self._snapshot_thread = ThreadPoolExecutor(1, thread_name_prefix="snapshot")
+        self._snapshot_writes: dict[str, Future[None]] = {}
         if store is not None:
             durable = store.acknowledges_durably
             for rec in store.recover_all():
@@ -175,24 +184,65 @@ class Engine(SessionRegistry):
             )
 
     def _snapshot_if_due(self, session: SessionSlot) -> None:
-        """A snapshot every snapshot_every versions. One that fails is tried again only
-        snapshot_every versions later (not on every commit); the current log goes on meanwhile."""
+        """A snapshot every snapshot_every versions. Under the lock only its copy of the live
+        rows and the switch to a new log happen; the file is written by the snapshot thread, so
+        the patch that triggers it does not wait for the disk. One that fails is tried again
+        only snapshot_every versions later; the logs go on meanwhile (recovery replays them)."""
         st, store = session.state, self.store
         if store is None or st.version - session.snapshot_tried < self.limits.snapshot_every:
             return
+        sid = st.session_id
+        writing = self._snapshot_writes.get(sid)
+        if writing is not None:
+            # Still being written only when snapshots come faster than the disk takes them:
+            # then this commit waits, so that at most one copy of the rows is in flight.
+            writing.exception()
         session.snapshot_tried = st.version
         replies = [
             StoredReply(rid, r.version, r.digest, r.row_count) for rid, r in session.replies.items()
         ]
         try:
-            store.snapshot(st, replies)
+            pending = store.begin_snapshot(st, replies)
         except LogRepairFailed as e:
             self._break(session, e)
+            return
         except OSError as e:
             logger.warning(
                 "session %s v%d: snapshot failed (%s); the log goes on, next try at v%d",
-                st.session_id, st.version, e, st.version + self.limits.snapshot_every,
+                sid, st.version, e, st.version + self.limits.snapshot_every,
             )  # fmt: skip
+            return
+        self._snapshot_writes[sid] = self._snapshot_thread.submit(
+            self._finish_snapshot, store, pending
+        )
+
+    def _finish_snapshot(self, store: SessionStore, pending: PendingSnapshot) -> None:
+        try:
+            store.finish_snapshot(pending)
+        except OSError as e:
+            logger.warning(
+                "session %s v%d: writing the snapshot failed (%s); the logs go on",
+                pending.session_id, pending.version, e,
+            )  # fmt: skip
+
+    def wait_for_snapshots(self) -> None:
+        """Block until every snapshot begun so far is written (or has failed)."""
+        for future in list(self._snapshot_writes.values()):
+            future.exception()
+
+    def delete_session(self, session_id: str) -> int:
+        """As SessionRegistry.delete_session, once the session's snapshot being written (if
+        any) is done: it writes into the folder the deletion moves away."""
+        session = self._session(session_id)
+        with session.cond:  # no new snapshot can begin meanwhile; the write needs no lock
+            writing = self._snapshot_writes.pop(session_id, None)
+            if writing is not None:
+                writing.exception()
+            return super().delete_session(session_id)
+
+    def close(self) -> None:
+        self._snapshot_thread.shutdown(wait=True)  # what was begun reaches the disk
+        super().close()
 
     def _retain(self, session: SessionSlot, committed: Committed) -> None:
         session.log.append(committed)

@@ -258,8 +258,10 @@ def test_a_failed_snapshot_keeps_the_log_going_and_waits_before_trying_again(tmp
     engine = make_engine(tmp_path, snapshot_every=3)
     prime(engine)
     tries = []
-    real_snapshot = engine.store.snapshot
-    monkeypatch.setattr(engine.store, "snapshot", lambda *a: tries.append(1) or real_snapshot(*a))
+    real_begin = engine.store.begin_snapshot
+    monkeypatch.setattr(
+        engine.store, "begin_snapshot", lambda *a: tries.append(1) or real_begin(*a)
+    )
     monkeypatch.setattr(persistence, "open", failing_log_open(), raising=False)
     assert engine.patch("s", 2, "r2", [brightness_pb([1.0] * 6)]).version == 3  # snapshot fails
     monkeypatch.setattr(persistence, "open", open, raising=False)
