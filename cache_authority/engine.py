@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 
 from cache_authority.feed import WatchEvent
 from cache_authority.metrics import Metrics
-from cache_authority.ops import PatchError, Status, chain_digest, ops_from_pb
+from cache_authority.ops import PatchError, Status, chain_digest, ops_from_pb, patch_fingerprint
 from cache_authority.persistence import (
     LogRepairFailed,
     PendingSnapshot,
@@ -34,6 +34,7 @@ from cache_authority.sessions import (
 )
 from cache_authority.snapshot import state_to_snapshot
 from cache_authority.state import commit_staged, stage_ops, validate_ops
+from positronic.limits import clip
 from positronic.v1 import cache_authority_pb2, session_pb2
 
 logger = logging.getLogger(__name__)
@@ -68,7 +69,12 @@ class Engine(SessionRegistry):
                         s,
                         reply.request_id,
                         PatchResult(
-                            reply.version, reply.digest, reply.row_count, 0, durable=durable
+                            reply.version,
+                            reply.digest,
+                            reply.row_count,
+                            0,
+                            fingerprint=reply.fingerprint,
+                            durable=durable,
                         ),
                     )
                 for r in rec.replayed:
@@ -79,7 +85,14 @@ class Engine(SessionRegistry):
                             s,
                             r.patch.request_id,
                             PatchResult(
-                                r.patch.version, r.patch.digest, r.row_count, 0, durable=durable
+                                r.patch.version,
+                                r.patch.digest,
+                                r.row_count,
+                                0,
+                                fingerprint=patch_fingerprint(
+                                    r.patch.version - 1, list(r.patch.ops)
+                                ),
+                                durable=durable,
                             ),
                         )
                 self._sessions[rec.state.session_id] = s
@@ -107,10 +120,18 @@ class Engine(SessionRegistry):
         session = self._session(session_id)
         with session.cond:
             self._check_live(session)
+            fingerprint = patch_fingerprint(expected_version, list(ops_pb))
             if request_id and request_id in session.replies:
-                # The stored reply, whatever ops came with the id this time: ids are the
-                # client's promise that a retry carries the same patch; we do not re-check it.
-                return replace(session.replies[request_id], replayed=True)
+                # A retry gets the stored reply; the same id with another patch is refused, not
+                # answered with the first reply while its own ops are silently dropped.
+                stored = session.replies[request_id]
+                if stored.fingerprint and stored.fingerprint != fingerprint:
+                    raise PatchError(
+                        Status.ALREADY_EXISTS,
+                        f"session {session_id}: request id {clip(request_id)} was used by "
+                        f"another patch (committed as v{stored.version}); use a new id",
+                    )
+                return replace(stored, replayed=True)
             st = session.state
             if session.broken:
                 raise PatchError(
@@ -153,7 +174,9 @@ class Engine(SessionRegistry):
                 raise
             durable = store is not None and store.acknowledges_durably
             elapsed = time.perf_counter_ns() - t0
-            result = PatchResult(version, digest, st.row_count, elapsed, durable=durable)
+            result = PatchResult(
+                version, digest, st.row_count, elapsed, fingerprint=fingerprint, durable=durable
+            )
             committed = Committed(
                 patch, st.row_count, staged.appended, staged.merged, staged.evicted
             )
@@ -199,7 +222,8 @@ class Engine(SessionRegistry):
             writing.exception()
         session.snapshot_tried = st.version
         replies = [
-            StoredReply(rid, r.version, r.digest, r.row_count) for rid, r in session.replies.items()
+            StoredReply(rid, r.version, r.digest, r.row_count, r.fingerprint)
+            for rid, r in session.replies.items()
         ]
         try:
             pending = store.begin_snapshot(st, replies)

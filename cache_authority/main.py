@@ -2,7 +2,9 @@
 
 Every flag can also come from the environment (POSITRONIC_LISTEN, POSITRONIC_DATA_DIR,
 POSITRONIC_AUTH_TOKEN_FILE, POSITRONIC_METRICS_PORT, POSITRONIC_SNAPSHOT_EVERY,
-POSITRONIC_DURABILITY, POSITRONIC_FSYNC_INTERVAL_MS); flags win.
+POSITRONIC_MAX_STREAMS_PER_CLIENT, POSITRONIC_MAX_STREAMS_PER_SESSION, POSITRONIC_TLS_CERT,
+POSITRONIC_TLS_KEY, POSITRONIC_TLS_CLIENT_CA, POSITRONIC_DURABILITY,
+POSITRONIC_FSYNC_INTERVAL_MS); flags win (positronic/flags.py).
 The first line of stdout is the bound address, so `--listen 127.0.0.1:0` is usable by scripts.
 """
 
@@ -18,9 +20,19 @@ from collections.abc import Mapping
 
 from cache_authority.persistence import CorruptStore
 from cache_authority.server import AuthorityConfig, start_authority
+from positronic import flags
 from positronic.rpc import bound_address, read_token_file
 
 logger = logging.getLogger(__name__)
+
+# AuthorityConfig field -> environment variable, for the integer settings
+INT_SETTINGS = {
+    "metrics_port": "POSITRONIC_METRICS_PORT",
+    "snapshot_every": "POSITRONIC_SNAPSHOT_EVERY",
+    "max_streams_per_client": "POSITRONIC_MAX_STREAMS_PER_CLIENT",
+    "max_streams_per_session": "POSITRONIC_MAX_STREAMS_PER_SESSION",
+    "fsync_interval_ms": "POSITRONIC_FSYNC_INTERVAL_MS",
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,6 +41,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--auth-token-file", help="file holding the bearer token clients need")
     parser.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics here")
     parser.add_argument("--snapshot-every", type=int, help="versions between snapshots")
+    parser.add_argument(
+        "--max-streams-per-client",
+        type=int,
+        help="open Patch/Sync/Watch streams one client address may hold (default 1024)",
+    )
+    parser.add_argument(
+        "--max-streams-per-session",
+        type=int,
+        help="open streams that may name one session (default 64)",
+    )
     parser.add_argument(
         "--durability",
         choices=("fsync", "batch", "none"),
@@ -42,33 +64,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         help="how often the batch setting's flusher fsyncs the logs (default 100)",
     )
+    flags.add_server_tls_arguments(parser)
 
 
 def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> AuthorityConfig:
     """Flags first, then POSITRONIC_* variables, then AuthorityConfig's defaults."""
-
-    def pick(flag: str, env: str) -> str | None:
-        value = getattr(args, flag, None)
-        return str(value) if value is not None else environ.get(env) or None
-
-    listen = pick("listen", "POSITRONIC_LISTEN")
-    metrics_port = pick("metrics_port", "POSITRONIC_METRICS_PORT")
-    snapshot_every = pick("snapshot_every", "POSITRONIC_SNAPSHOT_EVERY")
-    durability = pick("durability", "POSITRONIC_DURABILITY")
-    fsync_interval_ms = pick("fsync_interval_ms", "POSITRONIC_FSYNC_INTERVAL_MS")
     kwargs: dict = {
-        "data_dir": pick("data_dir", "POSITRONIC_DATA_DIR"),
-        "auth_token": read_token_file(pick("auth_token_file", "POSITRONIC_AUTH_TOKEN_FILE")),
-        "metrics_port": int(metrics_port) if metrics_port is not None else None,
+        "data_dir": flags.pick(args, "data_dir", "POSITRONIC_DATA_DIR", environ),
+        "auth_token": read_token_file(
+            flags.pick(args, "auth_token_file", "POSITRONIC_AUTH_TOKEN_FILE", environ)
+        ),
+        "tls": flags.server_tls(args, environ),
     }
+    listen = flags.pick(args, "listen", "POSITRONIC_LISTEN", environ)
     if listen is not None:
         kwargs["listen"] = listen
-    if snapshot_every is not None:
-        kwargs["snapshot_every"] = int(snapshot_every)
+    for name, env in INT_SETTINGS.items():
+        value = flags.pick_int(args, name, env, environ)
+        if value is not None or name == "metrics_port":
+            kwargs[name] = value
+    durability = flags.pick(args, "durability", "POSITRONIC_DURABILITY", environ)
     if durability is not None:
         kwargs["durability"] = durability
-    if fsync_interval_ms is not None:
-        kwargs["fsync_interval_ms"] = int(fsync_interval_ms)
     return AuthorityConfig(**kwargs)
 
 

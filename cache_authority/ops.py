@@ -78,7 +78,16 @@ class SetBrightnessOp:
 Op = AppendOp | ReplacePairOp | EvictOp | SetBrightnessOp
 
 
+MAX_DIM = 1 << 31  # no session dimension comes near; larger ones overflow torch's allocator
+
+
 def _kv_from_pb(kv, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    for name, t in (("keys", kv.keys), ("values", kv.values)):
+        if len(t.shape) != 4 or any(not 0 <= d < MAX_DIM for d in t.shape):
+            shape = list(t.shape)[:8]
+            raise PatchError(
+                Status.INVALID_ARGUMENT, f"{what}: {name} shape {shape} is not [L, H, N, D]"
+            )
     try:
         return codec.decode(kv.keys), codec.decode(kv.values)
     except codec.CodecError as e:
@@ -164,6 +173,17 @@ def op_to_pb(op: Op) -> session_pb2.PatchOp:
 
 
 GENESIS_DIGEST = hashlib.sha256(b"positronic.v1 session").digest()
+
+
+def patch_fingerprint(expected_version: int, ops: list[session_pb2.PatchOp]) -> bytes:
+    """What a request id promises stays the same on a retry: the version and the ops."""
+    h = hashlib.sha256(b"positronic.v1 request")
+    h.update(expected_version.to_bytes(8, "little", signed=True))
+    for op in ops:
+        body = op.SerializeToString(deterministic=True)
+        h.update(len(body).to_bytes(8, "little"))
+        h.update(body)
+    return h.digest()
 
 
 def chain_digest(previous: bytes, version: int, ops: list[session_pb2.PatchOp]) -> bytes:

@@ -111,15 +111,40 @@ class SessionStore:
 
     # -- writing ----------------------------------------------------------------------------
     def create(self, state: SessionState) -> None:
-        """Persist a new session: its folder appears, complete, in one rename."""
+        """Persist a new session: its folder appears, complete, in one rename.
+
+        A failure anywhere leaves no session folder behind: the caller answers an error, so a
+        restart must not bring the session back. Before the rename a dot-folder is left at worst
+        (recovery removes those); after it, the folder is moved aside into one again.
+        """
         tmp = self.root / f".creating-{state.session_id}-{time.time_ns()}"
-        tmp.mkdir()
-        write_snapshot(tmp, capture(state))
-        (tmp / wal_name(state.version)).touch()
         final = self.root / state.session_id
-        os.replace(tmp, final)
-        fsync_dir(self.root)
-        self._open_wal(state.session_id, state.version)
+        try:
+            tmp.mkdir()
+            write_snapshot(tmp, capture(state))
+            (tmp / wal_name(state.version)).touch()
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        try:
+            fsync_dir(self.root)
+            self._open_wal(state.session_id, state.version)
+        except BaseException:
+            self.close_session(state.session_id)
+            self._discard(final, state.session_id)
+            raise
+
+    def _discard(self, folder: Path, session_id: str) -> None:
+        """Move a session folder aside in one rename (recovery skips dot-folders); remove it."""
+        trash = self.root / f".deleted-{session_id}-{time.time_ns()}"
+        try:
+            os.replace(folder, trash)
+            fsync_dir(self.root)
+        except OSError as e:
+            logger.error("session %s: could not remove a half-created folder: %s", session_id, e)
+            return
+        shutil.rmtree(trash, ignore_errors=True)
 
     def append(self, session_id: str, patch: session_pb2.CommittedPatch) -> int:
         """Append one record, written to the OS and fsynced as the durability setting says;

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cache_authority.admission import StreamLimits
 from cache_authority.durability import Durability
 from cache_authority.engine import Engine
 from cache_authority.metrics import Metrics
 from cache_authority.persistence import SessionStore
 from cache_authority.servicer import SERVICE_NAME, CacheAuthorityServicer
 from cache_authority.sessions import EngineLimits
-from positronic.rpc import RunningServer, start_server
+from positronic.aio_server import AioRunningServer, start_aio_server
+from positronic.tls import ServerTls
 from positronic.v1 import cache_authority_pb2_grpc
 
 
@@ -28,9 +30,14 @@ class AuthorityConfig:
     log_retention_bytes: int = 256 << 20
     max_session_bytes: int = 8 << 30  # preallocation limit of one session (hard_max_rows)
     max_total_bytes: int = 32 << 30  # ... and of all sessions together
-    # Every Sync/Watch follower holds a worker thread for its whole life.
-    max_workers: int = 64
+    # Threads for blocking engine work (patch apply + fsync, snapshots, reads under a session
+    # lock). Streams hold none: the server is grpc.aio, a waiting stream is a coroutine.
+    engine_threads: int = 16
+    max_streams_per_client: int = 1024  # open Patch/Sync/Watch streams per client address
+    max_streams_per_session: int = 64  # ... naming one session
+    max_streams: int = 16384  # ... in all
     grace_s: float = 2.0  # how long in-flight calls may finish on shutdown
+    tls: ServerTls | None = None  # None: plaintext
 
     def __post_init__(self) -> None:
         host, sep, port = self.listen.rpartition(":")
@@ -44,7 +51,10 @@ class AuthorityConfig:
             "log_retention_bytes",
             "max_session_bytes",
             "max_total_bytes",
-            "max_workers",
+            "engine_threads",
+            "max_streams_per_client",
+            "max_streams_per_session",
+            "max_streams",
             "fsync_interval_ms",
         ):
             if getattr(self, name) <= 0:
@@ -62,13 +72,21 @@ class AuthorityConfig:
             snapshot_every=self.snapshot_every,
         )
 
+    def stream_limits(self) -> StreamLimits:
+        return StreamLimits(
+            per_peer=self.max_streams_per_client,
+            per_session=self.max_streams_per_session,
+            total=self.max_streams,
+        )
+
 
 @dataclass
-class AuthorityServer(RunningServer):
+class AuthorityServer(AioRunningServer):
     """A running authority: the gRPC server plus its engine and metrics endpoint."""
 
     engine: Engine | None = None
     metrics_port: int | None = None
+    servicer: CacheAuthorityServicer | None = None
 
 
 def start_authority(config: AuthorityConfig) -> AuthorityServer:
@@ -80,18 +98,21 @@ def start_authority(config: AuthorityConfig) -> AuthorityServer:
     )
     metrics = Metrics()
     engine = Engine(config.limits(), store, metrics)
-    servicer = CacheAuthorityServicer(engine)
+    servicer = CacheAuthorityServicer(
+        engine, engine_threads=config.engine_threads, stream_limits=config.stream_limits()
+    )
     try:
-        running = start_server(
+        running = start_aio_server(
             config.listen,
             lambda server: cache_authority_pb2_grpc.add_CacheAuthorityServicer_to_server(
                 servicer, server
             ),
             [SERVICE_NAME],
             auth_token=config.auth_token,
-            max_workers=config.max_workers,
+            tls=config.tls,
         )
     except BaseException:
+        servicer.close()
         engine.close()
         raise
     metrics_port = None
@@ -102,9 +123,11 @@ def start_authority(config: AuthorityConfig) -> AuthorityServer:
         running.server,
         running.port,
         running.health,
+        running.loop,
         running.service_names,
         engine=engine,
         metrics_port=metrics_port,
+        servicer=servicer,
     )
-    server.on_stop.extend([engine.close, metrics.stop])
+    server.on_stop.extend([servicer.close, engine.close, metrics.stop])
     return server

@@ -1,17 +1,23 @@
-"""gRPC servicer of positronic.v1.CacheAuthority: proto in -> engine call -> proto out.
+"""gRPC servicer of positronic.v1.CacheAuthority (grpc.aio): proto in -> engine call -> proto out.
 
-Errors map to status codes here and only here: a PatchError carries its code (ABORTED with a
-VersionConflict detail); anything else is a bug, logged with its traceback and sent as INTERNAL.
+Every handler is a coroutine on the server's event loop; whatever can block (a patch's apply and
+fsync, a snapshot, anything that takes a session lock) runs in the engine's thread pool, so a
+stream that waits holds no thread. Errors become statuses in one place, boundary.py.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import grpc
 
+from cache_authority import admission
+from cache_authority.boundary import abort_for, streaming, unary
 from cache_authority.convert import (
     budget_from_pb,
     geometry_from_pb,
@@ -19,66 +25,17 @@ from cache_authority.convert import (
     session_info_to_pb,
 )
 from cache_authority.engine import Engine, SyncPlan
+from cache_authority.feed import FeedSignal
 from cache_authority.ops import PatchError, Status
 from cache_authority.sync import delta_messages, snapshot_messages
-from positronic import codec, rpc
+from positronic import codec
+from positronic.limits import clip
 from positronic.v1 import cache_authority_pb2 as ca
 from positronic.v1 import cache_authority_pb2_grpc
 
 logger = logging.getLogger(__name__)
-
+T = TypeVar("T")
 SERVICE_NAME = ca.DESCRIPTOR.services_by_name["CacheAuthority"].full_name
-POLL_S = 0.5  # how often a following stream checks that its client is still there
-
-
-def _abort(context: grpc.ServicerContext, method: str, error: BaseException) -> None:
-    if isinstance(error, PatchError):
-        logger.debug("%s refused: %s %s", method, error.status.value, error.message)
-        if error.status is Status.CANCELLED:  # no rich status: nobody is there to read it
-            context.abort(grpc.StatusCode.CANCELLED, error.message)
-        details = []
-        if error.status is Status.ABORTED and error.current_version is not None:
-            details.append(ca.VersionConflict(current_version=error.current_version))
-        rpc.abort(context, error.status.value, error.message, details)
-        return  # abort raised already; this line only documents that
-    logger.error("%s failed with a bug", method, exc_info=error)
-    context.abort(grpc.StatusCode.INTERNAL, f"{method}: internal error ({type(error).__name__})")
-
-
-def _unary(fn: Callable) -> Callable:
-    @functools.wraps(fn)
-    def wrapper(self, request, context):
-        try:
-            return fn(self, request, context)
-        except Exception as e:  # aborting inside the try would be caught here as a bug
-            error = e
-        _abort(context, fn.__name__, error)
-
-    return wrapper
-
-
-def _streaming(fn: Callable) -> Callable:
-    @functools.wraps(fn)
-    def wrapper(self, request, context):
-        try:
-            yield from fn(self, request, context)
-            return
-        except Exception as e:  # GeneratorExit (client gone) is not an Exception: it passes
-            error = e
-        _abort(context, fn.__name__, error)
-
-    return wrapper
-
-
-def _until_cancelled(requests: Iterator) -> Iterator:
-    """The messages of a client stream. A client that cancels midway (or whose stream breaks)
-    makes grpc raise a bare RpcError from the iterator: that is CANCELLED, not a bug."""
-    try:
-        yield from requests
-    except grpc.RpcError:
-        raise PatchError(
-            Status.CANCELLED, "the client cancelled the stream before its end; nothing committed"
-        ) from None
 
 
 def _invalid(message: str) -> PatchError:
@@ -86,48 +43,95 @@ def _invalid(message: str) -> PatchError:
 
 
 class CacheAuthorityServicer(cache_authority_pb2_grpc.CacheAuthorityServicer):
-    def __init__(self, engine: Engine):
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        engine_threads: int = 16,
+        stream_limits: admission.StreamLimits | None = None,
+    ):
         self.engine = engine
+        self.streams = admission.StreamTable(stream_limits)
+        self._pool = ThreadPoolExecutor(engine_threads, thread_name_prefix="authority-engine")
+        self._signals: dict[asyncio.AbstractEventLoop, FeedSignal] = {}
 
-    @_unary
-    def CreateSession(self, request: ca.CreateSessionRequest, context) -> ca.CreateSessionResponse:
+    def close(self) -> None:
+        for signal in self._signals.values():
+            signal.close()
+        self._pool.shutdown(wait=True)
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        """fn(*args) in the engine's thread pool: the event loop never blocks on a lock or disk."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, functools.partial(fn, *args))
+
+    def _signal(self) -> FeedSignal:
+        loop = asyncio.get_running_loop()
+        signal = self._signals.get(loop)
+        if signal is None:
+            signal = self._signals[loop] = FeedSignal(self.engine.feed, loop)
+        return signal
+
+    # -- unary ------------------------------------------------------------------------------
+    @unary
+    async def CreateSession(self, request: ca.CreateSessionRequest, context):
+        admission.check_session_id(request.session_id, allow_empty=True)
+        admission.check_geometry_fields(request.geometry)
         try:
             geometry = geometry_from_pb(request.geometry)
             budget = budget_from_pb(request.budget)
         except ValueError as e:
             raise _invalid(f"CreateSession: {e}") from None
-        info = self.engine.create_session(
-            request.session_id, geometry, budget, request.seed_brightness, session_info_to_pb
+        seed = request.seed_brightness if request.HasField("seed_brightness") else None
+        info = await self._call(
+            self.engine.create_session,
+            request.session_id,
+            geometry,
+            budget,
+            seed,
+            session_info_to_pb,
         )
         return ca.CreateSessionResponse(session=info)
 
-    @_unary
-    def Patch(self, request_iterator, context) -> ca.PatchResponse:
-        header: tuple[str, int, str] | None = None
-        ops = []
-        size = limit = 0
-        for msg in _until_cancelled(request_iterator):
-            size += msg.ByteSize()
-            this = (msg.session_id, msg.expected_version, msg.request_id)
-            if header is None:
-                if not msg.session_id:
-                    raise _invalid("the first Patch message must name the session")
-                header = this
-                limit = self.engine.patch_byte_limit(msg.session_id)
-            elif this != ("", 0, "") and this != header:
-                raise _invalid("a later Patch message carries a different header")
-            if size > limit:
-                self.engine.metrics.add_bytes_in(size)
-                raise PatchError(
-                    Status.RESOURCE_EXHAUSTED,
-                    f"patch stream passed {limit} bytes, more than this session can hold",
-                )
-            ops.extend(msg.ops)
-        self.engine.metrics.add_bytes_in(size)
-        if header is None:
-            raise _invalid("empty Patch stream")
-        session_id, expected_version, request_id = header
-        result = self.engine.patch(session_id, expected_version, request_id, ops)
+    @unary
+    async def GetSession(self, request: ca.GetSessionRequest, context):
+        response = await self._call(
+            self.engine.read,
+            request.session_id,
+            lambda s: ca.GetSessionResponse(session=session_info_to_pb(s), mirror=mirror_to_pb(s)),
+        )
+        self.engine.metrics.add_bytes_out(response.ByteSize())
+        return response
+
+    @unary
+    async def ListSessions(self, request, context) -> ca.ListSessionsResponse:
+        return ca.ListSessionsResponse(
+            sessions=await self._call(self.engine.read_all, session_info_to_pb)
+        )
+
+    @unary
+    async def DeleteSession(self, request: ca.DeleteSessionRequest, context):
+        version = await self._call(self.engine.delete_session, request.session_id)
+        return ca.DeleteSessionResponse(final_version=version)
+
+    # -- Patch: a client stream that commits only at its end_of_patch -----------------------
+    async def Patch(self, request_iterator, context) -> ca.PatchResponse:
+        expected: int | None = None
+        try:
+            with self.streams.open(context.peer()) as ticket:
+                header, ops = await self._read_patch(request_iterator, ticket)
+                session_id, expected, request_id = header
+                result = await self._call(self._apply, session_id, expected, request_id, ops)
+        except grpc.aio.AbortError:
+            raise
+        except asyncio.CancelledError:  # the client cancelled, vanished or ran out of time
+            logger.debug(
+                "Patch from %s: stream broken before its end; nothing committed", context.peer()
+            )
+            raise
+        except Exception as e:
+            await abort_for(context, "Patch", e, expected)
+            raise AssertionError("unreachable") from e  # abort raised
         return ca.PatchResponse(
             version=result.version,
             digest=result.digest,
@@ -137,41 +141,96 @@ class CacheAuthorityServicer(cache_authority_pb2_grpc.CacheAuthorityServicer):
             durable=result.durable,
         )
 
-    @_unary
-    def GetSession(self, request: ca.GetSessionRequest, context) -> ca.GetSessionResponse:
-        response = self.engine.read(
-            request.session_id,
-            lambda s: ca.GetSessionResponse(session=session_info_to_pb(s), mirror=mirror_to_pb(s)),
+    async def _read_patch(self, request_iterator, ticket: admission.StreamTicket):
+        """Every message up to the one with end_of_patch: (header, ops). A stream that ends
+        without it is INVALID_ARGUMENT; one that breaks or is cancelled ends this coroutine
+        (CancelledError); either way nothing reaches the engine."""
+        header: tuple[str, int, str] | None = None
+        ops: list = []
+        size = 0
+        byte_limit = op_limit = 0
+        async for msg in request_iterator:
+            size += msg.ByteSize()
+            this = (msg.session_id, msg.expected_version, msg.request_id)
+            if header is None:
+                admission.check_patch_header(msg)
+                header = this
+                ticket.join(msg.session_id)
+                if not msg.end_of_patch:  # a stream: learn the session's limits first
+                    byte_limit, op_limit = await self._call(self._limits, msg.session_id)
+            elif this != ("", 0, "") and this != header:
+                raise _invalid("a later Patch message carries a different header")
+            if byte_limit and size > byte_limit:
+                self.engine.metrics.add_bytes_in(size)
+                raise PatchError(
+                    Status.RESOURCE_EXHAUSTED,
+                    f"patch stream passed {byte_limit} bytes, more than this session can hold",
+                )
+            admission.check_op_fields(msg.ops, len(ops))
+            ops.extend(msg.ops)
+            if op_limit and len(ops) > op_limit:
+                raise PatchError(
+                    Status.RESOURCE_EXHAUSTED,
+                    f"patch stream carries over {op_limit} ops, more than this session can use",
+                )
+            if msg.end_of_patch:
+                self.engine.metrics.add_bytes_in(size)
+                return header, ops
+        self.engine.metrics.add_bytes_in(size)
+        if header is None:
+            raise _invalid("empty Patch stream")
+        raise _invalid(
+            "the Patch stream ended without a message with end_of_patch = true; nothing committed"
         )
-        self.engine.metrics.add_bytes_out(response.ByteSize())
-        return response
 
-    @_unary
-    def ListSessions(self, request, context) -> ca.ListSessionsResponse:
-        return ca.ListSessionsResponse(sessions=self.engine.read_all(session_info_to_pb))
+    def _limits(self, session_id: str) -> tuple[int, int]:
+        """(bytes, ops) a patch of this session may carry (engine thread)."""
+        hard_max = self.engine.read(session_id, lambda s: s.budget.hard_max_rows)
+        return self.engine.patch_byte_limit(session_id), admission.max_ops(hard_max)
 
-    @_unary
-    def DeleteSession(self, request: ca.DeleteSessionRequest, context):
-        return ca.DeleteSessionResponse(
-            final_version=self.engine.delete_session(request.session_id)
-        )
+    def _apply(self, session_id: str, expected: int, request_id: str, ops: list):
+        """engine.patch, after the op count check a single-message patch skipped (engine
+        thread)."""
+        hard_max = self.engine.read(session_id, lambda s: s.budget.hard_max_rows)
+        if len(ops) > admission.max_ops(hard_max):
+            raise PatchError(
+                Status.RESOURCE_EXHAUSTED,
+                f"patch carries {len(ops)} ops, more than this session can use",
+            )
+        return self.engine.patch(session_id, expected, request_id, ops)
 
-    @_streaming
-    def Sync(self, request: ca.SyncRequest, context) -> Iterator[ca.SyncResponse]:
+    # -- server streams ---------------------------------------------------------------------
+    @streaming
+    async def Sync(self, request: ca.SyncRequest, context) -> AsyncIterator[ca.SyncResponse]:
         if request.from_version < 0 or request.max_chunk_bytes < 0:
             raise _invalid("from_version and max_chunk_bytes must not be negative")
+        admission.check_session_id(request.session_id)
         chunk = min(request.max_chunk_bytes or codec.MAX_CHUNK_BYTES, codec.MAX_CHUNK_BYTES)
         sid = request.session_id
-        plan = self.engine.sync_plan(sid, request.from_version)
-        yield from self._send(plan, chunk)
-        cursor = plan.version
-        while request.follow and context.is_active():
-            if self.engine.wait_for_version(sid, cursor, POLL_S):
-                plan = self.engine.sync_plan(sid, cursor, holds_state=True)
-                yield from self._send(plan, chunk)
-                cursor = plan.version
+        with self.streams.open(context.peer(), sid):
+            signal = self._signal()
+            feed = self.engine.feed
+            cursor = feed.cursor()  # before the plan: a commit in between is planned again
+            plan = await self._call(self.engine.sync_plan, sid, request.from_version)
+            for msg in self._messages(plan, chunk):
+                yield msg
+            version = plan.version
+            while request.follow:
+                changed = signal.changed()
+                try:
+                    events, cursor = feed.read_nowait(cursor)
+                    relevant = feed.closed or any(e.session_id == sid for e in events)
+                except LookupError:  # fell behind the feed: just look
+                    cursor, relevant = feed.cursor(), True
+                if not relevant:
+                    await signal.wait(changed)
+                    continue
+                plan = await self._call(self.engine.sync_plan, sid, version, True)
+                for msg in self._messages(plan, chunk):
+                    yield msg
+                version = plan.version
 
-    def _send(self, plan: SyncPlan, chunk: int) -> Iterator[ca.SyncResponse]:
+    def _messages(self, plan: SyncPlan, chunk: int):
         if plan.snapshot is not None:
             messages = snapshot_messages(*plan.snapshot, max_chunk_bytes=chunk)
         else:
@@ -180,41 +239,54 @@ class CacheAuthorityServicer(cache_authority_pb2_grpc.CacheAuthorityServicer):
             self.engine.metrics.add_bytes_out(msg.ByteSize())
             yield msg
 
-    @_streaming
-    def Watch(self, request: ca.WatchRequest, context) -> Iterator[ca.WatchResponse]:
+    @streaming
+    async def Watch(self, request: ca.WatchRequest, context) -> AsyncIterator[ca.WatchResponse]:
         sid = request.session_id
-        if sid:
-            self.engine.read(sid, lambda s: None)  # NOT_FOUND now, not silence
-        cursor = self.engine.feed.cursor()  # before the backlog: a commit in between shows twice
-        # Initial metadata now tells a client that waits for it that it is subscribed: every
-        # commit from here on reaches it.
-        context.send_initial_metadata(())
-        sent: dict[str, int] = {}  # session -> newest version sent, to drop those repeats
-        sessions = [sid] if sid else self.engine.session_ids()
-        if request.from_version > 0:
-            for name in sessions:
+        admission.check_session_id(sid, allow_empty=True)
+        backlog_from = request.from_version if request.HasField("from_version") else None
+        if backlog_from is not None and backlog_from < 0:
+            raise _invalid(f"from_version {clip(backlog_from)} must not be negative")
+        with self.streams.open(context.peer(), sid):
+            if sid:
+                await self._call(self.engine.read, sid, lambda s: None)  # NOT_FOUND now
+            signal = self._signal()
+            feed = self.engine.feed
+            cursor = feed.cursor()  # before the backlog: a commit in between shows twice
+            # Initial metadata tells a client that waits for it that it is subscribed: every
+            # commit from here on reaches it.
+            await context.send_initial_metadata(())
+            sent: dict[str, int] = {}  # session -> newest version sent, to drop those repeats
+            if backlog_from is not None:
+                sessions = [sid] if sid else await self._call(self.engine.session_ids)
+                for name in sessions:
+                    try:
+                        backlog = await self._call(self.engine.retained_events, name, backlog_from)
+                    except PatchError:
+                        continue  # deleted meanwhile; the feed reports it
+                    for event in backlog:
+                        sent[name] = event.version
+                        yield _watch_pb(event)
+            while not feed.closed:
+                changed = signal.changed()
                 try:
-                    backlog = self.engine.retained_events(name, request.from_version)
-                except PatchError:
-                    continue  # deleted meanwhile; the feed reports it
-                for event in backlog:
-                    sent[name] = event.version
+                    events, cursor = feed.read_nowait(cursor)
+                except LookupError as e:
+                    raise PatchError(
+                        Status.ABORTED, f"{e}; watch again with from_version"
+                    ) from None
+                if not events:
+                    await signal.wait(changed)
+                    continue
+                for event in events:
+                    if sid and event.session_id != sid:
+                        continue
+                    if event.deleted:
+                        sent.pop(event.session_id, None)  # a new session may reuse the id
+                    elif event.version <= sent.get(event.session_id, -1):
+                        continue
                     yield _watch_pb(event)
-        while context.is_active() and not self.engine.feed.closed:
-            try:
-                events, cursor = self.engine.feed.read(cursor, POLL_S)
-            except LookupError as e:
-                raise PatchError(Status.ABORTED, f"{e}; watch again with from_version") from None
-            for event in events:
-                if sid and event.session_id != sid:
-                    continue
-                if event.deleted:
-                    sent.pop(event.session_id, None)  # a new session may reuse the id from v0
-                elif event.version <= sent.get(event.session_id, -1):
-                    continue
-                yield _watch_pb(event)
-                if sid and event.deleted:
-                    return
+                    if sid and event.deleted:
+                        return
 
 
 def _watch_pb(e) -> ca.WatchResponse:

@@ -6,7 +6,6 @@ The patch engine (engine.py) builds on it; nothing here changes a session's rows
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
 import uuid
@@ -20,12 +19,12 @@ from cache_authority.metrics import Metrics
 from cache_authority.ops import GENESIS_DIGEST, PatchError, Status
 from cache_authority.persistence import SessionStore
 from cache_authority.rows import Budget, Geometry, SessionState
+from positronic.limits import MAX_BRIGHTNESS, check_session_id, clip
 from positronic.v1 import session_pb2
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
-# Ids name folders on disk and appear in logs and metrics: keep them to a safe alphabet.
-SESSION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+DEFAULT_SEED_BRIGHTNESS = 255.0  # the Halo Weave seed, for a CreateSession that names none
 
 
 @dataclass(frozen=True)
@@ -45,6 +44,9 @@ class PatchResult:
     row_count: int
     apply_ns: int
     replayed: bool = False
+    # ops.patch_fingerprint of the request, so that a reused request id with another patch is
+    # refused; empty for replies recovered from snapshots written before fingerprints were kept.
+    fingerprint: bytes = b""
     durable: bool = False  # on stable storage before the reply (the fsync durability setting)
 
 
@@ -106,17 +108,21 @@ class SessionRegistry:
         session_id: str,
         geometry: Geometry,
         budget: Budget,
-        seed_brightness: float,
+        seed_brightness: float | None,
         describe: Callable[[SessionState], T],
     ) -> T:
+        """A new session at version 0; seed_brightness None means DEFAULT_SEED_BRIGHTNESS."""
         session_id = session_id or uuid.uuid4().hex
-        if not SESSION_ID.fullmatch(session_id):
+        problem = check_session_id(session_id)
+        if problem:
+            raise PatchError(Status.INVALID_ARGUMENT, problem)
+        if seed_brightness is None:
+            seed_brightness = DEFAULT_SEED_BRIGHTNESS
+        if not 0 <= seed_brightness <= MAX_BRIGHTNESS:  # NaN fails both comparisons
             raise PatchError(
                 Status.INVALID_ARGUMENT,
-                f"session id {session_id!r} must match {SESSION_ID.pattern}",
+                f"seed brightness {clip(seed_brightness)} must lie in [0, {MAX_BRIGHTNESS:g}]",
             )
-        if not 0 <= seed_brightness < float("inf"):
-            raise PatchError(Status.INVALID_ARGUMENT, "seed brightness must be finite, >= 0")
         need = geometry.session_bytes(budget.hard_max_rows)
         if need > self.limits.max_session_bytes:
             raise PatchError(
@@ -142,7 +148,7 @@ class SessionRegistry:
                 session_id,
                 geometry,
                 budget,
-                seed_brightness or 255.0,
+                seed_brightness,
                 digest=GENESIS_DIGEST,
                 created_unix_ns=time.time_ns(),
             )
@@ -224,6 +230,9 @@ class SessionRegistry:
         return self._closed
 
     def _session(self, session_id: str) -> SessionSlot:
+        problem = check_session_id(session_id)
+        if problem:  # no such id can exist; say why rather than NOT_FOUND
+            raise PatchError(Status.INVALID_ARGUMENT, problem)
         with self._lock:
             self._check_open()
             session = self._sessions.get(session_id)

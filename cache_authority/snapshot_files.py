@@ -29,6 +29,7 @@ class StoredReply:
     version: int
     digest: bytes
     row_count: int
+    fingerprint: bytes = b""  # ops.patch_fingerprint of the request (empty in older snapshots)
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,10 @@ def write_durably(path: Path, data: bytes) -> None:
 
 
 def write_snapshot(folder: Path, snap: PendingSnapshot) -> None:
-    stored = [[r.request_id, r.version, r.digest.hex(), r.row_count] for r in snap.replies]
+    stored = [
+        [r.request_id, r.version, r.digest.hex(), r.row_count, r.fingerprint.hex()]
+        for r in snap.replies
+    ]
     blob = save_safetensors(
         {"canonical_keys": snap.canonical_keys, "values": snap.values},
         metadata={
@@ -93,7 +97,9 @@ def load_snapshot(path: Path) -> tuple[SessionState, list[StoredReply]]:
         state = state_from_parts(header, f.get_tensor("canonical_keys"), f.get_tensor("values"))
     # Snapshots written before replies were kept have none.
     replies = [
-        StoredReply(rid, version, bytes.fromhex(digest), rows)
-        for rid, version, digest, rows in json.loads(metadata.get("replies", "[]"))
+        StoredReply(
+            rid, version, bytes.fromhex(digest), rows, bytes.fromhex(rest[0] if rest else "")
+        )
+        for rid, version, digest, rows, *rest in json.loads(metadata.get("replies", "[]"))
     ]
     return state, replies

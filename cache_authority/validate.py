@@ -9,7 +9,6 @@ RESOURCE_EXHAUSTED.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -17,6 +16,7 @@ import torch
 from cache_authority.ops import AppendOp, EvictOp, Op, PatchError, ReplacePairOp, SetBrightnessOp
 from cache_authority.ops import Status as S
 from cache_authority.rows import SessionState
+from positronic.limits import MAX_BRIGHTNESS
 
 
 def validate_ops(state: SessionState, ops: Sequence[Op]) -> None:
@@ -116,12 +116,16 @@ def _check_kv(
 
 
 def _check_finite(values: Iterable[float] | torch.Tensor, what: str) -> None:
+    """Brightness in [0, MAX_BRIGHTNESS] (session.proto); NaN fails both comparisons. A tensor
+    (SetBrightness: one value per row, every tick) is checked in one vectorized pass."""
     if isinstance(values, torch.Tensor):
-        finite = bool(torch.isfinite(values).all())
+        ok = bool(((values >= 0.0) & (values <= MAX_BRIGHTNESS)).all())
     else:
-        finite = all(math.isfinite(v) for v in values)
-    if not finite:
-        raise PatchError(S.INVALID_ARGUMENT, f"{what}: NaN or inf brightness")
+        ok = all(0.0 <= v <= MAX_BRIGHTNESS for v in values)
+    if not ok:
+        raise PatchError(
+            S.INVALID_ARGUMENT, f"{what}: brightness outside [0, {MAX_BRIGHTNESS:g}] (or NaN)"
+        )
 
 
 def _check_token(state: SessionState, token_id: int, what: str) -> None:

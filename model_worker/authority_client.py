@@ -9,6 +9,7 @@ import grpc
 
 from model_worker.errors import WorkerError
 from positronic.rpc import open_channel
+from positronic.tls import ClientTls
 from positronic.v1 import cache_authority_pb2, cache_authority_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -26,9 +27,15 @@ class AuthoritySync:
     """A SyncSource over gRPC. Authority errors become WorkerErrors: NOT_FOUND stays NOT_FOUND;
     an authority that cannot be reached (or refuses our credentials) is UNAVAILABLE."""
 
-    def __init__(self, address: str, auth_token: str | None = None, timeout_s: float = 120.0):
+    def __init__(
+        self,
+        address: str,
+        auth_token: str | None = None,
+        timeout_s: float = 120.0,
+        tls: ClientTls | None = None,
+    ):
         self.address = address
-        self._channel = open_channel(address, auth_token)
+        self._channel = open_channel(address, auth_token, tls=tls)
         self._stub = cache_authority_pb2_grpc.CacheAuthorityStub(self._channel)
         self._timeout_s = timeout_s
 

@@ -13,6 +13,8 @@ import threading
 from collections.abc import Mapping
 
 from model_worker.server import DEVICES, REPAIRERS, WorkerConfig, start_worker
+from positronic import flags
+from positronic.models import DEMO_MODEL, demo_model_dir
 from positronic.rpc import bound_address, read_token_file
 
 logger = logging.getLogger(__name__)
@@ -37,7 +39,10 @@ STOP_GRACE_S = 5.0
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument
     a("--listen", help="HOST:PORT to bind, port 0 picks one (default 127.0.0.1:50052)")
-    a("--model", help="causal LM: directory or Hugging Face id (required)")
+    a(
+        "--model",
+        help=f"causal LM: directory or Hugging Face id (default: the packaged {DEMO_MODEL})",
+    )
     a("--authority", help="HOST:PORT of the cache authority (required)")
     a("--repair", choices=REPAIRERS, help="repairer (default lm)")
     a("--repair-model", help="masked LM for --repair mlm, e.g. distilbert-base-uncased")
@@ -46,24 +51,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--tokenizer", help="tokenizer directory or id (default: the model's)")
     a("--auth-token-file", help="file holding the bearer token (server and authority calls)")
     a("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
+    flags.add_server_tls_arguments(parser)
+    a(
+        "--tls-ca",
+        help="PEM CA of the authority's certificate: call it over TLS (with --tls-cert/--tls-key "
+        "as the client certificate when it asks for one) [POSITRONIC_TLS_CA]",
+    )
+    a("--tls-server-name", help="name the authority's certificate carries, if not its host")
     parser.epilog = "Every flag can also be set by its environment variable: " + ", ".join(
-        ENV.values()
+        [*ENV.values(), *flags.TLS_ENV.values()]
     )
 
 
 def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> WorkerConfig:
     """Flags win over environment variables, which win over defaults."""
-    values: dict[str, str | None] = {}
-    for dest, env in ENV.items():
-        flag = getattr(args, dest, None)
-        values[dest] = flag if flag is not None else environ.get(env) or DEFAULTS.get(dest)
-    if not values["model"]:
-        raise ValueError("--model (or POSITRONIC_MODEL) is required")
+    values: dict[str, str | None] = {
+        dest: flags.pick(args, dest, env, environ, DEFAULTS.get(dest)) for dest, env in ENV.items()
+    }
     if not values["authority"]:
         raise ValueError("--authority (or POSITRONIC_AUTHORITY) is required")
     port = values["metrics_port"]
     return WorkerConfig(
-        model=values["model"],
+        model=values["model"] or str(demo_model_dir()),
         authority=values["authority"],
         listen=values["listen"] or DEFAULTS["listen"],
         repair=values["repair"] or DEFAULTS["repair"],
@@ -73,6 +82,8 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Wo
         tokenizer=values["tokenizer"],
         auth_token=read_token_file(values["auth_token_file"]),
         metrics_port=int(port) if port not in (None, "") else None,
+        tls=flags.server_tls(args, environ),
+        authority_tls=flags.client_tls(args, environ),
     )
 
 

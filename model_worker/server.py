@@ -24,6 +24,7 @@ from model_worker.repair import Repairer, build_repairer
 from model_worker.replica import ReplicaStore, SyncSource
 from model_worker.servicer import ModelWorkerServicer
 from positronic.rpc import RunningServer, start_server
+from positronic.tls import ClientTls, ServerTls
 from positronic.v1 import model_worker_pb2, model_worker_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -48,6 +49,8 @@ class WorkerConfig:
     max_replicas: int = 32  # sessions whose replicas are kept; least recently used dropped
     sync_timeout_s: float = 120.0  # deadline of one Sync call
     max_workers: int = 8  # gRPC handler threads
+    tls: ServerTls | None = None  # serve TLS (mutual when it names a client CA)
+    authority_tls: ClientTls | None = None  # call the authority over TLS
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -119,7 +122,9 @@ def start_worker(
     replicas = None
     if lm is not None:
         if sync_source is None and config.authority:
-            client = AuthoritySync(config.authority, config.auth_token, config.sync_timeout_s)
+            client = AuthoritySync(
+                config.authority, config.auth_token, config.sync_timeout_s, config.authority_tls
+            )
             on_stop.append(client.close)
             sync_source = client
         geometry = lm.geometry
@@ -138,6 +143,7 @@ def start_worker(
         auth_token=config.auth_token,
         max_workers=config.max_workers,
         serving=lm is not None,
+        tls=config.tls,
     )
     metrics_port = None
     if config.metrics_port is not None:

@@ -14,6 +14,7 @@ import grpc
 
 from positronic.codec import MAX_CHUNK_BYTES
 from positronic.rpc import open_channel
+from positronic.tls import ClientTls
 from positronic.v1 import (
     cache_authority_pb2,
     cache_authority_pb2_grpc,
@@ -54,7 +55,12 @@ class MutationCounter(grpc.StreamUnaryClientInterceptor, grpc.UnaryUnaryClientIn
 
 @dataclass
 class Endpoints:
-    """Stubs for one authority and one worker, and the channels behind them."""
+    """Stubs for one authority and its workers, and the channels behind them.
+
+    The worker address may name several workers ("A:P,B:P", or "dns:///name:port" for every
+    address of a name): calls go round-robin over those that answer, and a call that fails on
+    a lost worker is retried on another (workers hold no state a retry needs).
+    """
 
     authority: cache_authority_pb2_grpc.CacheAuthorityStub
     worker: model_worker_pb2_grpc.ModelWorkerStub
@@ -63,11 +69,15 @@ class Endpoints:
 
     @classmethod
     def connect(
-        cls, authority_address: str, worker_address: str, auth_token: str | None = None
+        cls,
+        authority_address: str,
+        worker_address: str,
+        auth_token: str | None = None,
+        tls: ClientTls | None = None,
     ) -> Endpoints:
         counter = MutationCounter()
-        a = open_channel(authority_address, auth_token, interceptors=[counter])
-        w = open_channel(worker_address, auth_token)
+        a = open_channel(authority_address, auth_token, interceptors=[counter], tls=tls)
+        w = open_channel(worker_address, auth_token, tls=tls)
         return cls(
             authority=cache_authority_pb2_grpc.CacheAuthorityStub(a),
             worker=model_worker_pb2_grpc.ModelWorkerStub(w),
@@ -113,7 +123,8 @@ def patch_requests(
     ops: Sequence[session_pb2.PatchOp],
     max_chunk_bytes: int = MAX_CHUNK_BYTES,
 ) -> Iterator[cache_authority_pb2.PatchRequest]:
-    """One Patch as a stream of messages, each carrying ops worth at most ~max_chunk_bytes."""
+    """One Patch as a stream of messages, each carrying ops worth at most ~max_chunk_bytes; the
+    last says end_of_patch, without which the authority commits nothing."""
     batch: list[session_pb2.PatchOp] = []
     size = 0
     for op in ops:
@@ -129,7 +140,11 @@ def patch_requests(
         batch.append(op)
         size += op_size
     yield cache_authority_pb2.PatchRequest(
-        session_id=session_id, expected_version=expected_version, request_id=request_id, ops=batch
+        session_id=session_id,
+        expected_version=expected_version,
+        request_id=request_id,
+        ops=batch,
+        end_of_patch=True,
     )
 
 
@@ -141,11 +156,15 @@ def send_patch(
     ops: Sequence[session_pb2.PatchOp],
     *,
     timeout_s: float = 60.0,
+    call_timeout_s: float = 30.0,
 ) -> cache_authority_pb2.PatchResponse:
-    """Patch with retries on UNAVAILABLE: the request id makes a retry apply at most once."""
+    """Patch with retries on UNAVAILABLE and DEADLINE_EXCEEDED (each attempt has a deadline of
+    call_timeout_s; retries go on for timeout_s): the request id makes a retry apply at most
+    once, and a half-sent attempt commits nothing (end_of_patch)."""
     return call_with_retry(
         lambda: endpoints.authority.Patch(
-            patch_requests(session_id, expected_version, request_id, ops)
+            patch_requests(session_id, expected_version, request_id, ops),
+            timeout=call_timeout_s,
         ),
         f"Patch {session_id}@{expected_version}",
         timeout_s=timeout_s,

@@ -3,11 +3,18 @@
 A DirectStub turns `stub.Method(request)` into `servicer.Method(request, context)` with a context
 whose abort raises a grpc.RpcError carrying the same code and details, so the loop driver runs
 unchanged over it. Only the wire (serialization, HTTP/2, loopback) is left out.
+
+Servicers written for grpc.aio (the authority) have coroutine and async-generator handlers: the
+stub runs them on a private event loop in a daemon thread and hands back plain results and
+iterators, so a caller cannot tell the two kinds apart.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+import inspect
+import threading
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from typing import Any
 
 import grpc
@@ -34,8 +41,8 @@ class DirectContext:
     def __init__(self) -> None:
         self._callbacks: list[Callable[[], None]] = []
 
-    def abort(self, code, details):
-        raise DirectRpcError(code, details)
+    def abort(self, code, details, trailing_metadata=()):
+        raise DirectRpcError(code, details, trailing_metadata)
 
     def abort_with_status(self, status):
         raise DirectRpcError(status.code, status.details, status.trailing_metadata)
@@ -70,19 +77,73 @@ class DirectContext:
             cb()
 
 
+class AsyncDirectContext(DirectContext):
+    """The grpc.aio flavour: abort and send_initial_metadata are coroutines."""
+
+    async def abort(self, code, details="", trailing_metadata=()):  # type: ignore[override]
+        raise DirectRpcError(code, details, trailing_metadata)
+
+    async def send_initial_metadata(self, metadata) -> None:
+        pass
+
+
+class _PrivateLoop:
+    """An event loop in a daemon thread, started on first use."""
+
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lock = threading.Lock()
+
+    def get(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self._loop is None:
+                self._loop = asyncio.new_event_loop()
+                threading.Thread(target=self._loop.run_forever, daemon=True).start()
+            return self._loop
+
+    def run(self, coro) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.get()).result()
+
+
+async def _aiter(items: Iterable) -> AsyncIterator:
+    for item in items:
+        yield item
+
+
+def _sync_iter(agen: AsyncIterator, loop: _PrivateLoop) -> Iterator:
+    """An async generator's items, one loop round trip each."""
+    try:
+        while True:
+            try:
+                yield loop.run(agen.__anext__())
+            except StopAsyncIteration:
+                return
+    finally:
+        loop.run(agen.aclose())  # type: ignore[attr-defined]
+
+
 class DirectStub:
-    """stub.Method(request_or_iterator) -> servicer.Method(request_or_iterator, DirectContext())."""
+    """stub.Method(request_or_iterator) -> servicer.Method(request_or_iterator, context)."""
 
     def __init__(self, servicer: Any, on_call: Callable[[str], None] | None = None):
         self._servicer = servicer
         self._on_call = on_call
+        self._loop = _PrivateLoop()
 
     def __getattr__(self, name: str):
         method = getattr(self._servicer, name)
+        is_async = inspect.iscoroutinefunction(method)
+        is_async_stream = inspect.isasyncgenfunction(method)
 
         def call(request, timeout=None, metadata=None):
             if self._on_call is not None:
                 self._on_call(name)
-            return method(request, DirectContext())
+            if not (is_async or is_async_stream):
+                return method(request, DirectContext())
+            if isinstance(request, Iterator):  # a client stream
+                request = _aiter(request)
+            if is_async_stream:
+                return _sync_iter(method(request, AsyncDirectContext()), self._loop)
+            return self._loop.run(method(request, AsyncDirectContext()))
 
         return call

@@ -1,4 +1,5 @@
-"""`positronic generate`: run the loop, text to stdout, progress to stderr, stats to JSON."""
+"""`positronic generate`: run the loop; the prompt and its continuation to stdout (exactly the
+text), a progress line and logs to stderr, stats to JSON."""
 
 from __future__ import annotations
 
@@ -8,12 +9,16 @@ import json
 import logging
 import os
 import sys
+import time
 
 import grpc
 
+from positronic import flags
 from positronic.clients import Endpoints
-from positronic.loop import REDUCTIONS, LoopConfig, LoopError, run_loop
+from positronic.loop import REDUCTIONS, Loop, LoopConfig, LoopError
+from positronic.models import DEMO_MODEL, demo_model_dir
 from positronic.policies import POLICIES, make_policy
+from positronic.progress_line import ProgressLine, choose_mode
 from positronic.rpc import read_token_file
 
 logger = logging.getLogger(__name__)
@@ -27,12 +32,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
         default=env("POSITRONIC_MODEL"),
-        help="model directory or hub id (embedded mode loads it) [POSITRONIC_MODEL]",
+        help=f"model directory or hub id, loaded in embedded mode (default: the packaged "
+        f"{DEMO_MODEL} demo model) [POSITRONIC_MODEL]",
+    )
+    p.add_argument(
+        "--echo-prompt",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="print the prompt before its continuation (default: on)",
+    )
+    p.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="a progress line on stderr (default: when stderr is a terminal)",
     )
     p.add_argument(
         "--worker",
         default=env("POSITRONIC_WORKER"),
-        help="HOST:PORT of a running worker [POSITRONIC_WORKER]",
+        help="HOST:PORT of a running worker; several workers as A:P,B:P or dns:///NAME:PORT "
+        "(calls go round-robin, a lost worker's calls are retried on the others) "
+        "[POSITRONIC_WORKER]",
     )
     p.add_argument(
         "--authority",
@@ -73,9 +93,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=env("POSITRONIC_AUTH_TOKEN_FILE"),
         help="bearer token for both services [POSITRONIC_AUTH_TOKEN_FILE]",
     )
+    flags.add_client_tls_arguments(p)
 
 
-def _config(args: argparse.Namespace) -> LoopConfig:
+def _config(args: argparse.Namespace, progress_line: bool) -> LoopConfig:
     overrides = {}
     if args.recent_window is not None:
         overrides["recent_window"] = args.recent_window
@@ -91,7 +112,33 @@ def _config(args: argparse.Namespace) -> LoopConfig:
         repetition_penalty=args.repetition_penalty,
         attention_reduction=args.attention_reduction,
         stop_at_eos=args.stop_at_eos,
+        progress_every=0 if progress_line else LoopConfig.progress_every,
     )
+
+
+class Status:
+    """The progress line's text; the rate counts from the first line (loading and priming
+    excluded)."""
+
+    def __init__(self, steps: int):
+        self.steps = steps
+        self.loop: Loop | None = None
+        self._start: tuple[float, int] | None = None
+
+    def __call__(self) -> str:
+        if self.loop is None:
+            return ""
+        stats = self.loop.stats
+        now = time.perf_counter()
+        if self._start is None:
+            self._start = (now, stats.iterations)
+        t0, i0 = self._start
+        rate = (stats.iterations - i0) / (now - t0) if now > t0 else 0.0
+        return (
+            f"{stats.iterations}/{self.steps} tokens, {rate:.1f} tokens/s, "
+            f"max rows {stats.max_rows}/{stats.hard_max}, "
+            f"{stats.merges} merges, {stats.evictions} evictions"
+        )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -103,19 +150,20 @@ def run(args: argparse.Namespace) -> int:
     if bool(args.worker) != bool(args.authority):
         logger.error("give both --worker and --authority, or neither (embedded mode)")
         return 2
-    if not args.worker and not args.model:
-        logger.error("embedded mode needs --model")
-        return 2
+    model = args.model or str(demo_model_dir())
+    mode = choose_mode(sys.stdout, sys.stderr, args.progress, os.environ.get("TERM"))
     try:
-        config = _config(args)
+        config = _config(args, progress_line=mode != "off")
     except ValueError as e:
         logger.error("%s", e)
         return 2
-    token = read_token_file(args.auth_token_file)
-
-    def write(text: str) -> None:
-        sys.stdout.write(text)
-        sys.stdout.flush()
+    try:
+        token = read_token_file(args.auth_token_file)
+        tls = flags.client_tls(args, os.environ)
+    except (ValueError, OSError) as e:
+        logger.error("%s", e)
+        return 2
+    echo = [prompt] if args.echo_prompt else []  # printed with the first text: logs come before
 
     with contextlib.ExitStack() as stack:
         if args.worker:
@@ -123,10 +171,10 @@ def run(args: argparse.Namespace) -> int:
         else:
             from positronic.embedded import embedded_services
 
-            logger.info("embedded mode: starting authority and worker for %s", args.model)
+            logger.info("embedded mode: starting authority and worker for %s", model)
             addrs = stack.enter_context(
                 embedded_services(
-                    args.model,
+                    model,
                     repair=args.repair,
                     repair_model=args.repair_model,
                     device=args.device,
@@ -135,17 +183,25 @@ def run(args: argparse.Namespace) -> int:
                 )
             )
             authority, worker = addrs.authority, addrs.worker
-        endpoints = Endpoints.connect(authority, worker, token)
+        endpoints = Endpoints.connect(authority, worker, token, tls if args.worker else None)
         stack.callback(endpoints.close)
+        status = Status(config.max_new_tokens)
+        line = ProgressLine(sys.stdout, sys.stderr, mode, status)
+
+        def write(text: str) -> None:
+            line.write_text((echo.pop() if echo else "") + text)
+
         try:
-            stats = run_loop(endpoints, prompt, config, write)
+            status.loop = Loop(endpoints, config, write)
+            with line.running():
+                stats = status.loop.run(prompt)
         except LoopError as e:
             logger.error("%s", e)
             return 1
         except grpc.RpcError as e:
             logger.error("%s: %s", e.code().name, e.details())  # type: ignore[attr-defined]
             return 1
-    sys.stdout.write("\n")
+    sys.stdout.write((echo.pop() if echo else "") + "\n")
     logger.info(
         "%d tokens in %.1fs (%.1f tokens/s), %d merges, %d evictions, max rows %d/%d",
         stats.tokens_generated,

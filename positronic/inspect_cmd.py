@@ -8,6 +8,7 @@ import os
 
 import grpc
 
+from positronic import flags
 from positronic.rpc import open_channel, read_token_file
 from positronic.v1 import cache_authority_pb2, cache_authority_pb2_grpc, session_pb2
 
@@ -29,6 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--session", help="session id (omit to list sessions)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--auth-token-file", default=os.environ.get("POSITRONIC_AUTH_TOKEN_FILE"))
+    flags.add_client_tls_arguments(p)
 
 
 def _rows(resp) -> list[dict]:
@@ -50,7 +52,13 @@ def run(args: argparse.Namespace) -> int:
     if not args.authority:
         print("inspect needs --authority HOST:PORT")
         return 2
-    channel = open_channel(args.authority, read_token_file(args.auth_token_file))
+    try:
+        token = read_token_file(args.auth_token_file)
+        tls = flags.client_tls(args, os.environ)
+    except (ValueError, OSError) as e:
+        print(f"inspect: {e}")
+        return 2
+    channel = open_channel(args.authority, token, tls=tls)
     stub = cache_authority_pb2_grpc.CacheAuthorityStub(channel)
     try:
         if not args.session:

@@ -42,6 +42,7 @@ REDUCTIONS = {
 
 
 MAX_STALE_IN_A_ROW = 20
+DETOKENIZE_CONTEXT = 5  # prompt ids decoded before the first new one (TGI keeps 5 too)
 
 
 class LoopError(RuntimeError):
@@ -109,13 +110,15 @@ class LoopStats:
 
 class Detokenizer:
     """Incremental text through the worker's Detokenize (prefix/read offsets, as TGI does), so
-    multi-token characters are printed once they are complete."""
+    multi-token characters are printed once they are complete. `context` (the prompt's last
+    ids) is decoded but never returned: the first new token is decoded after it, so it keeps
+    its leading space ("time," + "▁there" is " there", where "▁there" alone decodes to "there")."""
 
-    def __init__(self, endpoints: Endpoints):
+    def __init__(self, endpoints: Endpoints, context: list[int] | None = None):
         self._worker = endpoints.worker
-        self.ids: list[int] = []
+        self.ids: list[int] = list(context or [])
         self._prefix = 0
-        self._read = 0
+        self._read = len(self.ids)
 
     def _decode(self, ids: list[int]) -> str:
         if not ids:
@@ -168,7 +171,7 @@ class Loop:
             budget=session_pb2.Budget(
                 target_rows=self.cfg.target_rows, hard_max_rows=self.cfg.hard_max_rows
             ),
-            seed_brightness=self.cfg.policy.initial_score() or 0.0,
+            seed_brightness=self.cfg.policy.initial_score(),
         )
         resp = call_with_retry(lambda: self.ep.authority.CreateSession(req), "CreateSession")
         return resp.session.session_id, resp.session.digest
@@ -228,7 +231,15 @@ class Loop:
                         )
                     )
                 )
-        resp = send_patch(self.ep, session_id, 0, _request_id(), ops)
+        resp = send_patch(
+            self.ep,
+            session_id,
+            0,
+            _request_id(),
+            ops,
+            timeout_s=self.cfg.retry_timeout_s,
+            call_timeout_s=10 * self.cfg.call_timeout_s,  # a prime may be large
+        )
         self.stats.max_rows = max(self.stats.max_rows, resp.row_count)
         return View(
             version=resp.version,
@@ -324,6 +335,7 @@ class Loop:
             _request_id(),
             ops,
             timeout_s=self.cfg.retry_timeout_s,
+            call_timeout_s=self.cfg.call_timeout_s,
         )
         new_view = apply_edits(
             view,
@@ -430,7 +442,7 @@ class Loop:
         view = self.prime(session_id, digest, ids[:-1], pieces[:-1], structural[:-1])
         token, source = ids[-1], session_pb2.TOKEN_SOURCE_PROMPT
         self._pending_piece = pieces[-1]
-        detok = Detokenizer(self.ep)
+        detok = Detokenizer(self.ep, context=ids[-DETOKENIZE_CONTEXT:])
         steps = len(cfg.forced_tokens) if cfg.forced_tokens is not None else cfg.max_new_tokens
         t0 = time.perf_counter()
         i = stale_in_a_row = 0

@@ -5,7 +5,10 @@ bearer-token auth; channels; and the one place where domain errors become gRPC s
 from __future__ import annotations
 
 import hmac
+import ipaddress
+import json
 import logging
+import socket
 from collections.abc import Callable, Iterable, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -16,6 +19,9 @@ from google.rpc import code_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
+
+from positronic.limits import clip_message
+from positronic.tls import ClientTls, ServerTls
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +45,9 @@ _CODES = {
 }
 
 
-def abort(context: grpc.ServicerContext, code_name: str, message: str, details=()) -> None:
-    """Abort the RPC with a google.rpc.Status: code, message and packed detail messages."""
+def status_of(code_name: str, message: str, details=()) -> grpc.Status:
+    """A google.rpc.Status (code, message cut to a bounded length, packed details) as gRPC sends
+    it: code, details and the grpc-status-details-bin trailer."""
     if code_name not in _CODES:
         raise ValueError(f"unknown status {code_name}")
     packed = []
@@ -48,8 +55,20 @@ def abort(context: grpc.ServicerContext, code_name: str, message: str, details=(
         a = any_pb2.Any()
         a.Pack(d)
         packed.append(a)
+    message = clip_message(message)
     status = status_pb2.Status(code=getattr(code_pb2, code_name), message=message, details=packed)
-    context.abort_with_status(rpc_status.to_status(status))
+    return rpc_status.to_status(status)
+
+
+def abort(context: grpc.ServicerContext, code_name: str, message: str, details=()) -> None:
+    """Abort the RPC with a google.rpc.Status: code, message and packed detail messages."""
+    context.abort_with_status(status_of(code_name, message, details))
+
+
+async def abort_async(context, code_name: str, message: str, details=()) -> None:
+    """abort() for an asyncio servicer context (grpc.aio has no abort_with_status)."""
+    status = status_of(code_name, message, details)
+    await context.abort(status.code, status.details, status.trailing_metadata)
 
 
 def status_details(error: grpc.RpcError) -> list[any_pb2.Any]:
@@ -82,6 +101,38 @@ class BearerAuthInterceptor(grpc.ServerInterceptor):
         if hmac.compare_digest(got_bytes, self._expected):
             return continuation(handler_call_details)
         handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        if handler.request_streaming and not handler.response_streaming:
+            return self._deny_client_stream
+        if handler.response_streaming:
+            return self._deny_stream
+        return self._deny_unary
+
+
+class AioBearerAuthInterceptor(grpc.aio.ServerInterceptor):
+    """BearerAuthInterceptor for a grpc.aio server."""
+
+    def __init__(self, token: str, open_methods: Iterable[str] = ()):
+        self._expected = f"Bearer {token}".encode()
+        self._open = set(open_methods)
+
+        async def deny(request, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+
+        self._deny_unary = grpc.unary_unary_rpc_method_handler(deny)
+        self._deny_stream = grpc.unary_stream_rpc_method_handler(deny)
+        self._deny_client_stream = grpc.stream_unary_rpc_method_handler(deny)
+
+    async def intercept_service(self, continuation, handler_call_details):
+        if handler_call_details.method in self._open:
+            return await continuation(handler_call_details)
+        metadata = dict(handler_call_details.invocation_metadata or ())
+        got = metadata.get("authorization", "")
+        got_bytes = got.encode() if isinstance(got, str) else got
+        if hmac.compare_digest(got_bytes, self._expected):
+            return await continuation(handler_call_details)
+        handler = await continuation(handler_call_details)
         if handler is None:
             return None
         if handler.request_streaming and not handler.response_streaming:
@@ -129,6 +180,7 @@ def start_server(
     auth_token: str | None = None,
     max_workers: int = 16,
     serving: bool = True,
+    tls: ServerTls | None = None,
 ) -> RunningServer:
     """Start a server on `listen` (HOST:PORT, port 0 for any) with health and reflection.
 
@@ -152,13 +204,25 @@ def start_server(
     reflection.enable_server_reflection(
         (*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(listen)
-    if port == 0:
-        raise OSError(f"could not bind {listen}")
+    port = bind(server, listen, tls)
     server.start()
     running = RunningServer(server, port, health_servicer, tuple(service_names))
     running.set_serving(serving)
     return running
+
+
+def bind(server, listen: str, tls: ServerTls | None) -> int:
+    """Bind `listen` (TLS when given); the bound port, OSError when it cannot be bound."""
+    try:
+        if tls is not None:
+            port = server.add_secure_port(listen, tls.credentials())
+        else:
+            port = server.add_insecure_port(listen)
+    except RuntimeError as e:  # grpc.aio raises where the threaded server returns 0
+        raise OSError(f"could not bind {listen}: {e}") from None
+    if port == 0:
+        raise OSError(f"could not bind {listen}")
+    return port
 
 
 def bound_address(listen: str, port: int) -> str:
@@ -197,11 +261,65 @@ class _BearerClientInterceptor(
         return continuation(self._details(d), request_iterator)
 
 
+ROUND_ROBIN = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
+
+
+def channel_target(address: str) -> tuple[str, str | None]:
+    """(gRPC target, host name the server certificate must carry) for one address or several.
+
+    HOST:PORT is used as is; so is anything with a scheme ("dns:///worker:50052" resolves to
+    every address of the name). "A:P,B:P" becomes one ipv4:/ipv6: target over every address the
+    hosts resolve to now, so that round_robin spreads calls over them; the certificate is then
+    checked against the first host name.
+    """
+    parts = [p.strip() for p in address.split(",") if p.strip()]
+    if len(parts) <= 1:
+        return address.strip(), None
+    resolved: list[tuple[int, str]] = []
+    names = []
+    for part in parts:
+        host, sep, port = part.rpartition(":")
+        host = host.strip("[]")
+        if not sep or not host or not port.isdigit():
+            raise ValueError(f"address {part!r} must be HOST:PORT")
+        try:
+            ip = ipaddress.ip_address(host)
+            resolved.append((ip.version, f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"))
+        except ValueError:
+            names.append(host)
+            for family, *_, sockaddr in socket.getaddrinfo(
+                host, int(port), type=socket.SOCK_STREAM
+            ):
+                version = 6 if family == socket.AF_INET6 else 4
+                ip_text = sockaddr[0]
+                resolved.append(
+                    (version, f"[{ip_text}]:{port}" if version == 6 else f"{ip_text}:{port}")
+                )
+    versions = {v for v, _ in resolved}
+    if len(versions) != 1:
+        raise ValueError(f"addresses {address!r} mix IPv4 and IPv6; list one family")
+    scheme = "ipv6" if versions == {6} else "ipv4"
+    unique = list(dict.fromkeys(a for _, a in resolved))
+    return f"{scheme}:{','.join(unique)}", names[0] if names else None
+
+
 def open_channel(
-    address: str, auth_token: str | None = None, interceptors: Sequence = ()
+    address: str,
+    auth_token: str | None = None,
+    interceptors: Sequence = (),
+    tls: ClientTls | None = None,
 ) -> grpc.Channel:
-    """An insecure channel with raised message limits, the bearer token, and extra interceptors."""
-    channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+    """A channel with raised message limits, round_robin over every address behind `address`
+    (see channel_target), TLS when given, the bearer token, and extra interceptors."""
+    target, host_name = channel_target(address)
+    options: list[tuple[str, int | str]] = [*CHANNEL_OPTIONS, ("grpc.service_config", ROUND_ROBIN)]
+    if tls is not None:
+        name = tls.server_name or host_name
+        if name:
+            options.append(("grpc.ssl_target_name_override", name))
+        channel = grpc.secure_channel(target, tls.credentials(), options=options)
+    else:
+        channel = grpc.insecure_channel(target, options=options)
     chain = list(interceptors)
     if auth_token:
         chain.append(_BearerClientInterceptor(auth_token))

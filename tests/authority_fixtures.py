@@ -141,15 +141,18 @@ def create_request(session_id: str, hard_max: int = 16, target: int | None = Non
     )
 
 
-def patch_stream(session_id: str, version: int, request_id: str, ops, per_message: int = 0):
+def patch_stream(
+    session_id: str, version: int, request_id: str, ops, per_message: int = 0, end: bool = True
+):
     """One Patch as PatchRequest messages; per_message > 0 spreads ops over several messages,
-    the header only on the first."""
+    the header only on the first; end_of_patch on the last unless `end` is False."""
     ops = list(ops)
     header = dict(session_id=session_id, expected_version=version, request_id=request_id)
     step = per_message if per_message > 0 else max(len(ops), 1)
     msgs = []
     for i in range(0, max(len(ops), 1), step):
         msgs.append(ca.PatchRequest(ops=ops[i : i + step], **(header if i == 0 else {})))
+    msgs[-1].end_of_patch = end
     return iter(msgs)
 
 

@@ -1,10 +1,13 @@
-"""Shared test fixtures: paths to ../shared models and data (skipped with a reason when absent)."""
+"""Shared test fixtures: the packaged demo model, and paths to ../shared (the Llama-2 tokenizer,
+TinyStories text), skipped with a reason when absent."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+
+from positronic.models import demo_model_dir
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -24,7 +27,8 @@ def llama2_tokenizer_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def stories260k_dir() -> Path:
-    return shared_path("models", "stories260K")
+    """The demo model shipped inside the package (positronic/models/stories260K)."""
+    return demo_model_dir()
 
 
 @pytest.fixture(scope="session")

@@ -46,7 +46,7 @@ def test_flags_win_over_the_environment(tmp_path):
         {"metrics_port": -1},
         {"snapshot_every": 0},
         {"log_retention": -3},
-        {"max_workers": 0},
+        {"engine_threads": 0},
         {"durability": "sometimes"},
         {"fsync_interval_ms": 0},
     ],

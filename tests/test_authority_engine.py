@@ -39,8 +39,13 @@ def make_engine(data_dir=None, **limits) -> Engine:
     return Engine(EngineLimits(**limits), store)
 
 
+def p1_ops() -> list:
+    """The ops prime() sends as request "p1" (a retry must send them again to be replayed)."""
+    return [evict_pb(2, 12), append_pb(6, [30], seed=2)]
+
+
 def prime(engine: Engine, sid: str = "s", n: int = 6) -> None:
-    engine.create_session(sid, tiny_geometry(), Budget(16, 16), 0.0, lambda s: None)
+    engine.create_session(sid, tiny_geometry(), Budget(16, 16), None, lambda s: None)
     engine.patch(sid, 0, "p0", [append_pb(0, list(range(10, 10 + n)), seed=1)])
     engine.patch(sid, 1, "p1", [evict_pb(2, 12), append_pb(n, [30], seed=2)])
 
@@ -170,7 +175,7 @@ def test_a_log_that_cannot_be_repaired_breaks_the_session_until_restart(tmp_path
         engine.patch("s", 2, "y", a_patch())
     assert err.value.status is Status.UNAVAILABLE and "until the authority restarts" in str(err)
     assert snapshot_of(engine) == before  # reads are still served
-    assert engine.patch("s", 1, "p1", []).replayed  # and so are stored replies
+    assert engine.patch("s", 1, "p1", p1_ops()).replayed  # and so are stored replies
     engine.close()
     recovered = make_engine(tmp_path)  # the torn record is cut off; the session takes patches
     assert snapshot_of(recovered) == before
@@ -204,22 +209,28 @@ def test_unknown_session_is_not_found():
 def test_restart_recovers_snapshot_plus_log_and_request_ids(tmp_path):
     engine = make_engine(tmp_path, snapshot_every=3)
     prime(engine)
+    sent = {}
     for v in range(2, 8):  # snapshots at v3 and v6, log records v7 and v8
         rows = engine.read("s", lambda s: s.live_token_ids())
-        engine.patch("s", v, f"r{v}", [evict_pb(0, rows[0]), append_pb(len(rows), [v], v)])
+        sent[v] = [evict_pb(0, rows[0]), append_pb(len(rows), [v], v)]
+        engine.patch("s", v, f"r{v}", sent[v])
     expected = snapshot_of(engine)
     engine.close()
     files = sorted(p.name for p in (tmp_path / "sessions" / "s").iterdir())
     assert files == ["snapshot-000000000006.safetensors", "wal-000000000006.log"]
     recovered = make_engine(tmp_path, snapshot_every=3)
     assert snapshot_of(recovered) == expected
-    assert recovered.patch("s", 0, "r7", []).replayed  # the reply to v8 came from the log
+    assert recovered.patch("s", 7, "r7", sent[7]).replayed  # the reply to v8 came from the log
 
 
 def test_a_retry_after_restart_gets_the_reply_of_a_patch_inside_the_snapshot(tmp_path):
     engine = make_engine(tmp_path, snapshot_every=2)
     prime(engine)  # p0 -> v1, p1 -> v2, and v2 triggers a snapshot: the log after it is empty
-    first = {rid: engine.patch("s", 0, rid, []) for rid in ("p0", "p1")}  # the stored replies
+    p0_ops = [append_pb(0, list(range(10, 16)), seed=1)]
+    first = {  # the stored replies
+        "p0": engine.patch("s", 0, "p0", p0_ops),
+        "p1": engine.patch("s", 1, "p1", p1_ops()),
+    }
     expected = snapshot_of(engine)
     engine.close()
     assert (tmp_path / "sessions" / "s" / "wal-000000000002.log").stat().st_size == 0
@@ -227,7 +238,7 @@ def test_a_retry_after_restart_gets_the_reply_of_a_patch_inside_the_snapshot(tmp
     again = recovered.patch("s", 1, "p1", [evict_pb(2, 12), append_pb(6, [30], seed=2)])
     assert again.replayed and (again.version, again.digest, again.row_count) == (
         2, first["p1"].digest, first["p1"].row_count)  # fmt: skip
-    older = recovered.patch("s", 0, "p0", [])  # an earlier patch, still within the window
+    older = recovered.patch("s", 0, "p0", p0_ops)  # an earlier patch, still within the window
     assert older.replayed and (older.version, older.digest) == (1, first["p0"].digest)
     assert snapshot_of(recovered) == expected  # applied once, version unchanged
 
@@ -240,7 +251,7 @@ def test_the_replies_kept_with_a_snapshot_are_bounded_by_the_window(tmp_path):
     engine.close()
     recovered = make_engine(tmp_path, snapshot_every=5, replies_kept=3)
     assert list(recovered._sessions["s"].replies) == ["r2", "r3", "r4"]
-    assert recovered.patch("s", 0, "r2", []).version == 3
+    assert recovered.patch("s", 2, "r2", [brightness_pb([2.0] * 6)]).version == 3
 
 
 def failing_log_open(real_open=open):
@@ -272,7 +283,7 @@ def test_a_failed_snapshot_keeps_the_log_going_and_waits_before_trying_again(tmp
     engine.close()
     recovered = make_engine(tmp_path, snapshot_every=3)
     assert snapshot_of(recovered) == expected
-    assert recovered.patch("s", 0, "r2", []).replayed
+    assert recovered.patch("s", 2, "r2", [brightness_pb([1.0] * 6)]).replayed
     assert recovered.patch("s", 5, "r5", [brightness_pb([5.0] * 6)]).version == 6
 
 
@@ -362,7 +373,7 @@ def test_a_sync_of_the_newest_deltas_does_not_scan_the_retained_log():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_sessions_survive_snapshot_and_log(tmp_path, dtype):
     engine = make_engine(tmp_path, snapshot_every=3)
-    engine.create_session("h", tiny_geometry(dtype), Budget(8, 8), 0.0, lambda s: None)
+    engine.create_session("h", tiny_geometry(dtype), Budget(8, 8), None, lambda s: None)
     for v in range(3):  # v1..v3, a snapshot at v3
         op = session_pb2.PatchOp(
             append=session_pb2.AppendOp(position=v, token_ids=[v], kv=kv_pb(1, v, dtype))

@@ -290,7 +290,7 @@ def test_a_client_that_cancels_mid_stream_commits_nothing_and_is_no_bug(
     monkeypatch.setattr(server.engine, "patch_byte_limit", limit_then_signal)
 
     def requests():
-        yield next(patch_stream("s", 1, "gone", [evict_pb(0, 10)]))
+        yield next(patch_stream("s", 1, "gone", [evict_pb(0, 10)], end=False))
         release.wait(30)  # the rest of the stream never comes
 
     call = client.Patch.future(requests())
@@ -298,14 +298,12 @@ def test_a_client_that_cancels_mid_stream_commits_nothing_and_is_no_bug(
         assert arrived.wait(30)
         call.cancel()
         deadline = time.monotonic() + 30
-        while not any(r.name == "cache_authority.servicer" for r in caplog.records):
+        while server.servicer.streams.open_count():
             assert time.monotonic() < deadline, "the server never finished the cancelled Patch"
             time.sleep(0.02)
     finally:
         release.set()
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
-    said = [r.getMessage() for r in caplog.records if r.name == "cache_authority.servicer"]
-    assert "CANCELLED" in said[-1]
     assert version_and_digest(client) == before
 
 

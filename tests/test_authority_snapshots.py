@@ -92,7 +92,8 @@ def test_recovery_is_right_when_a_snapshot_is_never_written(tmp_path, monkeypatc
     monkeypatch.undo()
     recovered = make(tmp_path)
     assert recovered.read("s", state_to_snapshot) == expected
-    assert recovered.patch("s", 0, "r3", []).replayed  # request ids in the old log, too
+    again = recovered.patch("s", 3, "r3", [brightness_pb([3.0] * 3)])
+    assert again.replayed  # request ids in the old log, too
     assert tick(recovered, 5) == 6
     held.fail = True  # the abandoned engine's write never happens
     held.release.set()

@@ -216,7 +216,7 @@ def test_random_patches_match_the_reference_model(data):
     dtype = data.draw(st.sampled_from(DTYPES))
     hard = data.draw(st.sampled_from([4, HARD]))  # 4: 8 slots, rebases come soon
     engine = Engine()
-    engine.create_session("s", tiny_geometry(dtype), Budget(hard, hard), 0.0, lambda s: None)
+    engine.create_session("s", tiny_geometry(dtype), Budget(hard, hard), None, lambda s: None)
     replica = Reference("s", hard, dtype=dtype)  # a worker's replica replaying the committed ops
     rows: list[Row] = []
     ledger, digest, offset = 0, GENESIS_DIGEST, 0
@@ -378,7 +378,7 @@ def test_ties_move_the_tail():
 
 def _primed(n: int = 4):
     engine = Engine()
-    engine.create_session("s", tiny_geometry(), Budget(8, 8), 0.0, lambda s: None)
+    engine.create_session("s", tiny_geometry(), Budget(8, 8), None, lambda s: None)
     engine.patch("s", 0, "", [append_pb(0, list(range(10, 10 + n)), seed=1)])
     return engine
 

@@ -1,6 +1,7 @@
 """docker-compose.yml end to end without a Docker engine: each service's command, environment,
 ports and health check from the file, run as local processes with service names resolving to
-loopback and volumes mapped to local folders."""
+loopback and volumes mapped to local folders; alone, and with the TLS overlay
+(docker-compose.tls.yml: mutual TLS and the bearer token, certificates made by the test)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,26 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
 import yaml
 
-from tests.conftest import REPO, shared_path
+from positronic.models import demo_model_dir
+from tests.conftest import REPO
 from tests.loop_fixtures import env as clean_env
+from tests.tls_fixtures import make_certs
 
 COMPOSE = REPO / "docker-compose.yml"
+TLS_OVERLAY = REPO / "docker-compose.tls.yml"
+
+
+def merge(spec: dict, overlay: dict) -> dict:
+    """What `docker compose -f base -f overlay` does to the keys our files use: environment
+    maps merge, volume lists extend."""
+    for name, svc in overlay["services"].items():
+        base = spec["services"][name]
+        base.setdefault("environment", {}).update(svc.get("environment", {}))
+        base["volumes"] = [*base.get("volumes", []), *svc.get("volumes", [])]
+    return spec
 
 
 def substitute(value: str, variables: dict[str, str]) -> str:
@@ -53,7 +68,7 @@ class Topology:
                 value = host + value[len(target) :]
         value = re.sub(r"^0\.0\.0\.0:", "127.0.0.1:", value)
         for other in self.names:
-            value = re.sub(rf"^{re.escape(other)}:(\d+)$", r"127.0.0.1:\1", value)
+            value = re.sub(rf"^(dns:///)?{re.escape(other)}:(\d+)$", r"127.0.0.1:\2", value)
         return value
 
     def argv(self, service: str, command: list[str]) -> list[str]:
@@ -76,7 +91,7 @@ class Topology:
             r = subprocess.run(
                 self.argv(service, check[1:]),
                 cwd=REPO,
-                env=clean_env(),
+                env=self.environment(service),  # a health check runs in its container's env
                 capture_output=True,
                 text=True,
             )
@@ -95,11 +110,19 @@ def order(spec: dict) -> list[str]:
     return done
 
 
-def test_compose_file_runs_as_local_processes(tmp_path):
-    models = shared_path("models")
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls overlay"])
+def test_compose_file_runs_as_local_processes(tmp_path, tls):
+    models = demo_model_dir().parent  # the packaged folder that holds stories260K
     spec = yaml.safe_load(COMPOSE.read_text())
     assert order(spec) == ["authority", "worker", "demo"]
-    topo = Topology(spec, {"POSITRONIC_MODELS_DIR": str(models)}, tmp_path)
+    variables = {"POSITRONIC_MODELS_DIR": str(models)}
+    if tls:
+        secrets = tmp_path / "secrets"
+        make_certs(secrets)
+        (secrets / "token").write_text("compose-token\n")
+        variables["POSITRONIC_CERTS_DIR"] = str(secrets)
+        spec = merge(spec, yaml.safe_load(TLS_OVERLAY.read_text()))
+    topo = Topology(spec, variables, tmp_path)
     procs: list[subprocess.Popen] = []
     try:
         for name in ("authority", "worker"):
@@ -117,7 +140,8 @@ def test_compose_file_runs_as_local_processes(tmp_path):
             assert topo.healthy(name, timeout_s=120), f"{name} never became healthy"
         # Every published port answers: gRPC (health above) and Prometheus metrics.
         for name, port in (("authority", 9101), ("worker", 9102)):
-            assert f"{port}:{port}" in spec["services"][name]["ports"]
+            published = [str(p).split(":")[-1] for p in spec["services"][name]["ports"]]
+            assert str(port) in published
             body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
             assert b"positronic_" in body
         demo = spec["services"]["demo"]

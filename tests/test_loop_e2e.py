@@ -149,6 +149,7 @@ def test_stale_version_is_reread_not_fatal(services):
                             expected_version=got.session.version,
                             request_id="intruder",
                             ops=[op],
+                            end_of_patch=True,
                         )
                     ]
                 )

@@ -327,6 +327,7 @@ def patch(authority, session_id: str, version: int, ops) -> int:
         expected_version=version,
         request_id=uuid.uuid4().hex,
         ops=ops,
+        end_of_patch=True,
     )
     return authority.Patch(iter([request])).version
 

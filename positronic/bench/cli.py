@@ -9,6 +9,8 @@ import os
 import sys
 from pathlib import Path
 
+from positronic.models import DEMO_MODEL, demo_model_dir
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_POLICIES = "halo,streaming,h2o,tova"
@@ -17,7 +19,11 @@ DEFAULT_POLICIES = "halo,streaming,h2o,tova"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="bench", required=True)
     q = sub.add_parser("quality", help="teacher-forced perplexity of policies at one budget")
-    q.add_argument("--model", required=True, help="model directory")
+    q.add_argument(
+        "--model",
+        default=str(demo_model_dir()),
+        help=f"model directory or hub id (default: the packaged {DEMO_MODEL})",
+    )
     q.add_argument("--text-file", required=True, help="stories separated by <|endoftext|> lines")
     q.add_argument("--budget", type=int, required=True, help="cache rows (the loop's target)")
     q.add_argument(

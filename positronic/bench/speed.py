@@ -22,6 +22,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from positronic.models import DEMO_MODEL, demo_model_dir
+
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_TOKENIZER = REPO.parent / "shared" / "models" / "llama2-tokenizer"
 MODES = ("hf_generate", "in_process", "grpc_split")
@@ -45,7 +47,10 @@ TINYLLAMA_SHAPE = {
 
 
 def add_speed_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="model directory (required unless --shape is given)")
+    p.add_argument(
+        "--model",
+        help=f"model directory or hub id (default: the packaged {DEMO_MODEL}, unless --shape)",
+    )
     p.add_argument(
         "--shape",
         choices=("tinyllama",),
@@ -176,8 +181,7 @@ def table(doc: dict) -> str:
 
 def run_speed(args: argparse.Namespace) -> int:
     if not args.model and not args.shape:
-        print("positronic bench speed: give --model or --shape", file=sys.stderr)
-        return 2
+        args.model = str(demo_model_dir())
     threads = args.threads or (1 if not args.shape else (os.cpu_count() or 1))
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="positronic-speed-") as tmp:

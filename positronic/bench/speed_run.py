@@ -134,10 +134,11 @@ def run_in_process(run: dict) -> dict:
     from cache_authority.metrics import Metrics
     from cache_authority.servicer import CacheAuthorityServicer
     from model_worker.server import WorkerConfig, start_worker
-    from positronic.direct import DirectContext, DirectStub
+    from positronic.direct import DirectStub
     from positronic.v1 import cache_authority_pb2
 
     authority = CacheAuthorityServicer(Engine(None, None, Metrics()))
+    sync_stub = DirectStub(authority)  # the authority's handlers are coroutines: its own loop
     synced = [0]
 
     class DirectSync:
@@ -145,7 +146,7 @@ def run_in_process(run: dict) -> dict:
             request = cache_authority_pb2.SyncRequest(
                 session_id=session_id, from_version=from_version
             )
-            for msg in authority.Sync(request, DirectContext()):
+            for msg in sync_stub.Sync(request):
                 synced[0] += msg.ByteSize()
                 yield msg
 
@@ -169,6 +170,7 @@ def run_in_process(run: dict) -> dict:
         out = drive(run, endpoints, recorder)
     finally:
         worker.stop(0.5)
+        authority.close()
     out["wire_bytes"] = iteration_bytes(recorder.iterations, synced[0])
     out["peak_rss_bytes"] = {"process": peak_rss_bytes()}
     return out

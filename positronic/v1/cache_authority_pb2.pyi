@@ -31,9 +31,13 @@ class CreateSessionRequest(_message.Message):
     BUDGET_FIELD_NUMBER: _builtins.int
     SEED_BRIGHTNESS_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
-    """Id to create; empty lets the authority choose one. An existing id is ALREADY_EXISTS."""
+    """Id to create (1-128 chars of [A-Za-z0-9._-]); empty lets the authority choose one. An
+    existing id is ALREADY_EXISTS.
+    """
     seed_brightness: _builtins.float
-    """Brightness of appended rows that name none; unset means 255 (the Halo Weave default)."""
+    """Brightness of appended rows that name none, in [0, 1e9]; unset means 255 (the Halo Weave
+    default); 0 is a value like any other.
+    """
     @_builtins.property
     def geometry(self) -> _session_pb2.ModelGeometry:
         """Geometry of the model whose K/V the session will hold."""
@@ -102,7 +106,14 @@ class PatchRequest(_message.Message):
     expected_version: _builtins.int
     """Version the client computed its ops against; anything else is ABORTED."""
     request_id: _builtins.str
-    """Client-chosen id; a retry with the same id returns the first reply and applies nothing."""
+    """Client-chosen idempotency key: empty, or 1-128 chars of [A-Za-z0-9._:-]. Its scope is the
+    session; the authority remembers the replies to the last 4096 request ids of each session,
+    across restarts (they are kept with snapshots and rebuilt from the log). A retry with the
+    same id, expected_version and ops returns the first reply (replayed = true) and applies
+    nothing; the same id with another expected_version or other ops is ALREADY_EXISTS, never
+    answered with the first reply. An id older than the last 4096 is forgotten: a retry that
+    late applies again if its expected_version still matches (it usually does not: ABORTED).
+    """
     end_of_patch: _builtins.bool
     """True on the last message of the patch. The patch commits only after a message with
     end_of_patch arrives; a stream that ends, breaks or is cancelled before that commits
@@ -175,7 +186,11 @@ Global___PatchResponse: _TypeAlias = PatchResponse  # noqa: Y015
 
 @_typing.final
 class VersionConflict(_message.Message):
-    """Detail attached to ABORTED replies of Patch (google.rpc.Status details)."""
+    """Detail attached to ABORTED replies (Patch here; the worker's compute RPCs too). gRPC's
+    `grpc-status-details-bin` trailer holds a serialized google.rpc.Status (vendored in
+    protos/google/rpc/status.proto) whose `details` has this message packed in a
+    google.protobuf.Any (type URL type.googleapis.com/positronic.v1.VersionConflict).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -264,11 +279,15 @@ class SyncRequest(_message.Message):
     session_id: _builtins.str
     """Session to follow."""
     from_version: _builtins.int
-    """Version the replica holds (0 for nothing); patches after it are streamed."""
+    """Version the replica holds (0 for nothing); patches after it are streamed. Negative is
+    INVALID_ARGUMENT.
+    """
     follow: _builtins.bool
     """Keep the stream open and send each new commit as it lands."""
     max_chunk_bytes: _builtins.int
-    """Largest tensor payload per message in bytes; 0 means 2 MiB (also the maximum)."""
+    """Largest tensor payload per message in bytes; 0 means 2 MiB (also the maximum); negative is
+    INVALID_ARGUMENT.
+    """
     def __init__(
         self,
         *,
@@ -436,8 +455,9 @@ class WatchRequest(_message.Message):
     session_id: _builtins.str
     """Session to watch; empty watches every session."""
     from_version: _builtins.int
-    """When set, first send the summaries of retained patches after this version (0: every
-    retained patch); unset, only patches committed from now on.
+    """Unset: only patches committed from now on. Set to v >= 0: first the summaries of every
+    retained patch after v (0: every retained patch), then new ones. Negative is
+    INVALID_ARGUMENT.
     """
     def __init__(
         self,

@@ -27,6 +27,28 @@ if _version_not_supported:
 
 class CacheAuthorityStub:
     """Owns every session's state; `Patch` is the only RPC that changes it.
+
+    Limits (each refusal changes nothing and quotes at most 64 characters of client input):
+    - session_id: 1-128 characters of [A-Za-z0-9._-], the first alphanumeric. A malformed id is
+    INVALID_ARGUMENT on every RPC; a well-formed unknown one is NOT_FOUND.
+    - request_id: empty, or 1-128 characters of [A-Za-z0-9._:-]; anything else INVALID_ARGUMENT.
+    - A Patch stream carries at most 2 * hard_max_rows + 1 ops and about
+    2 * hard_max_rows * (row bytes + 256) bytes; one message at most 64 MiB (gRPC's limit here).
+    Over any of these: RESOURCE_EXHAUSTED.
+    - Text: a piece at most 1 KiB (UTF-8), a replaced_text at most 64 KiB, geometry names
+    (model_fingerprint, rope_type, scaling keys) at most 256 bytes, at most 32 scaling entries;
+    over: RESOURCE_EXHAUSTED.
+    - Brightness (seed_brightness, AppendOp.brightness, ReplacePairOp.brightness,
+    SetBrightnessOp.brightness): finite, in [0, MAX_BRIGHTNESS = 1e9]; else INVALID_ARGUMENT.
+    - Every other repeated field has the length the session fixes, else INVALID_ARGUMENT (or
+    FAILED_PRECONDITION when it names state that changed): AppendOp.token_ids at most
+    hard_max_rows in all (more rows than that: RESOURCE_EXHAUSTED), pieces and brightness as
+    many as token_ids (or none), ReplacePairOp.expected_token_ids exactly 2,
+    SetBrightnessOp.brightness one per row, RopeParameters.inv_freq head_dim / 2, Tensor.shape
+    4 dimensions [L, H, N, D] matching the geometry. Budget.hard_max_rows is bounded by the bytes
+    the authority may preallocate (RESOURCE_EXHAUSTED).
+    - Open streams (Patch, Sync, Watch) per client address, per session and in all are capped by
+    the authority's configuration (defaults 1024, 64 and 16384); one more is RESOURCE_EXHAUSTED.
     """
 
     def __init__(self, channel):
@@ -74,6 +96,28 @@ class CacheAuthorityStub:
 
 class CacheAuthorityServicer:
     """Owns every session's state; `Patch` is the only RPC that changes it.
+
+    Limits (each refusal changes nothing and quotes at most 64 characters of client input):
+    - session_id: 1-128 characters of [A-Za-z0-9._-], the first alphanumeric. A malformed id is
+    INVALID_ARGUMENT on every RPC; a well-formed unknown one is NOT_FOUND.
+    - request_id: empty, or 1-128 characters of [A-Za-z0-9._:-]; anything else INVALID_ARGUMENT.
+    - A Patch stream carries at most 2 * hard_max_rows + 1 ops and about
+    2 * hard_max_rows * (row bytes + 256) bytes; one message at most 64 MiB (gRPC's limit here).
+    Over any of these: RESOURCE_EXHAUSTED.
+    - Text: a piece at most 1 KiB (UTF-8), a replaced_text at most 64 KiB, geometry names
+    (model_fingerprint, rope_type, scaling keys) at most 256 bytes, at most 32 scaling entries;
+    over: RESOURCE_EXHAUSTED.
+    - Brightness (seed_brightness, AppendOp.brightness, ReplacePairOp.brightness,
+    SetBrightnessOp.brightness): finite, in [0, MAX_BRIGHTNESS = 1e9]; else INVALID_ARGUMENT.
+    - Every other repeated field has the length the session fixes, else INVALID_ARGUMENT (or
+    FAILED_PRECONDITION when it names state that changed): AppendOp.token_ids at most
+    hard_max_rows in all (more rows than that: RESOURCE_EXHAUSTED), pieces and brightness as
+    many as token_ids (or none), ReplacePairOp.expected_token_ids exactly 2,
+    SetBrightnessOp.brightness one per row, RopeParameters.inv_freq head_dim / 2, Tensor.shape
+    4 dimensions [L, H, N, D] matching the geometry. Budget.hard_max_rows is bounded by the bytes
+    the authority may preallocate (RESOURCE_EXHAUSTED).
+    - Open streams (Patch, Sync, Watch) per client address, per session and in all are capped by
+    the authority's configuration (defaults 1024, 64 and 16384); one more is RESOURCE_EXHAUSTED.
     """
 
     def CreateSession(self, request, context):
@@ -86,7 +130,10 @@ class CacheAuthorityServicer:
     def Patch(self, request_iterator, context):
         """Applies an ordered list of ops atomically at `expected_version` and commits version + 1.
         Ops may be spread over several messages of one stream (a large prime); all commit as one
-        version when the client closes the stream.
+        version once a message with end_of_patch arrives. A stream that ends without it is
+        INVALID_ARGUMENT; one that is cancelled, breaks or passes its deadline ends as gRPC reports
+        it (CANCELLED, DEADLINE_EXCEEDED, UNAVAILABLE); in every such case nothing commits.
+        A stale `expected_version` is ABORTED with a VersionConflict in the status details.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -108,7 +155,9 @@ class CacheAuthorityServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Watch(self, request, context):
-        """Streams a summary of every patch committed from now on (and since `from_version`).
+        """Streams a summary of every patch committed from now on (and, when from_version is set, the
+        retained ones after it). The server sends initial metadata once the subscription is in
+        place: a client that waits for it (e.g. `call.initial_metadata()`) sees every later commit.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -176,6 +225,28 @@ def add_CacheAuthorityServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class CacheAuthority:
     """Owns every session's state; `Patch` is the only RPC that changes it.
+
+    Limits (each refusal changes nothing and quotes at most 64 characters of client input):
+    - session_id: 1-128 characters of [A-Za-z0-9._-], the first alphanumeric. A malformed id is
+    INVALID_ARGUMENT on every RPC; a well-formed unknown one is NOT_FOUND.
+    - request_id: empty, or 1-128 characters of [A-Za-z0-9._:-]; anything else INVALID_ARGUMENT.
+    - A Patch stream carries at most 2 * hard_max_rows + 1 ops and about
+    2 * hard_max_rows * (row bytes + 256) bytes; one message at most 64 MiB (gRPC's limit here).
+    Over any of these: RESOURCE_EXHAUSTED.
+    - Text: a piece at most 1 KiB (UTF-8), a replaced_text at most 64 KiB, geometry names
+    (model_fingerprint, rope_type, scaling keys) at most 256 bytes, at most 32 scaling entries;
+    over: RESOURCE_EXHAUSTED.
+    - Brightness (seed_brightness, AppendOp.brightness, ReplacePairOp.brightness,
+    SetBrightnessOp.brightness): finite, in [0, MAX_BRIGHTNESS = 1e9]; else INVALID_ARGUMENT.
+    - Every other repeated field has the length the session fixes, else INVALID_ARGUMENT (or
+    FAILED_PRECONDITION when it names state that changed): AppendOp.token_ids at most
+    hard_max_rows in all (more rows than that: RESOURCE_EXHAUSTED), pieces and brightness as
+    many as token_ids (or none), ReplacePairOp.expected_token_ids exactly 2,
+    SetBrightnessOp.brightness one per row, RopeParameters.inv_freq head_dim / 2, Tensor.shape
+    4 dimensions [L, H, N, D] matching the geometry. Budget.hard_max_rows is bounded by the bytes
+    the authority may preallocate (RESOURCE_EXHAUSTED).
+    - Open streams (Patch, Sync, Watch) per client address, per session and in all are capped by
+    the authority's configuration (defaults 1024, 64 and 16384); one more is RESOURCE_EXHAUSTED.
     """
 
     @staticmethod

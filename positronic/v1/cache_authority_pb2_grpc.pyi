@@ -27,7 +27,30 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class CacheAuthorityStub:
-    """Owns every session's state; `Patch` is the only RPC that changes it."""
+    """Owns every session's state; `Patch` is the only RPC that changes it.
+
+    Limits (each refusal changes nothing and quotes at most 64 characters of client input):
+    - session_id: 1-128 characters of [A-Za-z0-9._-], the first alphanumeric. A malformed id is
+      INVALID_ARGUMENT on every RPC; a well-formed unknown one is NOT_FOUND.
+    - request_id: empty, or 1-128 characters of [A-Za-z0-9._:-]; anything else INVALID_ARGUMENT.
+    - A Patch stream carries at most 2 * hard_max_rows + 1 ops and about
+      2 * hard_max_rows * (row bytes + 256) bytes; one message at most 64 MiB (gRPC's limit here).
+      Over any of these: RESOURCE_EXHAUSTED.
+    - Text: a piece at most 1 KiB (UTF-8), a replaced_text at most 64 KiB, geometry names
+      (model_fingerprint, rope_type, scaling keys) at most 256 bytes, at most 32 scaling entries;
+      over: RESOURCE_EXHAUSTED.
+    - Brightness (seed_brightness, AppendOp.brightness, ReplacePairOp.brightness,
+      SetBrightnessOp.brightness): finite, in [0, MAX_BRIGHTNESS = 1e9]; else INVALID_ARGUMENT.
+    - Every other repeated field has the length the session fixes, else INVALID_ARGUMENT (or
+      FAILED_PRECONDITION when it names state that changed): AppendOp.token_ids at most
+      hard_max_rows in all (more rows than that: RESOURCE_EXHAUSTED), pieces and brightness as
+      many as token_ids (or none), ReplacePairOp.expected_token_ids exactly 2,
+      SetBrightnessOp.brightness one per row, RopeParameters.inv_freq head_dim / 2, Tensor.shape
+      4 dimensions [L, H, N, D] matching the geometry. Budget.hard_max_rows is bounded by the bytes
+      the authority may preallocate (RESOURCE_EXHAUSTED).
+    - Open streams (Patch, Sync, Watch) per client address, per session and in all are capped by
+      the authority's configuration (defaults 1024, 64 and 16384); one more is RESOURCE_EXHAUSTED.
+    """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
@@ -38,7 +61,10 @@ class CacheAuthorityStub:
     Patch: _grpc.StreamUnaryMultiCallable[_cache_authority_pb2.PatchRequest, _cache_authority_pb2.PatchResponse]
     """Applies an ordered list of ops atomically at `expected_version` and commits version + 1.
     Ops may be spread over several messages of one stream (a large prime); all commit as one
-    version when the client closes the stream.
+    version once a message with end_of_patch arrives. A stream that ends without it is
+    INVALID_ARGUMENT; one that is cancelled, breaks or passes its deadline ends as gRPC reports
+    it (CANCELLED, DEADLINE_EXCEEDED, UNAVAILABLE); in every such case nothing commits.
+    A stale `expected_version` is ABORTED with a VersionConflict in the status details.
     """
     GetSession: _grpc.UnaryUnaryMultiCallable[_cache_authority_pb2.GetSessionRequest, _cache_authority_pb2.GetSessionResponse]
     """Returns the session's summary and its mirror."""
@@ -47,7 +73,10 @@ class CacheAuthorityStub:
     patches, or a full snapshot when the log no longer reaches back.
     """
     Watch: _grpc.UnaryStreamMultiCallable[_cache_authority_pb2.WatchRequest, _cache_authority_pb2.WatchResponse]
-    """Streams a summary of every patch committed from now on (and since `from_version`)."""
+    """Streams a summary of every patch committed from now on (and, when from_version is set, the
+    retained ones after it). The server sends initial metadata once the subscription is in
+    place: a client that waits for it (e.g. `call.initial_metadata()`) sees every later commit.
+    """
     ListSessions: _grpc.UnaryUnaryMultiCallable[_cache_authority_pb2.ListSessionsRequest, _cache_authority_pb2.ListSessionsResponse]
     """Lists every session this authority holds."""
     DeleteSession: _grpc.UnaryUnaryMultiCallable[_cache_authority_pb2.DeleteSessionRequest, _cache_authority_pb2.DeleteSessionResponse]
@@ -55,7 +84,30 @@ class CacheAuthorityStub:
 
 @_typing.type_check_only
 class CacheAuthorityAsyncStub(CacheAuthorityStub):
-    """Owns every session's state; `Patch` is the only RPC that changes it."""
+    """Owns every session's state; `Patch` is the only RPC that changes it.
+
+    Limits (each refusal changes nothing and quotes at most 64 characters of client input):
+    - session_id: 1-128 characters of [A-Za-z0-9._-], the first alphanumeric. A malformed id is
+      INVALID_ARGUMENT on every RPC; a well-formed unknown one is NOT_FOUND.
+    - request_id: empty, or 1-128 characters of [A-Za-z0-9._:-]; anything else INVALID_ARGUMENT.
+    - A Patch stream carries at most 2 * hard_max_rows + 1 ops and about
+      2 * hard_max_rows * (row bytes + 256) bytes; one message at most 64 MiB (gRPC's limit here).
+      Over any of these: RESOURCE_EXHAUSTED.
+    - Text: a piece at most 1 KiB (UTF-8), a replaced_text at most 64 KiB, geometry names
+      (model_fingerprint, rope_type, scaling keys) at most 256 bytes, at most 32 scaling entries;
+      over: RESOURCE_EXHAUSTED.
+    - Brightness (seed_brightness, AppendOp.brightness, ReplacePairOp.brightness,
+      SetBrightnessOp.brightness): finite, in [0, MAX_BRIGHTNESS = 1e9]; else INVALID_ARGUMENT.
+    - Every other repeated field has the length the session fixes, else INVALID_ARGUMENT (or
+      FAILED_PRECONDITION when it names state that changed): AppendOp.token_ids at most
+      hard_max_rows in all (more rows than that: RESOURCE_EXHAUSTED), pieces and brightness as
+      many as token_ids (or none), ReplacePairOp.expected_token_ids exactly 2,
+      SetBrightnessOp.brightness one per row, RopeParameters.inv_freq head_dim / 2, Tensor.shape
+      4 dimensions [L, H, N, D] matching the geometry. Budget.hard_max_rows is bounded by the bytes
+      the authority may preallocate (RESOURCE_EXHAUSTED).
+    - Open streams (Patch, Sync, Watch) per client address, per session and in all are capped by
+      the authority's configuration (defaults 1024, 64 and 16384); one more is RESOURCE_EXHAUSTED.
+    """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreateSession: _aio.UnaryUnaryMultiCallable[_cache_authority_pb2.CreateSessionRequest, _cache_authority_pb2.CreateSessionResponse]  # type: ignore[assignment]
@@ -63,7 +115,10 @@ class CacheAuthorityAsyncStub(CacheAuthorityStub):
     Patch: _aio.StreamUnaryMultiCallable[_cache_authority_pb2.PatchRequest, _cache_authority_pb2.PatchResponse]  # type: ignore[assignment]
     """Applies an ordered list of ops atomically at `expected_version` and commits version + 1.
     Ops may be spread over several messages of one stream (a large prime); all commit as one
-    version when the client closes the stream.
+    version once a message with end_of_patch arrives. A stream that ends without it is
+    INVALID_ARGUMENT; one that is cancelled, breaks or passes its deadline ends as gRPC reports
+    it (CANCELLED, DEADLINE_EXCEEDED, UNAVAILABLE); in every such case nothing commits.
+    A stale `expected_version` is ABORTED with a VersionConflict in the status details.
     """
     GetSession: _aio.UnaryUnaryMultiCallable[_cache_authority_pb2.GetSessionRequest, _cache_authority_pb2.GetSessionResponse]  # type: ignore[assignment]
     """Returns the session's summary and its mirror."""
@@ -72,14 +127,40 @@ class CacheAuthorityAsyncStub(CacheAuthorityStub):
     patches, or a full snapshot when the log no longer reaches back.
     """
     Watch: _aio.UnaryStreamMultiCallable[_cache_authority_pb2.WatchRequest, _cache_authority_pb2.WatchResponse]  # type: ignore[assignment]
-    """Streams a summary of every patch committed from now on (and since `from_version`)."""
+    """Streams a summary of every patch committed from now on (and, when from_version is set, the
+    retained ones after it). The server sends initial metadata once the subscription is in
+    place: a client that waits for it (e.g. `call.initial_metadata()`) sees every later commit.
+    """
     ListSessions: _aio.UnaryUnaryMultiCallable[_cache_authority_pb2.ListSessionsRequest, _cache_authority_pb2.ListSessionsResponse]  # type: ignore[assignment]
     """Lists every session this authority holds."""
     DeleteSession: _aio.UnaryUnaryMultiCallable[_cache_authority_pb2.DeleteSessionRequest, _cache_authority_pb2.DeleteSessionResponse]  # type: ignore[assignment]
     """Deletes a session and its persisted state."""
 
 class CacheAuthorityServicer(metaclass=_abc_1.ABCMeta):
-    """Owns every session's state; `Patch` is the only RPC that changes it."""
+    """Owns every session's state; `Patch` is the only RPC that changes it.
+
+    Limits (each refusal changes nothing and quotes at most 64 characters of client input):
+    - session_id: 1-128 characters of [A-Za-z0-9._-], the first alphanumeric. A malformed id is
+      INVALID_ARGUMENT on every RPC; a well-formed unknown one is NOT_FOUND.
+    - request_id: empty, or 1-128 characters of [A-Za-z0-9._:-]; anything else INVALID_ARGUMENT.
+    - A Patch stream carries at most 2 * hard_max_rows + 1 ops and about
+      2 * hard_max_rows * (row bytes + 256) bytes; one message at most 64 MiB (gRPC's limit here).
+      Over any of these: RESOURCE_EXHAUSTED.
+    - Text: a piece at most 1 KiB (UTF-8), a replaced_text at most 64 KiB, geometry names
+      (model_fingerprint, rope_type, scaling keys) at most 256 bytes, at most 32 scaling entries;
+      over: RESOURCE_EXHAUSTED.
+    - Brightness (seed_brightness, AppendOp.brightness, ReplacePairOp.brightness,
+      SetBrightnessOp.brightness): finite, in [0, MAX_BRIGHTNESS = 1e9]; else INVALID_ARGUMENT.
+    - Every other repeated field has the length the session fixes, else INVALID_ARGUMENT (or
+      FAILED_PRECONDITION when it names state that changed): AppendOp.token_ids at most
+      hard_max_rows in all (more rows than that: RESOURCE_EXHAUSTED), pieces and brightness as
+      many as token_ids (or none), ReplacePairOp.expected_token_ids exactly 2,
+      SetBrightnessOp.brightness one per row, RopeParameters.inv_freq head_dim / 2, Tensor.shape
+      4 dimensions [L, H, N, D] matching the geometry. Budget.hard_max_rows is bounded by the bytes
+      the authority may preallocate (RESOURCE_EXHAUSTED).
+    - Open streams (Patch, Sync, Watch) per client address, per session and in all are capped by
+      the authority's configuration (defaults 1024, 64 and 16384); one more is RESOURCE_EXHAUSTED.
+    """
 
     @_abc_1.abstractmethod
     def CreateSession(
@@ -97,7 +178,10 @@ class CacheAuthorityServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_cache_authority_pb2.PatchResponse, _abc.Awaitable[_cache_authority_pb2.PatchResponse]]:
         """Applies an ordered list of ops atomically at `expected_version` and commits version + 1.
         Ops may be spread over several messages of one stream (a large prime); all commit as one
-        version when the client closes the stream.
+        version once a message with end_of_patch arrives. A stream that ends without it is
+        INVALID_ARGUMENT; one that is cancelled, breaks or passes its deadline ends as gRPC reports
+        it (CANCELLED, DEADLINE_EXCEEDED, UNAVAILABLE); in every such case nothing commits.
+        A stale `expected_version` is ABORTED with a VersionConflict in the status details.
         """
 
     @_abc_1.abstractmethod
@@ -124,7 +208,10 @@ class CacheAuthorityServicer(metaclass=_abc_1.ABCMeta):
         request: _cache_authority_pb2.WatchRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_cache_authority_pb2.WatchResponse], _abc.AsyncIterator[_cache_authority_pb2.WatchResponse]]:
-        """Streams a summary of every patch committed from now on (and since `from_version`)."""
+        """Streams a summary of every patch committed from now on (and, when from_version is set, the
+        retained ones after it). The server sends initial metadata once the subscription is in
+        place: a client that waits for it (e.g. `call.initial_metadata()`) sees every later commit.
+        """
 
     @_abc_1.abstractmethod
     def ListSessions(

@@ -27,7 +27,8 @@ if _version_not_supported:
 
 class ModelWorkerStub:
     """Runs the model; never changes session state. Every call names the session version it computes
-    on; the worker syncs its replica to that version from the authority or answers ABORTED.
+    on; the worker syncs its replica to that version from the authority or answers ABORTED, with
+    a positronic.v1.VersionConflict in the google.rpc.Status details (see VersionConflict).
     """
 
     def __init__(self, channel):
@@ -85,7 +86,8 @@ class ModelWorkerStub:
 
 class ModelWorkerServicer:
     """Runs the model; never changes session state. Every call names the session version it computes
-    on; the worker syncs its replica to that version from the authority or answers ABORTED.
+    on; the worker syncs its replica to that version from the authority or answers ABORTED, with
+    a positronic.v1.VersionConflict in the google.rpc.Status details (see VersionConflict).
     """
 
     def Info(self, request, context):
@@ -214,7 +216,8 @@ def add_ModelWorkerServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class ModelWorker:
     """Runs the model; never changes session state. Every call names the session version it computes
-    on; the worker syncs its replica to that version from the authority or answers ABORTED.
+    on; the worker syncs its replica to that version from the authority or answers ABORTED, with
+    a positronic.v1.VersionConflict in the google.rpc.Status details (see VersionConflict).
     """
 
     @staticmethod

@@ -28,7 +28,8 @@ GRPC_VERSION: str
 
 class ModelWorkerStub:
     """Runs the model; never changes session state. Every call names the session version it computes
-    on; the worker syncs its replica to that version from the authority or answers ABORTED.
+    on; the worker syncs its replica to that version from the authority or answers ABORTED, with
+    a positronic.v1.VersionConflict in the google.rpc.Status details (see VersionConflict).
     """
 
     @_typing.overload
@@ -65,7 +66,8 @@ class ModelWorkerStub:
 @_typing.type_check_only
 class ModelWorkerAsyncStub(ModelWorkerStub):
     """Runs the model; never changes session state. Every call names the session version it computes
-    on; the worker syncs its replica to that version from the authority or answers ABORTED.
+    on; the worker syncs its replica to that version from the authority or answers ABORTED, with
+    a positronic.v1.VersionConflict in the google.rpc.Status details (see VersionConflict).
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -98,7 +100,8 @@ class ModelWorkerAsyncStub(ModelWorkerStub):
 
 class ModelWorkerServicer(metaclass=_abc_1.ABCMeta):
     """Runs the model; never changes session state. Every call names the session version it computes
-    on; the worker syncs its replica to that version from the authority or answers ABORTED.
+    on; the worker syncs its replica to that version from the authority or answers ABORTED, with
+    a positronic.v1.VersionConflict in the google.rpc.Status details (see VersionConflict).
     """
 
     @_abc_1.abstractmethod

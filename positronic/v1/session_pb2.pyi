@@ -218,7 +218,9 @@ class MirrorEntry(_message.Message):
     piece: _builtins.str
     """Text of the token as the tokenizer decodes it in context."""
     brightness: _builtins.float
-    """Brightness in [0, max], maintained by the loop."""
+    """Brightness in [0, MAX_BRIGHTNESS = 1e9], maintained by the loop: the bound fits every policy
+    (Halo Weave keeps [0, 255]; H2O's accumulated attention grows by at most 1 per tick).
+    """
     source: Global___TokenSource.ValueType
     """Where the token came from."""
     origin_position: _builtins.int
@@ -293,11 +295,13 @@ class AppendOp(_message.Message):
 
     @_builtins.property
     def pieces(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Decoded text of each token, same length as token_ids (may be empty strings)."""
+        """Decoded text of each token, same length as token_ids (may be empty strings); each at most
+        1 KiB of UTF-8.
+        """
 
     @_builtins.property
     def brightness(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
-        """Brightness of each new row; empty means the session's seed brightness."""
+        """Brightness of each new row, each in [0, 1e9]; empty means the session's seed brightness."""
 
     def __init__(
         self,
@@ -335,11 +339,11 @@ class ReplacePairOp(_message.Message):
     token_id: _builtins.int
     """The replacement token."""
     piece: _builtins.str
-    """Decoded text of the replacement."""
+    """Decoded text of the replacement (at most 1 KiB of UTF-8)."""
     brightness: _builtins.float
-    """Brightness of the merged row."""
+    """Brightness of the merged row, in [0, 1e9]."""
     replaced_text: _builtins.str
-    """The text of the two replaced rows (see MirrorEntry.replaced_text)."""
+    """The text of the two replaced rows (see MirrorEntry.replaced_text), at most 64 KiB."""
     @_builtins.property
     def expected_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Token ids expected at position and position + 1."""
@@ -407,7 +411,7 @@ class SetBrightnessOp(_message.Message):
     """Row count the brightness vector was computed for; must equal the row count before the patch."""
     @_builtins.property
     def brightness(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
-        """One value per row, in row order."""
+        """One value per row, in row order, each in [0, 1e9]."""
 
     def __init__(
         self,
