@@ -79,14 +79,14 @@ def session_info_to_pb(state: SessionState) -> session_pb2.SessionInfo:
         row_count=state.row_count,
         seed_brightness=state.seed_brightness,
         created_unix_ns=state.created_unix_ns,
+        position_offset=state.position_offset,
     )
 
 
 def mirror_to_pb(state: SessionState) -> list[session_pb2.MirrorEntry]:
     """One MirrorEntry per live row, in row order."""
-    n = state.row_count
-    tokens = state.token_ids[:n].tolist()
-    bright = state.brightness[:n].tolist()
+    tokens = state.live_token_ids()
+    bright = state.live_brightness()
     return [
         session_pb2.MirrorEntry(
             position=i,
@@ -100,7 +100,7 @@ def mirror_to_pb(state: SessionState) -> list[session_pb2.MirrorEntry]:
             origin_position=m.origin_position,
             created_version=m.created_version,
         )
-        for i, m in enumerate(state.meta[:n])
+        for i, m in enumerate(state.meta)
     ]
 
 

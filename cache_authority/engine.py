@@ -1,9 +1,10 @@
 """The patch engine: every session, and the one place their state changes.
 
 A patch runs under its session's lock: request_id replay -> expected_version check -> decode ->
-validate -> stage -> digest -> write-ahead log (fsynced) -> commit. Anything that fails before the
-commit changes nothing; a commit that fails restores the rows and cuts its record off the log. A
-log that cannot be cut back marks the session broken: patches UNAVAILABLE until a restart.
+validate -> stage -> digest -> write-ahead log (fsynced as durability.py says) -> commit. Anything
+that fails before the commit changes nothing; a commit that fails restores the rows and cuts its
+record off the log. A log that cannot be cut back marks the session broken: patches UNAVAILABLE
+until a restart.
 Sessions have a lock each, so patches to different sessions run concurrently.
 """
 
@@ -12,12 +13,18 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 from cache_authority.feed import WatchEvent
 from cache_authority.metrics import Metrics
 from cache_authority.ops import PatchError, Status, chain_digest, ops_from_pb, patch_fingerprint
-from cache_authority.persistence import LogRepairFailed, SessionStore, StoredReply
+from cache_authority.persistence import (
+    LogRepairFailed,
+    PendingSnapshot,
+    SessionStore,
+    StoredReply,
+)
 from cache_authority.sessions import (
     Committed,
     EngineLimits,
@@ -50,7 +57,11 @@ class Engine(SessionRegistry):
         metrics: Metrics | None = None,
     ):
         super().__init__(limits, store, metrics)
+        # One thread writes every session's snapshots, off the patches' path.
+        self._snapshot_thread = ThreadPoolExecutor(1, thread_name_prefix="snapshot")
+        self._snapshot_writes: dict[str, Future[None]] = {}
         if store is not None:
+            durable = store.acknowledges_durably
             for rec in store.recover_all():
                 s = SessionSlot(rec.state, snapshot_tried=rec.state.version - len(rec.replayed))
                 for reply in rec.replies:  # patches in the snapshot, then those in the log
@@ -63,6 +74,7 @@ class Engine(SessionRegistry):
                             reply.row_count,
                             0,
                             fingerprint=reply.fingerprint,
+                            durable=durable,
                         ),
                     )
                 for r in rec.replayed:
@@ -80,6 +92,7 @@ class Engine(SessionRegistry):
                                 fingerprint=patch_fingerprint(
                                     r.patch.version - 1, list(r.patch.ops)
                                 ),
+                                durable=durable,
                             ),
                         )
                 self._sessions[rec.state.session_id] = s
@@ -159,8 +172,10 @@ class Engine(SessionRegistry):
                 if store is not None and mark is not None:
                     self._rollback_log(store, session, mark)
                 raise
+            durable = store is not None and store.acknowledges_durably
+            elapsed = time.perf_counter_ns() - t0
             result = PatchResult(
-                version, digest, st.row_count, time.perf_counter_ns() - t0, fingerprint=fingerprint
+                version, digest, st.row_count, elapsed, fingerprint=fingerprint, durable=durable
             )
             committed = Committed(
                 patch, st.row_count, staged.appended, staged.merged, staged.evicted
@@ -192,25 +207,66 @@ class Engine(SessionRegistry):
             )
 
     def _snapshot_if_due(self, session: SessionSlot) -> None:
-        """A snapshot every snapshot_every versions. One that fails is tried again only
-        snapshot_every versions later (not on every commit); the current log goes on meanwhile."""
+        """A snapshot every snapshot_every versions. Under the lock only its copy of the live
+        rows and the switch to a new log happen; the file is written by the snapshot thread, so
+        the patch that triggers it does not wait for the disk. One that fails is tried again
+        only snapshot_every versions later; the logs go on meanwhile (recovery replays them)."""
         st, store = session.state, self.store
         if store is None or st.version - session.snapshot_tried < self.limits.snapshot_every:
             return
+        sid = st.session_id
+        writing = self._snapshot_writes.get(sid)
+        if writing is not None:
+            # Still being written only when snapshots come faster than the disk takes them:
+            # then this commit waits, so that at most one copy of the rows is in flight.
+            writing.exception()
         session.snapshot_tried = st.version
         replies = [
             StoredReply(rid, r.version, r.digest, r.row_count, r.fingerprint)
             for rid, r in session.replies.items()
         ]
         try:
-            store.snapshot(st, replies)
+            pending = store.begin_snapshot(st, replies)
         except LogRepairFailed as e:
             self._break(session, e)
+            return
         except OSError as e:
             logger.warning(
                 "session %s v%d: snapshot failed (%s); the log goes on, next try at v%d",
-                st.session_id, st.version, e, st.version + self.limits.snapshot_every,
+                sid, st.version, e, st.version + self.limits.snapshot_every,
             )  # fmt: skip
+            return
+        self._snapshot_writes[sid] = self._snapshot_thread.submit(
+            self._finish_snapshot, store, pending
+        )
+
+    def _finish_snapshot(self, store: SessionStore, pending: PendingSnapshot) -> None:
+        try:
+            store.finish_snapshot(pending)
+        except OSError as e:
+            logger.warning(
+                "session %s v%d: writing the snapshot failed (%s); the logs go on",
+                pending.session_id, pending.version, e,
+            )  # fmt: skip
+
+    def wait_for_snapshots(self) -> None:
+        """Block until every snapshot begun so far is written (or has failed)."""
+        for future in list(self._snapshot_writes.values()):
+            future.exception()
+
+    def delete_session(self, session_id: str) -> int:
+        """As SessionRegistry.delete_session, once the session's snapshot being written (if
+        any) is done: it writes into the folder the deletion moves away."""
+        session = self._session(session_id)
+        with session.cond:  # no new snapshot can begin meanwhile; the write needs no lock
+            writing = self._snapshot_writes.pop(session_id, None)
+            if writing is not None:
+                writing.exception()
+            return super().delete_session(session_id)
+
+    def close(self) -> None:
+        self._snapshot_thread.shutdown(wait=True)  # what was begun reaches the disk
+        super().close()
 
     def _retain(self, session: SessionSlot, committed: Committed) -> None:
         session.log.append(committed)
@@ -263,7 +319,11 @@ class Engine(SessionRegistry):
                 and log
                 and log[0].patch.version <= from_version + 1
             ):
-                deltas = [c for c in log if c.patch.version > from_version]
+                # The log holds consecutive versions: index the ones wanted instead of scanning
+                # the whole retained log (up to log_retention entries) on every replica's Sync
+                # under the session's lock. Indexing a deque near its end is O(1).
+                first = from_version + 1 - log[0].patch.version
+                deltas = [log[i] for i in range(first, len(log))]
                 return SyncPlan(st.version, deltas=deltas)
             return SyncPlan(st.version, snapshot=state_to_snapshot(st))
 

@@ -3,7 +3,8 @@
 Every flag can also come from the environment (POSITRONIC_LISTEN, POSITRONIC_DATA_DIR,
 POSITRONIC_AUTH_TOKEN_FILE, POSITRONIC_METRICS_PORT, POSITRONIC_SNAPSHOT_EVERY,
 POSITRONIC_MAX_STREAMS_PER_CLIENT, POSITRONIC_MAX_STREAMS_PER_SESSION, POSITRONIC_TLS_CERT,
-POSITRONIC_TLS_KEY, POSITRONIC_TLS_CLIENT_CA); flags win (positronic/flags.py).
+POSITRONIC_TLS_KEY, POSITRONIC_TLS_CLIENT_CA, POSITRONIC_DURABILITY,
+POSITRONIC_FSYNC_INTERVAL_MS); flags win (positronic/flags.py).
 The first line of stdout is the bound address, so `--listen 127.0.0.1:0` is usable by scripts.
 """
 
@@ -30,6 +31,7 @@ INT_SETTINGS = {
     "snapshot_every": "POSITRONIC_SNAPSHOT_EVERY",
     "max_streams_per_client": "POSITRONIC_MAX_STREAMS_PER_CLIENT",
     "max_streams_per_session": "POSITRONIC_MAX_STREAMS_PER_SESSION",
+    "fsync_interval_ms": "POSITRONIC_FSYNC_INTERVAL_MS",
 }
 
 
@@ -48,6 +50,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-streams-per-session",
         type=int,
         help="open streams that may name one session (default 64)",
+    )
+    parser.add_argument(
+        "--durability",
+        choices=("fsync", "batch", "none"),
+        help="what a Patch reply promises (with --data-dir): fsync (default) - the patch is on "
+        "stable storage; batch - written to the OS (survives an authority crash), fsynced by a "
+        "background flusher at most --fsync-interval-ms later (a machine crash may lose the "
+        "last interval); none - written to the OS, never fsynced by the authority",
+    )
+    parser.add_argument(
+        "--fsync-interval-ms",
+        type=int,
+        help="how often the batch setting's flusher fsyncs the logs (default 100)",
     )
     flags.add_server_tls_arguments(parser)
 
@@ -68,6 +83,9 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Au
         value = flags.pick_int(args, name, env, environ)
         if value is not None or name == "metrics_port":
             kwargs[name] = value
+    durability = flags.pick(args, "durability", "POSITRONIC_DURABILITY", environ)
+    if durability is not None:
+        kwargs["durability"] = durability
     return AuthorityConfig(**kwargs)
 
 
@@ -77,6 +95,11 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as e:
         print(f"positronic authority: {e}", file=sys.stderr)
         return 2
+    # Handlers first: a SIGTERM that arrives right after the address is printed (a supervisor
+    # or a test that stops the process at once) must still stop it gracefully.
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: stop.set())
     try:
         server = start_authority(config)
     except (OSError, CorruptStore) as e:  # port taken, data dir unreadable or damaged
@@ -92,9 +115,6 @@ def run(args: argparse.Namespace) -> int:
         )
     if server.metrics_port is not None:
         logger.info("metrics on port %d", server.metrics_port)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, frame: stop.set())
     while not stop.wait(0.5):  # a timed wait lets the main thread run the signal handlers
         pass
     logger.info("stopping (grace %.1f s)", config.grace_s)

@@ -7,6 +7,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from positronic import codec
@@ -69,7 +70,9 @@ class EvictOp:
 @dataclass(frozen=True)
 class SetBrightnessOp:
     expected_row_count: int
-    brightness: tuple[float, ...]
+    # [N] float32. A tensor, not a tuple: it comes every tick with one value per row, and
+    # numpy reads the protobuf field in one copy where a tuple costs a Python float per row.
+    brightness: torch.Tensor
 
 
 Op = AppendOp | ReplacePairOp | EvictOp | SetBrightnessOp
@@ -126,9 +129,8 @@ def op_from_pb(msg: session_pb2.PatchOp, index: int = 0) -> Op:
         return EvictOp(position=msg.evict.position, expected_token_id=msg.evict.expected_token_id)
     if kind == "set_brightness":
         s = msg.set_brightness
-        return SetBrightnessOp(
-            expected_row_count=s.expected_row_count, brightness=tuple(s.brightness)
-        )
+        values = torch.from_numpy(np.array(s.brightness, dtype=np.float32))
+        return SetBrightnessOp(expected_row_count=s.expected_row_count, brightness=values)
     raise PatchError(Status.INVALID_ARGUMENT, f"op {index}: empty op")
 
 
@@ -165,7 +167,7 @@ def op_to_pb(op: Op) -> session_pb2.PatchOp:
         )
     return session_pb2.PatchOp(
         set_brightness=session_pb2.SetBrightnessOp(
-            expected_row_count=op.expected_row_count, brightness=list(op.brightness)
+            expected_row_count=op.expected_row_count, brightness=op.brightness.tolist()
         )
     )
 

@@ -1,46 +1,57 @@
 """Durable sessions: a write-ahead log of committed patches plus periodic snapshots.
 
-Layout under the data dir, one folder per session:
+Layout under the data dir, one folder per session (file names and the record format: wal.py):
   sessions/<id>/snapshot-<version>.safetensors  canonical keys + values, SnapshotHeader and the
                                                 recent request ids' replies in metadata
   sessions/<id>/wal-<version>.log               patches after that version, one record each
-A record is <u32 length><u32 crc32><CommittedPatch bytes>, written and fsynced before the patch is
-acknowledged. Recovery loads the newest readable snapshot and replays every later record through
-the same apply_ops a replica uses, checking the digest chain. A torn last record (the process died
-while writing it) was never acknowledged and is cut off; damage anywhere else refuses to start.
+Each record is written before its patch is acknowledged and fsynced as the durability setting
+says (durability.py: before the reply, by a background flusher, or never). A snapshot happens in
+two steps: under the session's lock `begin_snapshot` copies the live rows and starts the next
+log (so later patches land there); off the lock `finish_snapshot` writes the file and drops the
+older ones, so a patch never waits for a large snapshot's write. Recovery loads the newest
+readable snapshot and replays every later record through the same apply_ops a replica uses,
+checking the digest chain. A torn last record (the process died while writing it) was never
+acknowledged and is cut off; damage anywhere else refuses to start, except in the batch and
+none settings, where a log is cut at its first bad record (and any later log dropped).
 """
 
 from __future__ import annotations
 
-import base64
-import json
 import logging
 import os
 import shutil
-import struct
+import threading
 import time
-import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from safetensors import safe_open
-from safetensors.torch import save as save_safetensors
-
+from cache_authority.durability import Durability, Flusher
 from cache_authority.ops import chain_digest, ops_from_pb
 from cache_authority.rows import SessionState
-from cache_authority.snapshot import state_from_parts, state_to_header
+from cache_authority.snapshot_files import (
+    PendingSnapshot,
+    StoredReply,
+    capture,
+    fsync_dir,
+    load_snapshot,
+    write_snapshot,
+)
 from cache_authority.state import apply_ops
-from positronic.v1 import cache_authority_pb2, session_pb2
+from cache_authority.wal import (
+    CorruptStore,
+    encode_record,
+    read_records,
+    version_of,
+    versioned,
+    wal_name,
+)
+from positronic.v1 import session_pb2
 
 logger = logging.getLogger(__name__)
 
-_RECORD = struct.Struct("<II")  # payload length, crc32 of the payload
-
-
-class CorruptStore(RuntimeError):
-    """Persisted state that cannot be trusted: refusing to start beats serving wrong rows."""
+__all__ = ["CorruptStore", "LogRepairFailed", "PendingSnapshot", "SessionStore", "StoredReply"]
 
 
 class LogRepairFailed(Exception):
@@ -60,18 +71,6 @@ class Replayed:
     evicted: int
 
 
-@dataclass(frozen=True)
-class StoredReply:
-    """The reply to a committed patch, kept with the snapshot so that a retry of its request id
-    after a restart gets it back (the log after the snapshot no longer holds that patch)."""
-
-    request_id: str
-    version: int
-    digest: bytes
-    row_count: int
-    fingerprint: bytes = b""  # ops.patch_fingerprint of the request (empty in older snapshots)
-
-
 @dataclass
 class Recovered:
     """A session read back from disk: its snapshot's stored replies (oldest first) and the log
@@ -82,32 +81,33 @@ class Recovered:
     replies: list[StoredReply] = field(default_factory=list)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_durably(path: Path, data: bytes) -> None:
-    """Write to a temporary name, fsync, rename: readers see the old file or the whole new one."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 class SessionStore:
-    """Persistence for every session of one authority. Callers hold the session's lock."""
+    """Persistence for every session of one authority. Callers hold the session's lock, except
+    around finish_snapshot (which touches only files no patch writes)."""
 
-    def __init__(self, data_dir: str | Path):
+    def __init__(
+        self,
+        data_dir: str | Path,
+        durability: Durability | str = Durability.FSYNC,
+        fsync_interval_ms: int = 100,
+    ):
         self.root = Path(data_dir) / "sessions"
         self.root.mkdir(parents=True, exist_ok=True)
+        self.durability = Durability.parse(durability)
         self._wal: dict[str, tuple[int, BinaryIO]] = {}  # session id -> (base version, file)
+        # Held to close a log (or swap it for a new one) and by the flusher around its fsync,
+        # so the flusher never fsyncs a closed (or reused) file descriptor. Appends need no lock.
+        self._files_lock = threading.Lock()
+        self._flusher = (
+            Flusher(fsync_interval_ms / 1000, self._fsync_log)
+            if self.durability is Durability.BATCH
+            else None
+        )
+
+    @property
+    def acknowledges_durably(self) -> bool:
+        """Whether a patch is on stable storage when append() returns."""
+        return self.durability is Durability.FSYNC
 
     # -- writing ----------------------------------------------------------------------------
     def create(self, state: SessionState) -> None:
@@ -121,14 +121,14 @@ class SessionStore:
         final = self.root / state.session_id
         try:
             tmp.mkdir()
-            self._write_snapshot(tmp, state)
-            (tmp / _wal_name(state.version)).touch()
+            write_snapshot(tmp, capture(state))
+            (tmp / wal_name(state.version)).touch()
             os.replace(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         try:
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
             self._open_wal(state.session_id, state.version)
         except BaseException:
             self.close_session(state.session_id)
@@ -140,26 +140,37 @@ class SessionStore:
         trash = self.root / f".deleted-{session_id}-{time.time_ns()}"
         try:
             os.replace(folder, trash)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
         except OSError as e:
             logger.error("session %s: could not remove a half-created folder: %s", session_id, e)
             return
         shutil.rmtree(trash, ignore_errors=True)
 
     def append(self, session_id: str, patch: session_pb2.CommittedPatch) -> int:
-        """Append and fsync one record; returns the offset to roll back to. On failure nothing
-        of the record stays in the log (or LogRepairFailed says the log could not be repaired)."""
+        """Append one record, written to the OS and fsynced as the durability setting says;
+        returns the offset to roll back to. On failure nothing of the record stays in the log
+        (or LogRepairFailed says the log could not be repaired)."""
         _, f = self._wal[session_id]
-        payload = patch.SerializeToString(deterministic=True)
+        record = encode_record(patch)
         mark = f.tell()
         try:
-            f.write(_RECORD.pack(len(payload), zlib.crc32(payload)) + payload)
+            f.write(record)
             f.flush()
-            os.fsync(f.fileno())
+            if self.durability is Durability.FSYNC:
+                os.fsync(f.fileno())
         except BaseException:
             self.rollback(session_id, mark)
             raise
+        if self._flusher is not None:
+            self._flusher.mark(session_id)
         return mark
+
+    def _fsync_log(self, session_id: str) -> None:
+        """The flusher's round for one session: fsync its current log, if it still has one."""
+        with self._files_lock:
+            entry = self._wal.get(session_id)
+            if entry is not None:
+                os.fsync(entry[1].fileno())
 
     def rollback(self, session_id: str, mark: int) -> None:
         """Cut the log back to `mark` (a record whose commit then failed must not be replayed);
@@ -174,40 +185,53 @@ class SessionStore:
             raise LogRepairFailed(f"could not cut the log back to byte {mark}: {e}") from e
 
     def snapshot(self, state: SessionState, replies: Iterable[StoredReply] = ()) -> None:
-        """Write a snapshot at the state's version with the replies to recent request ids (the
-        caller bounds them), start a new log after it, drop older files.
+        """begin_snapshot and finish_snapshot in one call."""
+        self.finish_snapshot(self.begin_snapshot(state, replies))
 
-        On OSError the session goes on appending to its current log, which recovery replays on
-        top of whichever snapshot it finds. The new log file is removed again first: left beside
-        the old log, it would make the old log's torn tail (a crash mid-write) look like damage.
-        LogRepairFailed when that removal fails too.
+    def begin_snapshot(
+        self, state: SessionState, replies: Iterable[StoredReply] = ()
+    ) -> PendingSnapshot:
+        """Under the session's lock: copy the live rows, header and replies (the caller bounds
+        them), and make wal-<version> the session's log, so that the patches after this version
+        land there while the snapshot is written.
+
+        On OSError the session goes on appending to its current log. The new log file is
+        removed again first: left beside the old log, it would hide the old log's records past
+        this version. LogRepairFailed when that removal fails too.
         """
+        pending = capture(state, replies)
         folder = self.root / state.session_id
-        self._write_snapshot(folder, state, replies)
-        wal = folder / _wal_name(state.version)
+        wal = folder / wal_name(state.version)
         try:
             wal.touch()
-            _fsync_dir(folder)
+            fsync_dir(folder)
             self._open_wal(state.session_id, state.version)
         except OSError:
             self._remove_unused_log(wal)
             raise
+        return pending
+
+    def finish_snapshot(self, pending: PendingSnapshot) -> None:
+        """Off the lock: write the snapshot durably, then drop the files it makes redundant.
+        On OSError nothing is lost: recovery replays the older snapshot and both logs."""
+        folder = self.root / pending.session_id
+        write_snapshot(folder, pending)
         for p in folder.iterdir():
-            v = _version_of(p)
-            if v is not None and v < state.version:
+            v = version_of(p)
+            if v is not None and v < pending.version:
                 try:
                     p.unlink()
                 except OSError as e:  # harmless: recovery skips what the snapshot holds
                     logger.warning(
                         "session %s v%d: could not remove %s: %s",
-                        state.session_id, state.version, p.name, e,
+                        pending.session_id, pending.version, p.name, e,
                     )  # fmt: skip
-        logger.info("session %s v%d: snapshot written", state.session_id, state.version)
+        logger.info("session %s v%d: snapshot written", pending.session_id, pending.version)
 
     def _remove_unused_log(self, wal: Path) -> None:
         try:
             wal.unlink(missing_ok=True)
-            _fsync_dir(wal.parent)
+            fsync_dir(wal.parent)
         except OSError as e:
             raise LogRepairFailed(f"could not remove the unused log {wal.name}: {e}") from e
 
@@ -217,40 +241,22 @@ class SessionStore:
         trash = self.root / f".deleted-{session_id}-{time.time_ns()}"
         os.replace(folder, trash)  # if this fails the session is untouched, log still open
         self.close_session(session_id)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         shutil.rmtree(trash, ignore_errors=True)
 
     def close(self) -> None:
+        if self._flusher is not None:
+            self._flusher.close()  # a last round: everything acknowledged reaches the disk
         for session_id in list(self._wal):
             self.close_session(session_id)
 
     def wal_bytes(self, session_id: str) -> int:
         return self._wal[session_id][1].tell()
 
-    def _write_snapshot(
-        self, folder: Path, state: SessionState, replies: Iterable[StoredReply] = ()
-    ) -> None:
-        header = state_to_header(state)
-        stored = [
-            [r.request_id, r.version, r.digest.hex(), r.row_count, r.fingerprint.hex()]
-            for r in replies
-        ]
-        blob = save_safetensors(
-            {
-                "canonical_keys": state.live_canonical_keys().contiguous(),
-                "values": state.live_values().contiguous(),
-            },
-            metadata={
-                "header": base64.b64encode(header.SerializeToString()).decode(),
-                "replies": json.dumps(stored),
-            },
-        )
-        _write_durably(folder / f"snapshot-{state.version:012d}.safetensors", blob)
-
     def _open_wal(self, session_id: str, base_version: int) -> None:
         """Make wal-<base_version> the session's log. The new file is open before the old one
         is closed: when opening fails, the session keeps the log it had."""
-        path = self.root / session_id / _wal_name(base_version)
+        path = self.root / session_id / wal_name(base_version)
         f = open(path, "r+b")  # noqa: SIM115 - kept open
         try:
             f.seek(0, os.SEEK_END)
@@ -258,12 +264,22 @@ class SessionStore:
             f.close()
             raise
         self.close_session(session_id)
-        self._wal[session_id] = (base_version, f)
+        with self._files_lock:
+            self._wal[session_id] = (base_version, f)
 
     def close_session(self, session_id: str) -> None:
-        entry = self._wal.pop(session_id, None)
-        if entry is not None:
-            entry[1].close()
+        """Close the session's log; in the batch setting, fsync it first."""
+        with self._files_lock:
+            entry = self._wal.pop(session_id, None)
+            if entry is None:
+                return
+            try:
+                if self.durability is Durability.BATCH:
+                    os.fsync(entry[1].fileno())
+            except OSError as e:
+                logger.error("session %s: fsync of the log on close failed: %s", session_id, e)
+            finally:
+                entry[1].close()
 
     # -- recovery ---------------------------------------------------------------------------
     def recover_all(self) -> list[Recovered]:
@@ -277,26 +293,34 @@ class SessionStore:
         return out
 
     def _recover(self, folder: Path) -> Recovered:
-        snapshots = _versioned(folder, "snapshot")
+        snapshots = versioned(folder, "snapshot")
         if not snapshots:
             raise CorruptStore(f"{folder}: no snapshot")
-        state, replies = _load_snapshot(snapshots[-1][1])
-        replayed = []
-        wals = _versioned(folder, "wal")
-        for i, (_, wal) in enumerate(wals):
-            for patch in _read_records(wal, last=i == len(wals) - 1):
+        state, replies = load_snapshot(snapshots[-1][1])
+        # wal-<b> holds the versions after b up to the next log's b: skip the logs the
+        # snapshot covers whole (a crash can leave them behind), read the rest in order.
+        wals = versioned(folder, "wal")
+        needed = [
+            w for i, w in enumerate(wals) if i + 1 == len(wals) or wals[i + 1][0] > state.version
+        ]
+        lenient = self.durability is not Durability.FSYNC
+        replayed: list[Replayed] = []
+        for i, (_, wal) in enumerate(needed):
+            last = i + 1 == len(needed)
+            records, cut = read_records(wal, last=last, lenient=lenient)
+            for patch in records:
                 if patch.version <= state.version:
                     continue  # already in the snapshot
-                if patch.version != state.version + 1:
-                    raise CorruptStore(f"{wal}: v{patch.version} after v{state.version}")
-                digest = chain_digest(state.digest, patch.version, list(patch.ops))
-                if digest != patch.digest:
-                    raise CorruptStore(f"{wal}: digest chain broken at v{patch.version}")
-                s = apply_ops(state, ops_from_pb(patch.ops), patch.version, digest)
-                replayed.append(Replayed(patch, s.new_row_count, s.appended, s.merged, s.evicted))
-        base = wals[-1][0] if wals else state.version
-        if not wals:
-            (folder / _wal_name(base)).touch()
+                replayed.append(_replay(state, patch, wal))
+            if cut and not last:  # lenient: what follows a gap cannot be replayed
+                for _, later in needed[i + 1 :]:
+                    logger.warning("%s: dropped, it follows damage in %s", later, wal.name)
+                    later.unlink()
+                needed = needed[: i + 1]
+                break
+        base = needed[-1][0] if needed else state.version
+        if not needed:
+            (folder / wal_name(base)).touch()
         self._open_wal(state.session_id, base)
         logger.info(
             "session %s v%d: recovered (snapshot v%d + %d log records)",
@@ -308,70 +332,11 @@ class SessionStore:
         return Recovered(state, replayed, replies)
 
 
-def _wal_name(version: int) -> str:
-    return f"wal-{version:012d}.log"
-
-
-def _version_of(path: Path) -> int | None:
-    """The version in a snapshot or log file name; None for anything else (e.g. *.tmp)."""
-    stem, _, suffix = path.name.partition(".")
-    prefix, _, number = stem.partition("-")
-    if prefix in ("wal", "snapshot") and number.isdigit() and suffix in ("log", "safetensors"):
-        return int(number)
-    return None
-
-
-def _versioned(folder: Path, prefix: str) -> list[tuple[int, Path]]:
-    """(version, path) of the folder's snapshot or log files, oldest first."""
-    found = []
-    for p in folder.glob(f"{prefix}-*"):
-        v = _version_of(p)
-        if v is not None:
-            found.append((v, p))
-    return sorted(found)
-
-
-def _load_snapshot(path: Path) -> tuple[SessionState, list[StoredReply]]:
-    with safe_open(str(path), "pt") as f:
-        metadata = f.metadata()
-        header = cache_authority_pb2.SnapshotHeader.FromString(base64.b64decode(metadata["header"]))
-        state = state_from_parts(header, f.get_tensor("canonical_keys"), f.get_tensor("values"))
-    # Snapshots written before replies were kept have none.
-    replies = [
-        StoredReply(
-            rid, version, bytes.fromhex(digest), rows, bytes.fromhex(rest[0] if rest else "")
-        )
-        for rid, version, digest, rows, *rest in json.loads(metadata.get("replies", "[]"))
-    ]
-    return state, replies
-
-
-def _read_records(path: Path, last: bool):
-    """Yield the CommittedPatch records of one log; cut a torn tail off the last log."""
-    data = path.read_bytes()
-    offset = 0
-    while offset < len(data):
-        end = offset + _RECORD.size
-        torn = end > len(data)
-        if not torn:
-            length, crc = _RECORD.unpack_from(data, offset)
-            torn = end + length > len(data)
-            if not torn and zlib.crc32(data[end : end + length]) != crc:
-                # A complete record with a bad checksum is torn only if nothing follows it.
-                torn = end + length == len(data)
-                if not torn:
-                    raise CorruptStore(f"{path}: bad record at byte {offset}")
-        if torn:
-            if not last:
-                raise CorruptStore(f"{path}: torn record at byte {offset} before a later log")
-            logger.warning(
-                "%s: discarding a torn last record (%d bytes, never acknowledged)",
-                path,
-                len(data) - offset,
-            )
-            with open(path, "r+b") as f:
-                f.truncate(offset)
-                os.fsync(f.fileno())
-            return
-        yield session_pb2.CommittedPatch.FromString(data[end : end + length])
-        offset = end + length
+def _replay(state: SessionState, patch: session_pb2.CommittedPatch, wal: Path) -> Replayed:
+    if patch.version != state.version + 1:
+        raise CorruptStore(f"{wal}: v{patch.version} after v{state.version}")
+    digest = chain_digest(state.digest, patch.version, list(patch.ops))
+    if digest != patch.digest:
+        raise CorruptStore(f"{wal}: digest chain broken at v{patch.version}")
+    s = apply_ops(state, ops_from_pb(patch.ops), patch.version, digest)
+    return Replayed(patch, s.new_row_count, s.appended, s.merged, s.evicted)

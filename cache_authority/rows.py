@@ -60,9 +60,11 @@ class Geometry:
         """Bytes of one token's K and V across all layers."""
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype.itemsize
 
-    def session_bytes(self, rows: int) -> int:
-        """Bytes a session preallocates for `rows` rows: rotated keys, canonical keys, values."""
-        return rows * (self.row_bytes * 3 // 2 + 8 + 8 + 4)
+    def session_bytes(self, hard_max_rows: int) -> int:
+        """Bytes the authority preallocates for a session of `hard_max_rows`: canonical keys
+        and values (K/V of one row) plus token id, origin and brightness, in each of its
+        2 * hard_max_rows slots (rows.slot_capacity)."""
+        return 2 * hard_max_rows * (self.row_bytes + 8 + 8 + 4)
 
 
 @dataclass(frozen=True)
@@ -90,9 +92,31 @@ class RowMeta:
     replaced_token_ids: tuple[int, ...] = ()
 
 
+def slot_capacity(budget: Budget) -> int:
+    """C, the slots a session's row buffers hold: twice the hard maximum, a fixed function of the
+    budget so that the authority and every replica agree. With C = 2 * hard_max, the rows moved
+    by a rebase (from [base, base + n) to [0, n), needed only when base + n + appended > C) never
+    overlap their destination: base > C - hard_max >= n."""
+    return 2 * budget.hard_max_rows
+
+
 @dataclass
 class SessionState:
-    """Preallocated rows plus the mirror. Row i holds the K/V of token_ids[i] at position i."""
+    """Preallocated slots plus the mirror.
+
+    The live rows occupy slots [position_offset, position_offset + row_count): row i sits in slot
+    position_offset + i, and its rotary position is that same number (positions only matter
+    through differences, which always equal index differences; DESIGN.md invariant 5).
+    Edits move the shorter side of the rows (stage.py), so the offset moves too.
+
+    The authority keeps canonical keys (exactly as computed, at each row's origin position),
+    values, and per-slot token ids, origin positions and brightness; it never rotates anything.
+    Replica mode (`rotated=True`, what model workers hold) also keeps `rotated_keys`: each row's
+    key rotated to its current position, re-derived in one step from its canonical key whenever
+    the row is written or moves. K/V buffers live on `device`; the per-slot scalars stay on the
+    CPU, where validation reads them. `scratch_slots` adds K/V slots past C that no op touches
+    (room for a worker's in-place forward writes).
+    """
 
     session_id: str
     geometry: Geometry
@@ -103,38 +127,69 @@ class SessionState:
     next_ledger_id: int = 0
     row_count: int = 0
     created_unix_ns: int = 0
-    # Tensors, preallocated to hard_max_rows (S); only [:row_count] is meaningful.
-    keys: torch.Tensor = field(init=False)  # [L, H, S, D], rotated to the row's index
-    canonical_keys: torch.Tensor = field(init=False)  # [L, H, S, D], as computed at origin
-    values: torch.Tensor = field(init=False)  # [L, H, S, D]
-    token_ids: torch.Tensor = field(init=False)  # [S] int64
-    origin_positions: torch.Tensor = field(init=False)  # [S] int64
-    brightness: torch.Tensor = field(init=False)  # [S] float32
+    position_offset: int = 0
+    rotated: bool = False
+    device: torch.device | str = "cpu"
+    scratch_slots: int = 0
+    # K/V buffers [L, H, C + scratch_slots, D]; only slots [base, base + row_count) are live.
+    canonical_keys: torch.Tensor = field(init=False)  # as computed at each row's origin
+    values: torch.Tensor = field(init=False)
+    rotated_keys: torch.Tensor | None = field(init=False)  # replica mode: at slot positions
+    # Per-slot scalars [C], on the CPU.
+    token_ids: torch.Tensor = field(init=False)  # int64
+    origin_positions: torch.Tensor = field(init=False)  # int64, rotary position of the K/V
+    brightness: torch.Tensor = field(init=False)  # float32
     meta: list[RowMeta] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        shape = self.geometry.kv_shape(self.budget.hard_max_rows)
-        dt = self.geometry.dtype
-        self.keys = torch.zeros(shape, dtype=dt)
-        self.canonical_keys = torch.zeros(shape, dtype=dt)
-        self.values = torch.zeros(shape, dtype=dt)
-        s = self.budget.hard_max_rows
-        self.token_ids = torch.zeros(s, dtype=torch.int64)
-        self.origin_positions = torch.zeros(s, dtype=torch.int64)
-        self.brightness = torch.zeros(s, dtype=torch.float32)
+        if self.scratch_slots < 0:
+            raise ValueError("scratch_slots must not be negative")
+        self.device = torch.device(self.device)
+        c = slot_capacity(self.budget)
+        shape = self.geometry.kv_shape(c + self.scratch_slots)
+        dt, dev = self.geometry.dtype, self.device
+        self.canonical_keys = torch.zeros(shape, dtype=dt, device=dev)
+        self.values = torch.zeros(shape, dtype=dt, device=dev)
+        self.rotated_keys = torch.zeros(shape, dtype=dt, device=dev) if self.rotated else None
+        self.token_ids = torch.zeros(c, dtype=torch.int64)
+        self.origin_positions = torch.zeros(c, dtype=torch.int64)
+        self.brightness = torch.zeros(c, dtype=torch.float32)
+
+    @property
+    def capacity(self) -> int:
+        """C: slots available to rows (scratch slots excluded)."""
+        return self.token_ids.numel()
+
+    def slot_range(self) -> tuple[int, int]:
+        """[first, end) slots of the live rows; also their rotary positions."""
+        return self.position_offset, self.position_offset + self.row_count
+
+    def _live(self) -> slice:
+        return slice(self.position_offset, self.position_offset + self.row_count)
 
     # Read-only views over the live rows.
     def live_keys(self) -> torch.Tensor:
-        return self.keys[:, :, : self.row_count]
+        """Keys rotated to the rows' current positions [L, H, N, D] (replica mode only)."""
+        if self.rotated_keys is None:
+            raise RuntimeError(f"session {self.session_id}: not a replica, keys are canonical")
+        return self.rotated_keys[:, :, self._live()]
 
     def live_canonical_keys(self) -> torch.Tensor:
-        return self.canonical_keys[:, :, : self.row_count]
+        return self.canonical_keys[:, :, self._live()]
 
     def live_values(self) -> torch.Tensor:
-        return self.values[:, :, : self.row_count]
+        return self.values[:, :, self._live()]
+
+    def live_origin_positions(self) -> torch.Tensor:
+        return self.origin_positions[self._live()]
 
     def live_token_ids(self) -> list[int]:
-        return self.token_ids[: self.row_count].tolist()
+        return self.token_ids[self._live()].tolist()
+
+    def row_token_ids(self, start: int, stop: int) -> list[int]:
+        """Token ids of rows [start, stop) (row indices, not slots)."""
+        base = self.position_offset
+        return self.token_ids[base + start : base + stop].tolist()
 
     def live_brightness(self) -> list[float]:
-        return self.brightness[: self.row_count].tolist()
+        return self.brightness[self._live()].tolist()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cache_authority.admission import StreamLimits
+from cache_authority.durability import Durability
 from cache_authority.engine import Engine
 from cache_authority.metrics import Metrics
 from cache_authority.persistence import SessionStore
@@ -22,6 +23,9 @@ class AuthorityConfig:
     auth_token: str | None = None  # None: no bearer-token check
     metrics_port: int | None = None  # None: no /metrics endpoint; 0: any free port
     snapshot_every: int = 1000  # versions between snapshots; the WAL covers the rest
+    # When a patch's log record is fsynced: before the reply, by a flusher, never (durability.py).
+    durability: str = "fsync"
+    fsync_interval_ms: int = 100  # the batch setting's flusher period
     log_retention: int = 1024  # patches kept in memory so replicas can catch up with deltas
     log_retention_bytes: int = 256 << 20
     max_session_bytes: int = 8 << 30  # preallocation limit of one session (hard_max_rows)
@@ -51,11 +55,13 @@ class AuthorityConfig:
             "max_streams_per_client",
             "max_streams_per_session",
             "max_streams",
+            "fsync_interval_ms",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
         if self.grace_s < 0:
             raise ValueError("grace_s must not be negative")
+        Durability.parse(self.durability)
 
     def limits(self) -> EngineLimits:
         return EngineLimits(
@@ -85,7 +91,11 @@ class AuthorityServer(AioRunningServer):
 
 def start_authority(config: AuthorityConfig) -> AuthorityServer:
     """Recover persisted sessions (if any), then serve CacheAuthority, health and reflection."""
-    store = SessionStore(config.data_dir) if config.data_dir else None
+    store = (
+        SessionStore(config.data_dir, config.durability, config.fsync_interval_ms)
+        if config.data_dir
+        else None
+    )
     metrics = Metrics()
     engine = Engine(config.limits(), store, metrics)
     servicer = CacheAuthorityServicer(

@@ -138,6 +138,7 @@ class CacheAuthorityServicer(cache_authority_pb2_grpc.CacheAuthorityServicer):
             row_count=result.row_count,
             replayed=result.replayed,
             apply_ns=result.apply_ns,
+            durable=result.durable,
         )
 
     async def _read_patch(self, request_iterator, ticket: admission.StreamTicket):

@@ -47,6 +47,7 @@ class PatchResult:
     # ops.patch_fingerprint of the request, so that a reused request id with another patch is
     # refused; empty for replies recovered from snapshots written before fingerprints were kept.
     fingerprint: bytes = b""
+    durable: bool = False  # on stable storage before the reply (the fsync durability setting)
 
 
 @dataclass(frozen=True)

@@ -1,15 +1,18 @@
 """A session as one header plus tensor bytes: what Sync sends when the log no longer reaches back,
 and what the authority writes to disk.
 
-The snapshot carries canonical keys [L, H, N, D] then values [L, H, N, D] plus the mirror. The
-rotated keys are not sent: the receiver derives them from the canonical keys and each row's
-origin position, the same single rotation the authority applied (DESIGN.md invariant 5).
+The snapshot carries canonical keys [L, H, N, D] then values [L, H, N, D] of the live rows plus
+the mirror, and the session's position_offset: the rebuilt state puts row i back in slot
+position_offset + i, so it makes the same slot moves as the authority from then on. Rotated keys
+are never sent: a replica derives them from the canonical keys and each row's origin position
+with the same single rotation its patches use (DESIGN.md invariant 5).
 """
 
 from __future__ import annotations
 
 import torch
 
+from cache_authority import slots
 from cache_authority.convert import (
     budget_from_pb,
     geometry_from_pb,
@@ -18,7 +21,7 @@ from cache_authority.convert import (
     session_info_to_pb,
 )
 from cache_authority.rows import SessionState
-from cache_authority.stage import check_blades, rerotate_moved_rows
+from cache_authority.stage import check_blades
 from positronic import codec
 from positronic.v1 import cache_authority_pb2, tensor_pb2
 
@@ -47,8 +50,16 @@ def state_to_snapshot(state: SessionState) -> tuple[cache_authority_pb2.Snapshot
     return header, data
 
 
-def state_from_snapshot(header: cache_authority_pb2.SnapshotHeader, data: bytes) -> SessionState:
-    """Rebuild a session from a snapshot; ValueError when header and bytes do not fit together."""
+def state_from_snapshot(
+    header: cache_authority_pb2.SnapshotHeader,
+    data: bytes,
+    *,
+    rotated: bool = False,
+    device: torch.device | str = "cpu",
+    scratch_slots: int = 0,
+) -> SessionState:
+    """Rebuild a session from a snapshot (a replica with `rotated=True`; see SessionState for
+    the other arguments); ValueError when header and bytes do not fit together."""
     if len(header.tensor_specs) != 2:
         raise ValueError(f"snapshot has {len(header.tensor_specs)} tensor specs, expected 2")
     if len(data) != header.total_bytes:
@@ -63,13 +74,24 @@ def state_from_snapshot(header: cache_authority_pb2.SnapshotHeader, data: bytes)
         offset += size
     if offset != len(data):
         raise ValueError(f"snapshot has {len(data) - offset} bytes beyond its tensors")
-    return state_from_parts(header, tensors[0], tensors[1])
+    return state_from_parts(
+        header,
+        tensors[0],
+        tensors[1],
+        rotated=rotated,
+        device=device,
+        scratch_slots=scratch_slots,
+    )
 
 
 def state_from_parts(
     header: cache_authority_pb2.SnapshotHeader,
     canonical_keys: torch.Tensor,
     values: torch.Tensor,
+    *,
+    rotated: bool = False,
+    device: torch.device | str = "cpu",
+    scratch_slots: int = 0,
 ) -> SessionState:
     """Rebuild a session from its header and its live tensors, canonical_keys/values [L,H,N,D]."""
     info = header.session
@@ -83,26 +105,33 @@ def state_from_parts(
         digest=info.digest,
         next_ledger_id=header.next_ledger_id,
         created_unix_ns=info.created_unix_ns,
+        rotated=rotated,
+        device=device,
+        scratch_slots=scratch_slots,
     )
     n = len(header.mirror)
     want = geometry.kv_shape(n)
     if n != info.row_count or n > state.budget.hard_max_rows:
         raise ValueError(f"snapshot mirror has {n} rows, session info says {info.row_count}")
+    base = info.position_offset
+    if not 0 <= base <= state.capacity - n:
+        raise ValueError(f"position offset {base} does not fit {n} rows in {state.capacity} slots")
     for name, t in (("canonical keys", canonical_keys), ("values", values)):
         if t.dtype != geometry.dtype or tuple(t.shape) != want:
             raise ValueError(f"snapshot {name} are {t.dtype} {list(t.shape)}, need {list(want)}")
     tokens, origins, brightness, metas = rows_from_mirror(header.mirror)
     if any(m.ledger_id >= state.next_ledger_id for m in metas):
         raise ValueError("snapshot mirror holds a ledger id at or past next_ledger_id")
-    origin = torch.tensor(origins, dtype=torch.int64)
-    positions = torch.arange(n, dtype=torch.int64)
-    state.keys[:, :, :n] = rerotate_moved_rows(canonical_keys, origin, positions, geometry.rope)
-    state.canonical_keys[:, :, :n] = canonical_keys
-    state.values[:, :, :n] = values
-    state.token_ids[:n] = torch.tensor(tokens, dtype=torch.int64)
-    state.origin_positions[:n] = origin
-    state.brightness[:n] = torch.tensor(brightness, dtype=torch.float32)
+    live = slice(base, base + n)
+    state.canonical_keys[:, :, live] = canonical_keys
+    state.values[:, :, live] = values
+    state.token_ids[live] = torch.tensor(tokens, dtype=torch.int64)
+    state.origin_positions[live] = torch.tensor(origins, dtype=torch.int64)
+    state.brightness[live] = torch.tensor(brightness, dtype=torch.float32)
+    if state.rotated_keys is not None:
+        state.rotated_keys[:, :, live] = slots.rotated_slots(state, base, n)
     state.meta = metas
     state.row_count = n
+    state.position_offset = base
     check_blades(state)
     return state

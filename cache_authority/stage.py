@@ -1,66 +1,82 @@
-"""Stages two and three of a patch: build the new tail of the rows, then write it in.
+"""Stages two and three of a patch: plan the slot moves, then carry them out.
 
-stage_ops builds, in fresh tensors, the region from the lowest touched position to the end,
-applying ops from the highest position down so every position the client sent (against the rows
-at expected_version) still names the row it meant. commit_staged writes that tail into the
-preallocated buffers and the mirror together, restoring the old tail if anything goes wrong.
+stage_ops plans, without touching the state: the brightness to set, each edit (highest position
+first, so every position the client sent against the rows at expected_version still names the
+row it meant) with the side of the rows it moves, whether the appended rows need a rebase first,
+and the new rows themselves. commit_staged carries the plan out with an undo log of only the
+slots it writes, restoring them exactly if anything fails.
 
-Rows that moved are re-rotated from their canonical key by (index - origin) in one step
-(DESIGN.md invariant 5); nothing accumulates.
+An edit removes rows at row p: a ReplacePair takes out the pair (p, p + 1) and writes its
+replacement where the pair was, an Evict takes out row p. Either way one row fewer remains, and
+the shorter side closes the gap: the head [0, p) moves up one slot (the position offset grows)
+when it is strictly shorter than the tail after the edit, else the tail moves down one slot (the
+offset stays; ties go to the tail, which keeps rebases rarer). So an edit costs O(min(head,
+tail)) slot moves, never O(rows). Appends write after the last row; when they would pass the
+buffer's C slots, the rows are first moved back to slots [0, n) (a rebase, O(rows), at most once
+every C - hard_max appended rows). Nothing here depends on anything but the committed ops and the
+budget, so every replica makes the same moves and holds the same offset.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from cache_authority import slots
 from cache_authority.ops import AppendOp, EvictOp, Op, ReplacePairOp, SetBrightnessOp
 from cache_authority.rows import RowMeta, SessionState
-from positronic.rope import Rope, rerotate_from_canonical
+from cache_authority.slots import NewRows, UndoLog
 from positronic.v1 import session_pb2
 
 
-@dataclass
-class _NewRows:
-    token_ids: list[int]
-    canonical_keys: torch.Tensor  # [L, H, N, D]
-    values: torch.Tensor  # [L, H, N, D]
-    origin_positions: list[int]
-    brightness: list[float]
-    meta: list[RowMeta]
+@dataclass(frozen=True)
+class Edit:
+    """Take `width` rows out at row `position` (2 for a merged pair, 1 for an eviction), write
+    `new` where they were (a merge), and close the gap from the side `move_head` names."""
 
+    position: int
+    width: int
+    new: NewRows | None
+    move_head: bool
 
-@dataclass
-class _Segment:
-    """A run of rows in a staged tail: old rows [start, stop) or new rows given as tensors."""
-
-    start: int = 0
-    stop: int = 0
-    new: _NewRows | None = None
+    @property
+    def removed(self) -> int:
+        return self.width - (self.new.count if self.new is not None else 0)
 
 
 @dataclass
 class StagedPatch:
-    """A validated patch turned into the new tail of the rows, ready to commit."""
+    """A validated patch as a plan of slot moves and new rows, ready to commit."""
 
     version: int
-    start: int  # first row index the tail replaces
     old_row_count: int
+    old_offset: int
     new_row_count: int
-    keys: torch.Tensor  # [L, H, T, D]
-    canonical_keys: torch.Tensor  # [L, H, T, D]
-    values: torch.Tensor  # [L, H, T, D]
-    token_ids: torch.Tensor  # [T]
-    origin_positions: torch.Tensor  # [T]
-    brightness_tail: torch.Tensor  # [T]
-    brightness_head: torch.Tensor | None  # [start] when the head's brightness is rewritten
-    meta: list[RowMeta]
-    next_ledger_id: int
+    new_offset: int
+    brightness: torch.Tensor | None  # [old_row_count] float32, when the patch sets it
+    edits: list[Edit]  # highest position first
+    rebase: bool  # move the rows to slots [0, n) before appending
+    append_rows: list[NewRows] = field(default_factory=list)
+    next_ledger_id: int = 0
     appended: int = 0
     merged: int = 0
     evicted: int = 0
+
+
+@dataclass(frozen=True)
+class CommitStats:
+    """What a commit wrote: K/V slots (moved or new) and slots kept for undo, over all buffers."""
+
+    kv_slots_written: int
+    saved_slots: int
+
+
+def moves_head(position: int, width: int, row_count: int) -> bool:
+    """The side an edit of `width` rows at `position` moves: the head [0, position) when it is
+    strictly shorter than the tail after the edit [position + width, row_count)."""
+    return position < row_count - position - width
 
 
 def _ledger_ids(state: SessionState, ops: Sequence[Op]) -> tuple[list[int], int]:
@@ -75,201 +91,159 @@ def _ledger_ids(state: SessionState, ops: Sequence[Op]) -> tuple[list[int], int]
     return firsts, ledger
 
 
+def _append_rows(state: SessionState, op: AppendOp, first_ledger: int, version: int) -> NewRows:
+    count = len(op.token_ids)
+    # The K/V were computed at the row's absolute position: offset + row index at expected_version.
+    origin = state.position_offset + op.position
+    metas = [
+        RowMeta(
+            ledger_id=first_ledger + j,
+            piece=op.pieces[j] if op.pieces else "",
+            source=op.source,
+            origin_position=origin + j,
+            created_version=version,
+        )
+        for j in range(count)
+    ]
+    bright = list(op.brightness) if op.brightness else [state.seed_brightness] * count
+    return NewRows(
+        token_ids=torch.tensor(op.token_ids, dtype=torch.int64),
+        keys=op.keys,
+        values=op.values,
+        origin_positions=torch.arange(origin, origin + count, dtype=torch.int64),
+        brightness=torch.tensor(bright, dtype=torch.float32),
+        meta=metas,
+    )
+
+
+def _merged_row(state: SessionState, op: ReplacePairOp, ledger: int, version: int) -> NewRows:
+    p = op.position
+    a, b = state.meta[p], state.meta[p + 1]
+    origin = state.position_offset + p
+    meta = RowMeta(
+        ledger_id=ledger,
+        piece=op.piece,
+        source=session_pb2.TOKEN_SOURCE_MERGED,
+        origin_position=origin,
+        created_version=version,
+        replaced_ledger_ids=(a.ledger_id, b.ledger_id),
+        replaced_token_ids=tuple(op.expected_token_ids),
+    )
+    return NewRows(
+        token_ids=torch.tensor([op.token_id], dtype=torch.int64),
+        keys=op.keys,
+        values=op.values,
+        origin_positions=torch.tensor([origin], dtype=torch.int64),
+        brightness=torch.tensor([op.brightness], dtype=torch.float32),
+        meta=[meta],
+    )
+
+
 def stage_ops(state: SessionState, ops: Sequence[Op], version: int) -> StagedPatch:
-    """Build the patched tail without touching `state`. Ops must have passed validate_ops."""
-    n = state.row_count
-    brightness = state.brightness[:n].clone()
+    """Plan the patch without touching `state`. Ops must have passed validate_ops."""
+    n, base = state.row_count, state.position_offset
+    brightness = None
     for op in ops:
         if isinstance(op, SetBrightnessOp):
-            brightness = torch.tensor(op.brightness, dtype=torch.float32)
+            brightness = op.brightness
     firsts, next_ledger = _ledger_ids(state, ops)
-    edits = [(i, op) for i, op in enumerate(ops) if isinstance(op, ReplacePairOp | EvictOp)]
-    start = min((op.position for _, op in edits), default=n)
-    segments: list[_Segment] = [_Segment(start, n)] if start < n else []
-    appended = 0
-    for i, op in enumerate(ops):
-        if not isinstance(op, AppendOp):
-            continue
-        count = len(op.token_ids)
-        origins = [op.position + j for j in range(count)]
-        metas = [
-            RowMeta(
-                ledger_id=firsts[i] + j,
-                piece=op.pieces[j] if op.pieces else "",
-                source=op.source,
-                origin_position=origins[j],
-                created_version=version,
-            )
-            for j in range(count)
-        ]
-        bright = list(op.brightness) if op.brightness else [state.seed_brightness] * count
-        new = _NewRows(list(op.token_ids), op.keys, op.values, origins, bright, metas)
-        segments.append(_Segment(new=new))
-        appended += count
+    edit_ops = [(i, op) for i, op in enumerate(ops) if isinstance(op, ReplacePairOp | EvictOp)]
+    edits: list[Edit] = []
     merged = evicted = 0
-    for i, op in sorted(edits, key=lambda e: e[1].position, reverse=True):
+    for i, op in sorted(edit_ops, key=lambda e: e[1].position, reverse=True):
         if isinstance(op, ReplacePairOp):
-            p = op.position
-            a, b = state.meta[p], state.meta[p + 1]
-            meta = RowMeta(
-                ledger_id=firsts[i],
-                piece=op.piece,
-                source=session_pb2.TOKEN_SOURCE_MERGED,
-                origin_position=p,
-                created_version=version,
-                replaced_ledger_ids=(a.ledger_id, b.ledger_id),
-                replaced_token_ids=tuple(op.expected_token_ids),
-            )
-            new = _NewRows([op.token_id], op.keys, op.values, [p], [op.brightness], [meta])
-            segments = _splice(segments, p, 2, _Segment(new=new))
+            new, width = _merged_row(state, op, firsts[i], version), 2
             merged += 1
         else:
-            segments = _splice(segments, op.position, 1, None)
+            new, width = None, 1
             evicted += 1
-    staged = _materialize(state, segments, start, brightness, version, next_ledger)
-    staged.appended, staged.merged, staged.evicted = appended, merged, evicted
-    return staged
-
-
-def _splice(
-    segments: list[_Segment], position: int, width: int, insert: _Segment | None
-) -> list[_Segment]:
-    """Replace old rows [position, position + width) (all inside old segments) by `insert`."""
-    out: list[_Segment] = []
-    for seg in segments:
-        if seg.new is not None or seg.stop <= position or seg.start >= position + width:
-            out.append(seg)
-            continue
-        if seg.start < position:
-            out.append(_Segment(seg.start, position))
-        if insert is not None:
-            out.append(insert)
-            insert = None
-        if position + width < seg.stop:
-            out.append(_Segment(position + width, seg.stop))
-    return out
-
-
-def _materialize(
-    state: SessionState,
-    segments: list[_Segment],
-    start: int,
-    brightness: torch.Tensor,
-    version: int,
-    next_ledger: int,
-) -> StagedPatch:
-    keys_c, vals, toks, origins, bright = [], [], [], [], []
-    metas: list[RowMeta] = []
-    for seg in segments:
-        if seg.new is None:
-            sl = slice(seg.start, seg.stop)
-            keys_c.append(state.canonical_keys[:, :, sl])
-            vals.append(state.values[:, :, sl])
-            toks.append(state.token_ids[sl])
-            origins.append(state.origin_positions[sl])
-            bright.append(brightness[sl])
-            metas.extend(state.meta[sl])
-        else:
-            nr = seg.new
-            keys_c.append(nr.canonical_keys)
-            vals.append(nr.values)
-            toks.append(torch.tensor(nr.token_ids, dtype=torch.int64))
-            origins.append(torch.tensor(nr.origin_positions, dtype=torch.int64))
-            bright.append(torch.tensor(nr.brightness, dtype=torch.float32))
-            metas.extend(nr.meta)
-    g = state.geometry
-    tail = len(metas)
-    if tail:
-        canonical = torch.cat(keys_c, dim=2)
-        values = torch.cat(vals, dim=2)
-        origin = torch.cat(origins)
-    else:
-        canonical = torch.zeros(g.kv_shape(0), dtype=g.dtype)
-        values = canonical.clone()
-        origin = torch.zeros(0, dtype=torch.int64)
-    positions = torch.arange(start, start + tail, dtype=torch.int64)
-    keys = rerotate_moved_rows(canonical, origin, positions, g.rope)
+        edit = Edit(op.position, width, new, moves_head(op.position, width, n))
+        edits.append(edit)
+        n -= edit.removed
+        base += edit.removed if edit.move_head else 0
+    append_rows = [
+        _append_rows(state, op, firsts[i], version)
+        for i, op in enumerate(ops)
+        if isinstance(op, AppendOp)
+    ]
+    appended = sum(r.count for r in append_rows)
+    rebase = appended > 0 and base + n + appended > state.capacity
     return StagedPatch(
         version=version,
-        start=start,
         old_row_count=state.row_count,
-        new_row_count=start + tail,
-        keys=keys,
-        canonical_keys=canonical,
-        values=values,
-        token_ids=torch.cat(toks) if toks else torch.zeros(0, dtype=torch.int64),
-        origin_positions=origin,
-        brightness_tail=torch.cat(bright) if bright else torch.zeros(0),
-        brightness_head=brightness[:start] if start else None,
-        meta=metas,
+        old_offset=state.position_offset,
+        new_row_count=n + appended,
+        new_offset=0 if rebase else base,
+        brightness=brightness,
+        edits=edits,
+        rebase=rebase,
+        append_rows=append_rows,
         next_ledger_id=next_ledger,
+        appended=appended,
+        merged=merged,
+        evicted=evicted,
     )
 
 
-def rerotate_moved_rows(
-    canonical: torch.Tensor, origin: torch.Tensor, positions: torch.Tensor, rope: Rope
-) -> torch.Tensor:
-    """Keys [L, H, N, D] of rows now at `positions` [N] whose canonical keys [L, H, N, D] were
-    computed at `origin` [N]: a moved row is rotated from its canonical key in one step, a row
-    still at its origin keeps it. Patches and snapshot rebuilds both come through here."""
-    keys = canonical.clone()
-    moved = positions != origin
-    if bool(moved.any()):
-        keys[:, :, moved] = rerotate_from_canonical(
-            canonical[:, :, moved], origin[moved], positions[moved], rope
-        )
-    return keys
-
-
-def commit_staged(state: SessionState, staged: StagedPatch, digest: bytes) -> None:
-    """Write a staged patch into the state; on any failure, restore the old rows and re-raise."""
-    if staged.version != state.version + 1 or staged.old_row_count != state.row_count:
+def commit_staged(state: SessionState, staged: StagedPatch, digest: bytes) -> CommitStats:
+    """Carry out a staged patch; on any failure, restore every slot it wrote and re-raise."""
+    if (staged.version, staged.old_row_count, staged.old_offset) != (
+        state.version + 1,
+        state.row_count,
+        state.position_offset,
+    ):
         raise RuntimeError(
             f"session {state.session_id}: staged v{staged.version} over {staged.old_row_count} "
-            f"rows does not follow v{state.version} with {state.row_count} rows"
+            f"rows at offset {staged.old_offset} does not follow v{state.version} with "
+            f"{state.row_count} rows at offset {state.position_offset}"
         )
-    s, e = staged.start, staged.new_row_count
-    old_end = max(state.row_count, e)
-    saved = (
-        state.keys[:, :, s:old_end].clone(),
-        state.canonical_keys[:, :, s:old_end].clone(),
-        state.values[:, :, s:old_end].clone(),
-        state.token_ids.clone(),
-        state.origin_positions.clone(),
-        state.brightness.clone(),
-        list(state.meta),
-        (state.row_count, state.version, state.digest, state.next_ledger_id),
-    )
+    undo = UndoLog(state)
     try:
-        state.keys[:, :, s:e] = staged.keys
-        state.canonical_keys[:, :, s:e] = staged.canonical_keys
-        state.values[:, :, s:e] = staged.values
-        state.token_ids[s:e] = staged.token_ids
-        state.origin_positions[s:e] = staged.origin_positions
-        state.brightness[s:e] = staged.brightness_tail
-        if staged.brightness_head is not None:
-            state.brightness[:s] = staged.brightness_head
-        state.meta[s:] = staged.meta
-        state.row_count = e
+        _carry_out(state, staged, undo)
         state.version = staged.version
         state.digest = digest
         state.next_ledger_id = staged.next_ledger_id
         check_blades(state)
     except BaseException:
-        state.keys[:, :, s:old_end] = saved[0]
-        state.canonical_keys[:, :, s:old_end] = saved[1]
-        state.values[:, :, s:old_end] = saved[2]
-        state.token_ids.copy_(saved[3])
-        state.origin_positions.copy_(saved[4])
-        state.brightness.copy_(saved[5])
-        state.meta[:] = saved[6]
-        state.row_count, state.version, state.digest, state.next_ledger_id = saved[7]
+        undo.restore()
         raise
+    return CommitStats(undo.kv_slots_written, undo.saved_slots)
+
+
+def _carry_out(state: SessionState, staged: StagedPatch, undo: UndoLog) -> None:
+    base, n = staged.old_offset, staged.old_row_count
+    if staged.brightness is not None:
+        slots.write_brightness(state, base, staged.brightness, undo)
+    for e in staged.edits:
+        p, removed = e.position, e.removed
+        if e.move_head:
+            slots.move_slots(state, base, base + removed, p, undo)
+            base += removed
+        else:
+            after = p + e.width
+            slots.move_slots(state, base + after, base + after - removed, n - after, undo)
+        if e.new is not None:
+            slots.write_rows(state, base + p, e.new, undo)
+        state.meta[p : p + e.width] = e.new.meta if e.new is not None else []
+        n -= removed
+    if staged.rebase:
+        slots.move_slots(state, base, 0, n, undo)
+        base = 0
+    for rows in staged.append_rows:
+        slots.write_rows(state, base + n, rows, undo)
+        state.meta.extend(rows.meta)
+        n += rows.count
+    state.position_offset, state.row_count = base, n
+    if (base, n) != (staged.new_offset, staged.new_row_count):
+        raise RuntimeError(
+            f"session {state.session_id}: commit left {n} rows at offset {base}, the plan "
+            f"said {staged.new_row_count} at {staged.new_offset}"
+        )
 
 
 def check_blades(state: SessionState) -> None:
-    """Invariant 2: as many mirror entries as rows (both blades are cut from the same segments,
-    so a length mismatch is the one way they can disagree)."""
+    """Invariant 2: as many mirror entries as rows (both blades are cut by the same edits, so a
+    length mismatch is the one way they can disagree)."""
     if len(state.meta) != state.row_count:
         raise RuntimeError(
             f"session {state.session_id} v{state.version}: mirror has {len(state.meta)} entries "

@@ -6,11 +6,14 @@ is, bit for bit, what the authority holds.
 
 A patch is applied in three stages, each in its own module and re-exported here:
   validate_ops  (validate.py) - checks every op against the state at expected_version;
-  stage_ops     (stage.py)    - builds the new tail of the rows in fresh tensors;
-  commit_staged (stage.py)    - writes the tail into the buffers and the mirror, all or nothing.
+  stage_ops     (stage.py)    - plans the slot moves and the new rows, touching nothing;
+  commit_staged (stage.py)    - carries the plan out on buffers and mirror, all or nothing
+                                (slots.py: the primitive writes and their undo log).
 
-Keys are kept twice: `canonical_keys`, exactly as computed at each row's origin position, and
-`keys`, rotated to the row's current index (DESIGN.md invariant 5).
+The authority keeps canonical keys only (as computed at each row's origin position); replicas
+(`SessionState(rotated=True)`) also keep keys rotated to each row's current position, re-derived
+once from the canonical key whenever a row moves (DESIGN.md invariant 5). Row i sits in slot
+position_offset + i, which is also its rotary position (rows.py).
 """
 
 from __future__ import annotations
@@ -18,12 +21,20 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from cache_authority.ops import Op
-from cache_authority.rows import Budget, Geometry, RowMeta, SessionState
-from cache_authority.stage import StagedPatch, check_blades, commit_staged, stage_ops
+from cache_authority.rows import Budget, Geometry, RowMeta, SessionState, slot_capacity
+from cache_authority.stage import (
+    CommitStats,
+    StagedPatch,
+    check_blades,
+    commit_staged,
+    moves_head,
+    stage_ops,
+)
 from cache_authority.validate import validate_ops
 
 __all__ = [
     "Budget",
+    "CommitStats",
     "Geometry",
     "RowMeta",
     "SessionState",
@@ -31,6 +42,8 @@ __all__ = [
     "apply_ops",
     "check_blades",
     "commit_staged",
+    "moves_head",
+    "slot_capacity",
     "stage_ops",
     "validate_ops",
 ]

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
+import torch
+
 from cache_authority.ops import chain_digest, ops_from_pb
 from cache_authority.rows import SessionState
 from cache_authority.snapshot import state_from_snapshot
@@ -64,10 +66,23 @@ class SyncError(ValueError):
 
 
 class SyncReceiver:
-    """The replica side of Sync: feed it every SyncResponse; `state` follows the authority."""
+    """The replica side of Sync: feed it every SyncResponse; `state` follows the authority.
 
-    def __init__(self, state: SessionState | None = None):
+    A state rebuilt from a snapshot gets `rotated`, `device` and `scratch_slots` (see
+    SessionState): model workers ask for rotated replicas on their device; deltas then apply in
+    whatever mode the state has.
+    """
+
+    def __init__(
+        self,
+        state: SessionState | None = None,
+        *,
+        rotated: bool = False,
+        device: torch.device | str = "cpu",
+        scratch_slots: int = 0,
+    ):
         self.state = state
+        self.rotated, self.device, self.scratch_slots = rotated, device, scratch_slots
         self._header: ca.SnapshotHeader | None = None
         self._buffer = bytearray()
         self._ops: list[session_pb2.PatchOp] = []
@@ -101,7 +116,13 @@ class SyncReceiver:
         if len(self._buffer) < self._header.total_bytes:
             return False
         try:
-            self.state = state_from_snapshot(self._header, bytes(self._buffer))
+            self.state = state_from_snapshot(
+                self._header,
+                bytes(self._buffer),
+                rotated=self.rotated,
+                device=self.device,
+                scratch_slots=self.scratch_slots,
+            )
         except ValueError as e:
             raise SyncError(f"bad snapshot: {e}") from e
         self._header, self._buffer, self._ops = None, bytearray(), []

@@ -115,9 +115,14 @@ def _check_kv(
             raise PatchError(S.INVALID_ARGUMENT, f"{what}: {name} contains NaN or inf")
 
 
-def _check_finite(values: Iterable[float], what: str) -> None:
-    """Brightness in [0, MAX_BRIGHTNESS] (session.proto); NaN fails both comparisons."""
-    if not all(0.0 <= v <= MAX_BRIGHTNESS for v in values):
+def _check_finite(values: Iterable[float] | torch.Tensor, what: str) -> None:
+    """Brightness in [0, MAX_BRIGHTNESS] (session.proto); NaN fails both comparisons. A tensor
+    (SetBrightness: one value per row, every tick) is checked in one vectorized pass."""
+    if isinstance(values, torch.Tensor):
+        ok = bool(((values >= 0.0) & (values <= MAX_BRIGHTNESS)).all())
+    else:
+        ok = all(0.0 <= v <= MAX_BRIGHTNESS for v in values)
+    if not ok:
         raise PatchError(
             S.INVALID_ARGUMENT, f"{what}: brightness outside [0, {MAX_BRIGHTNESS:g}] (or NaN)"
         )
@@ -140,7 +145,7 @@ def _check_position(state: SessionState, position: int, what: str, width: int = 
 
 
 def _check_expected(state: SessionState, position: int, expected: Sequence[int], what: str):
-    actual = state.token_ids[position : position + len(expected)].tolist()
+    actual = state.row_token_ids(position, position + len(expected))
     if actual != list(expected):
         raise PatchError(
             S.FAILED_PRECONDITION,

@@ -198,7 +198,7 @@ class ReplicaStore:
 
         The receiving end is the authority's own `SyncReceiver` (snapshot assembly, the digest
         chain, apply_ops); a stream it rejects means "resync fully"."""
-        receiver = SyncReceiver(entry.state if from_version > 0 else None)
+        receiver = SyncReceiver(entry.state if from_version > 0 else None, rotated=True)
         stream = self._source.sync(session_id, from_version)
         try:
             for msg in stream:
@@ -232,13 +232,15 @@ class ReplicaStore:
 
     def _rows(self, entry: _Entry, state: SessionState) -> Rows:
         token_ids = state.live_token_ids()
+        offset = state.position_offset
         if self._device.type == "cpu":
-            return Rows(state.live_keys(), state.live_values(), token_ids)
+            return Rows(state.live_keys(), state.live_values(), token_ids, offset)
         if entry.device_version != state.version or entry.device_rows is None:
             entry.device_rows = Rows(
                 state.live_keys().to(self._device),
                 state.live_values().to(self._device),
                 token_ids,
+                offset,
             )
             entry.device_version = state.version
         return entry.device_rows

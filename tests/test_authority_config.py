@@ -47,8 +47,21 @@ def test_flags_win_over_the_environment(tmp_path):
         {"snapshot_every": 0},
         {"log_retention": -3},
         {"engine_threads": 0},
+        {"durability": "sometimes"},
+        {"fsync_interval_ms": 0},
     ],
 )
 def test_bad_settings_are_refused_up_front(bad):
     with pytest.raises(ValueError):
         AuthorityConfig(**bad)
+
+
+def test_durability_comes_from_the_flag_or_the_environment():
+    env = {"POSITRONIC_DURABILITY": "batch", "POSITRONIC_FSYNC_INTERVAL_MS": "20"}
+    from_env = config_from_args(parse(), env)
+    assert (from_env.durability, from_env.fsync_interval_ms) == ("batch", 20)
+    flags = config_from_args(parse("--durability", "none"), env)
+    assert (flags.durability, flags.fsync_interval_ms) == ("none", 20)
+    assert AuthorityConfig().durability == "fsync"  # the safe default
+    with pytest.raises(SystemExit):
+        parse("--durability", "maybe")

@@ -3,6 +3,7 @@ disk), retries are idempotent, and the write-ahead log plus snapshots recover ev
 
 from __future__ import annotations
 
+import collections
 import os
 import threading
 
@@ -12,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cache_authority import engine as engine_mod
-from cache_authority import persistence, stage, validate
+from cache_authority import persistence, slots, stage, validate
 from cache_authority.engine import Engine
 from cache_authority.ops import PatchError, Status
 from cache_authority.persistence import CorruptStore, SessionStore
@@ -81,8 +82,9 @@ FAULTS = [
     ("decode", engine_mod, "ops_from_pb", 1),
     ("validate, second expected-token check", validate, "_check_expected", 2),
     ("validate, kv of the append", validate, "_check_kv", 2),
-    ("stage, second splice", stage, "_splice", 2),
-    ("stage, re-rotation", stage, "rerotate_from_canonical", 1),
+    ("stage, the merged row", stage, "_merged_row", 1),
+    ("commit, second slot move", slots, "move_slots", 2),
+    ("commit, the appended rows", slots, "write_rows", 2),
     ("digest", engine_mod, "chain_digest", 1),
     ("commit, after every row was written", stage, "check_blades", 1),
 ]
@@ -267,8 +269,10 @@ def test_a_failed_snapshot_keeps_the_log_going_and_waits_before_trying_again(tmp
     engine = make_engine(tmp_path, snapshot_every=3)
     prime(engine)
     tries = []
-    real_snapshot = engine.store.snapshot
-    monkeypatch.setattr(engine.store, "snapshot", lambda *a: tries.append(1) or real_snapshot(*a))
+    real_begin = engine.store.begin_snapshot
+    monkeypatch.setattr(
+        engine.store, "begin_snapshot", lambda *a: tries.append(1) or real_begin(*a)
+    )
     monkeypatch.setattr(persistence, "open", failing_log_open(), raising=False)
     assert engine.patch("s", 2, "r2", [brightness_pb([1.0] * 6)]).version == 3  # snapshot fails
     monkeypatch.setattr(persistence, "open", open, raising=False)
@@ -346,6 +350,24 @@ def test_sync_plan_gives_deltas_while_the_log_reaches_back_then_a_snapshot():
     engine.patch("s", 4, "", [evict_pb(0, 13)])
     assert engine.sync_plan("s", 2).snapshot is not None  # v3 fell out of the retained log
     assert engine.sync_plan("s", 5).deltas == []
+
+
+class UnscannableLog(collections.deque):
+    """A retained log that refuses to be iterated whole."""
+
+    def __iter__(self):
+        raise AssertionError("the whole retained log was scanned")
+
+
+def test_a_sync_of_the_newest_deltas_does_not_scan_the_retained_log():
+    engine = make_engine()
+    prime(engine)
+    for v in range(2, 40):
+        engine.patch("s", v, "", [brightness_pb([float(v)] * 6)])
+    session = engine._sessions["s"]
+    session.log = UnscannableLog(collections.deque.__iter__(session.log))
+    plan = engine.sync_plan("s", 38)
+    assert [c.patch.version for c in plan.deltas] == [39, 40]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

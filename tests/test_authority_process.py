@@ -51,9 +51,14 @@ def tick_ops(state: SessionState, v: int) -> list:
     return ops
 
 
-def test_sigkill_mid_stream_then_restart_keeps_every_acknowledged_version(tmp_path):
+@pytest.mark.parametrize("durability", ["fsync", "batch", "none"])
+def test_sigkill_mid_stream_then_restart_keeps_every_acknowledged_version(tmp_path, durability):
+    """Every durability setting survives a crash of the authority process (batch and none
+    only give up patches on a crash of the machine)."""
     data_dir = str(tmp_path / "data")
-    first = AuthorityProcess("--data-dir", data_dir, "--snapshot-every", "7")
+    first = AuthorityProcess(
+        "--data-dir", data_dir, "--snapshot-every", "7", "--durability", durability
+    )
     client = stub(rpc.open_channel(first.address))
     client.CreateSession(create_request("s", hard_max=HARD))
     reference = Reference("s", HARD)  # the client's own replay of what it was told committed
@@ -74,6 +79,7 @@ def test_sigkill_mid_stream_then_restart_keeps_every_acknowledged_version(tmp_pa
                     return  # the authority died under us, as planned
                 raise
             assert reply.digest == reference.apply(ops)
+            assert reply.durable == (durability == "fsync")
             acked.append((reply.version, reply.digest))
             in_flight.clear()
             v += 1
@@ -99,7 +105,9 @@ def test_sigkill_mid_stream_then_restart_keeps_every_acknowledged_version(tmp_pa
     assert len(acked) >= 30
     last_version, last_digest = acked[-1]
 
-    second = AuthorityProcess("--data-dir", data_dir, "--snapshot-every", "7")
+    second = AuthorityProcess(
+        "--data-dir", data_dir, "--snapshot-every", "7", "--durability", durability
+    )
     channel = rpc.open_channel(second.address)
     client = stub(channel)
     info = client.GetSession(ca.GetSessionRequest(session_id="s")).session

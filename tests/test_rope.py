@@ -27,10 +27,12 @@ def tiny_llama(rope_parameters=None, dtype=torch.float32) -> LlamaForCausalLM:
     return LlamaForCausalLM(config).to(dtype).eval()
 
 
-def layer0_keys(model, ids: list[int]) -> torch.Tensor:
-    """Layer-0 keys after RoPE, [H, S, D], from a from-scratch forward."""
+def layer0_keys(model, ids: list[int], first_position: int = 0) -> torch.Tensor:
+    """Layer-0 keys after RoPE, [H, S, D], from a from-scratch forward at positions
+    first_position, first_position + 1, ..."""
+    positions = torch.arange(first_position, first_position + len(ids))[None]
     with torch.no_grad():
-        out = model(torch.tensor([ids]), use_cache=True)
+        out = model(torch.tensor([ids]), position_ids=positions, use_cache=True)
     return out.past_key_values.layers[0].keys[0]
 
 
@@ -152,8 +154,9 @@ def test_attention_scaling_is_not_applied_twice():
 
 
 def test_session_ops_rerotate_to_the_recomputed_sequence():
-    """Evict and ReplacePair through the session state: layer-0 keys equal a from-scratch
-    forward over the edited sequence (the merged token's own K/V computed at its position)."""
+    """Evict and ReplacePair through a replica's state: layer-0 keys equal a from-scratch
+    forward over the edited sequence at the rows' positions (offset + index; the merged token's
+    own K/V computed at its position before the patch)."""
     model = tiny_llama()
     rope = Rope.from_config(model.config)
     cfg = model.config
@@ -165,7 +168,7 @@ def test_session_ops_rerotate_to_the_recomputed_sequence():
         rope,
         cfg.vocab_size,
     )
-    state = SessionState("s", geometry, Budget(16, 16))
+    state = SessionState("s", geometry, Budget(16, 16), rotated=True)
     with torch.no_grad():
         cache = model(torch.tensor([IDS]), use_cache=True).past_key_values
     k = torch.stack([layer.keys[0] for layer in cache.layers])  # [L, H, S, D]
@@ -183,35 +186,38 @@ def test_session_ops_rerotate_to_the_recomputed_sequence():
         b"",
     )
     assert state.live_token_ids() == edited
-    assert torch.allclose(state.live_keys()[0], layer0_keys(model, edited), atol=1e-5, rtol=0)
+    assert state.position_offset == 1  # the merge moved the 2 rows before it, not the 8 after
+    expected = layer0_keys(model, edited, state.position_offset)
+    assert torch.allclose(state.live_keys()[0], expected, atol=1e-5, rtol=0)
 
 
 @pytest.mark.timeout(1200)  # 10,000 patches; about 25 s on an idle 2-core machine
 def test_ten_thousand_shifts_do_not_accumulate_error_bf16():
-    """Evict row 1 ten thousand times: the last row moves 10,000 positions one step at a time,
-    and its key still equals ONE rotation of its canonical key (bf16 within its rounding)."""
+    """Evict row 1 ten thousand times: row 0 (the shorter side) moves up 10,000 positions one
+    step at a time, and its key still equals ONE rotation of its canonical key (bf16 within
+    its rounding)."""
     shifts = 10_000
     n = shifts + 8
     d = 16
     rope = Rope.from_theta(d, 10000.0)
     geometry = Geometry(1, 1, d, torch.bfloat16, rope, 32)
-    state = SessionState("s", geometry, Budget(n, n))
+    state = SessionState("s", geometry, Budget(n, n), rotated=True)
     g = torch.Generator().manual_seed(0)
     canonical = torch.randn(1, 1, n, d, generator=g, dtype=torch.float64)
     origins = torch.arange(n)
     stored = rotate_keys(canonical.float(), origins, rope).to(torch.bfloat16)  # as computed at p
     tokens = tuple(int(t) for t in torch.randint(0, 32, (n,), generator=g))
     apply_ops(state, [AppendOp(0, tokens, stored, stored.clone())], 1, b"")
-    naive = stored[0, 0, -1].clone()  # what accumulating one -1 rotation per tick would give
+    naive = stored[0, 0, 0].clone()  # what accumulating one +1 rotation per tick would give
     for version in range(2, shifts + 2):
-        apply_ops(state, [EvictOp(1, int(state.token_ids[1]))], version, b"")
-        naive = rotate_keys(naive[None, None, None], torch.tensor([-1]), rope)[0, 0, 0]
-    assert state.row_count == n - shifts
-    last = state.live_keys()[0, 0, -1].double()
-    exact = rotate_keys(canonical[:, :, -1:], torch.tensor([n - 1 - shifts]), rope)[0, 0, 0]
+        apply_ops(state, [EvictOp(1, state.row_token_ids(1, 2)[0])], version, b"")
+        naive = rotate_keys(naive[None, None, None], torch.tensor([1]), rope)[0, 0, 0]
+    assert state.row_count == n - shifts and state.position_offset == shifts
+    first = state.live_keys()[0, 0, 0].double()
+    exact = rotate_keys(canonical[:, :, :1], torch.tensor([shifts]), rope)[0, 0, 0]
     # One bf16 rounding of the canonical key plus one of the result: |err| <= ~2^-7 |x|.
     tol = 2**-7 * exact.abs().max().item() + 1e-2
-    assert (last - exact).abs().max().item() < tol
-    assert torch.equal(state.origin_positions[state.row_count - 1], torch.tensor(n - 1))
+    assert (first - exact).abs().max().item() < tol
+    assert int(state.live_origin_positions()[0]) == 0
     # Accumulating rotations destroys the key: the same check fails for the naive path.
     assert (naive.double() - exact).abs().max().item() > 10 * tol

@@ -10,6 +10,7 @@ from worker_fixtures import (
     eager_copy,
     full_forward,
     kv_of,
+    new_state,
     replica_of,
     rows_of,
     stories,
@@ -17,6 +18,7 @@ from worker_fixtures import (
     tiny_llama,
 )
 
+from cache_authority.ops import AppendOp, EvictOp
 from model_worker import calls, forward
 from model_worker.attention import LAST_LAYER, MAX_LAYERS, MEAN_LAYERS
 from model_worker.lm_repair import LMRepairer
@@ -138,7 +140,10 @@ def test_no_forward_changes_the_replica(case):
     state = replica_of(lm, ids)
     digest, tensors = (
         state.digest,
-        [t.clone() for t in (state.keys, state.canonical_keys, state.values, state.token_ids)],
+        [
+            t.clone()
+            for t in (state.rotated_keys, state.canonical_keys, state.values, state.token_ids)
+        ],
     )
     rows = rows_of(state)
     forward.step(lm, rows, ids[3])
@@ -147,7 +152,9 @@ def test_no_forward_changes_the_replica(case):
     repair_pairs(LMRepairer(lm), rows, [PairRef(5, (ids[5], ids[6]))], 5)
     assert state.digest == digest
     for before, after in zip(
-        tensors, (state.keys, state.canonical_keys, state.values, state.token_ids), strict=True
+        tensors,
+        (state.rotated_keys, state.canonical_keys, state.values, state.token_ids),
+        strict=True,
     ):
         assert torch.equal(before, after)
 
@@ -167,3 +174,39 @@ def test_bfloat16_model_keeps_its_dtype_end_to_end():
     torch.testing.assert_close(out.logits, full.logits[0, -1].float(), atol=5e-2, rtol=0)
     wire = codec.encode(out.kv.keys)
     assert torch.equal(codec.decode(wire), out.kv.keys)
+
+
+def test_a_step_after_the_head_moved_equals_a_forward_at_the_rows_positions(case):
+    """An eviction near the start moves the rows before it one slot up (position_offset 1):
+    the worker must compute the input token at offset + row count, so that Step's logits and
+    K/V equal a from-scratch forward of the same tokens at those positions."""
+    lm, ids = case
+    tokens, extra, token = ids[:10], ids[11], ids[10]  # `extra` is evicted again
+
+    def forward_at(seq: list[int], first: int):
+        with torch.inference_mode():
+            return lm.model(
+                input_ids=torch.tensor([seq]),
+                position_ids=torch.arange(first, first + len(seq))[None],
+                use_cache=True,
+            )
+
+    # What the authority would hold: tokens[0] computed alone (its K/V do not depend on its
+    # position beyond the key's rotation), `extra` at row 1, and the rest as a from-scratch
+    # forward of `tokens` starting at position 1 places them (origin = row index 2, 3, ...).
+    k0, v0 = kv_of(forward_at(tokens[:1], 0))
+    kx, vx = kv_of(forward_at([extra], 1))
+    kr, vr = kv_of(forward_at(tokens, 1))
+    state = new_state(lm)
+    commit(state, [AppendOp(0, (tokens[0], extra, *tokens[1:]),
+                            torch.cat([k0, kx, kr[:, :, 1:]], dim=2),
+                            torch.cat([v0, vx, vr[:, :, 1:]], dim=2))])  # fmt: skip
+    commit(state, [EvictOp(1, extra)])
+    assert state.position_offset == 1 and state.live_token_ids() == tokens
+    out = forward.step(lm, rows_of(state), token)
+    full = forward_at([*tokens, token], 1)
+    assert out.position == 1 + len(tokens)
+    torch.testing.assert_close(out.logits, full.logits[0, -1], atol=TOL, rtol=0)
+    keys, values = kv_of(full)
+    torch.testing.assert_close(out.kv.keys, keys[:, :, -1:], atol=TOL, rtol=0)
+    torch.testing.assert_close(out.kv.values, values[:, :, -1:], atol=TOL, rtol=0)

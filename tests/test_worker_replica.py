@@ -47,7 +47,7 @@ def _edit(lm, authority):
     ids = state.live_token_ids()
     kv = append_op(lm, [ids[2]], 2, context=ids[:2])
     ops = [
-        SetBrightnessOp(n, tuple(float(i) for i in range(n))),
+        SetBrightnessOp(n, torch.arange(n, dtype=torch.float32)),
         ReplacePairOp(2, (ids[2], ids[3]), ids[2], kv.keys, kv.values, "x", 9.0),
         EvictOp(5, ids[5]),
         append_op(lm, [IDS[9]], n, context=ids),

@@ -125,12 +125,17 @@ def append_op(lm: LoadedModel, token_ids: list[int], position: int = 0, context=
     )
 
 
-def new_state(lm: LoadedModel, session_id: str = "s", hard_max: int = 64) -> SessionState:
+def new_state(
+    lm: LoadedModel, session_id: str = "s", hard_max: int = 64, rotated: bool = True
+) -> SessionState:
+    """A replica (rotated keys kept, as workers hold them) or, rotated=False, the authority's
+    kind of state."""
     return SessionState(
         session_id=session_id,
         geometry=lm.geometry,
         budget=Budget(target_rows=hard_max, hard_max_rows=hard_max),
         digest=GENESIS_DIGEST,
+        rotated=rotated,
     )
 
 
@@ -149,21 +154,25 @@ def replica_of(lm: LoadedModel, token_ids: list[int], hard_max: int = 64) -> Ses
 
 
 def rows_of(state: SessionState) -> Rows:
-    return Rows(state.live_keys(), state.live_values(), state.live_token_ids())
+    return Rows(
+        state.live_keys(), state.live_values(), state.live_token_ids(), state.position_offset
+    )
 
 
 def snapshot_of(state: SessionState, live: bool = False) -> tuple[torch.Tensor, ...]:
     """What a replica holds, copied, for before/after comparisons: every buffer, or only the
     live rows (what a snapshot carries)."""
-    n = state.row_count if live else state.budget.hard_max_rows
+    a, b = state.slot_range() if live else (0, state.capacity)
+    assert state.rotated_keys is not None
     return (
-        state.keys[:, :, :n].clone(),
-        state.canonical_keys[:, :, :n].clone(),
-        state.values[:, :, :n].clone(),
-        state.token_ids[:n].clone(),
-        state.origin_positions[:n].clone(),
-        state.brightness[:n].clone(),
+        state.rotated_keys[:, :, a:b].clone(),
+        state.canonical_keys[:, :, a:b].clone(),
+        state.values[:, :, a:b].clone(),
+        state.token_ids[a:b].clone(),
+        state.origin_positions[a:b].clone(),
+        state.brightness[a:b].clone(),
         torch.tensor([state.version, state.row_count, state.next_ledger_id]),
+        torch.tensor([state.position_offset]),
         torch.tensor(list(state.digest)),
     )
 

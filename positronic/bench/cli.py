@@ -1,4 +1,4 @@
-"""`positronic bench quality` and `positronic bench speed`."""
+"""`positronic bench quality`, `positronic bench speed` and `positronic bench patch`."""
 
 from __future__ import annotations
 
@@ -56,10 +56,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     add_speed_arguments(s)
 
+    pa = sub.add_parser("patch", help="Patch latency of the cache authority, by rows and edit")
+    from positronic.bench.patch import add_patch_arguments
+
+    add_patch_arguments(pa)
+
 
 def run(args: argparse.Namespace) -> int:
     if args.bench == "quality":
         return run_quality(args)
+    if args.bench == "patch":
+        from positronic.bench.patch import run_patch
+
+        return run_patch(args)
     from positronic.bench.speed import run_speed
 
     return run_speed(args)

@@ -210,7 +210,7 @@ class MirrorEntry(_message.Message):
     CREATED_VERSION_FIELD_NUMBER: _builtins.int
     REPLACED_TEXT_FIELD_NUMBER: _builtins.int
     position: _builtins.int
-    """Row index, 0-based; also the position the row's key is rotated to."""
+    """Row index, 0-based. The row's rotary position is SessionInfo.position_offset + position."""
     ledger_id: _builtins.int
     """Unique id of this row within its session, never reused."""
     token_id: _builtins.int
@@ -226,7 +226,10 @@ class MirrorEntry(_message.Message):
     source: Global___TokenSource.ValueType
     """Where the token came from."""
     origin_position: _builtins.int
-    """Position at which the row's K/V were computed (its canonical key's rotation)."""
+    """Absolute rotary position at which the row's K/V were computed (the session's
+    position_offset + the row index it was given, both at the patch's expected_version): its
+    canonical key's rotation. A replica rotates the key by (current position - origin_position).
+    """
     created_version: _builtins.int
     """Version of the patch that created the row."""
     replaced_text: _builtins.str
@@ -288,7 +291,9 @@ class AppendOp(_message.Message):
 
     @_builtins.property
     def kv(self) -> _tensor_pb2.KVBlock:
-        """Their K/V, N = len(token_ids), computed at positions position .. position + N - 1."""
+        """Their K/V, N = len(token_ids), computed at rotary positions position_offset + position ..
+        position_offset + position + N - 1, with the session's position_offset at expected_version.
+        """
 
     @_builtins.property
     def pieces(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -347,7 +352,9 @@ class ReplacePairOp(_message.Message):
 
     @_builtins.property
     def kv(self) -> _tensor_pb2.KVBlock:
-        """Its K/V (N = 1), computed at `position` over the rows before it."""
+        """Its K/V (N = 1), computed at rotary position position_offset + `position` (the session's
+        offset at expected_version) over the rows before it.
+        """
 
     def __init__(
         self,
@@ -490,8 +497,10 @@ class SessionInfo(_message.Message):
     a token appended at row index i must be computed at that position (the worker's calls do).
     Attention only sees differences between positions, which always equal index differences.
     Compaction moves the shorter side of the rows (the rows before an edit move one position
-    later, raising the offset), and the offset returns to 0 when the rows are moved back to the
-    front of their buffer; both are functions of the committed ops, so every replica agrees.
+    later, raising the offset, when they are strictly fewer than the rows after it), and the
+    offset returns to 0 when the rows are moved back to the front of their buffer (an append
+    that would pass 2 * hard_max_rows); both are functions of the committed ops and the budget,
+    so every replica agrees.
     """
     @_builtins.property
     def geometry(self) -> Global___ModelGeometry:

@@ -85,7 +85,9 @@ class KVBlock(_message.Message):
     VALUES_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def keys(self) -> Global___Tensor:
-        """Keys after RoPE at the positions they were computed for, shape [L, H, N, D]."""
+        """Keys after RoPE at the absolute rotary positions they were computed for (a session's
+        position_offset + row index), shape [L, H, N, D].
+        """
 
     @_builtins.property
     def values(self) -> Global___Tensor:
