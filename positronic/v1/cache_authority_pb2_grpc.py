@@ -42,10 +42,10 @@ class CacheAuthorityStub:
     - session_id: 1-128 characters of [A-Za-z0-9._-], the first alphanumeric. A malformed id is
     INVALID_ARGUMENT on every RPC; a well-formed unknown one is NOT_FOUND.
     - request_id: empty, or 1-128 characters of [A-Za-z0-9._:-]; anything else INVALID_ARGUMENT.
-    - A Patch stream carries at most 2 * hard_max_rows + 1 ops and at most
-    2 * hard_max_rows * (row bytes + 256) + 65,536 bytes, row bytes = 2 * L * H * D * dtype
-    size; one message at most 64 MiB (the gRPC limit both services set). Over any of these:
-    RESOURCE_EXHAUSTED.
+    - A Patch carries at most 2 * hard_max_rows + 1 ops; one spread over several messages at most
+    2 * hard_max_rows * (row bytes + 256) + 65,536 bytes in all, row bytes = 2 * L * H * D *
+    dtype size; one message at most 64 MiB (the gRPC limit both services set). Over any of
+    these: RESOURCE_EXHAUSTED.
     - Text: a piece at most 1 KiB (UTF-8), a replaced_text at most 64 KiB, geometry names
     (model_fingerprint, rope_type, scaling keys) at most 256 bytes, at most 32 scaling entries;
     over: RESOURCE_EXHAUSTED.
@@ -125,10 +125,10 @@ class CacheAuthorityServicer:
     - session_id: 1-128 characters of [A-Za-z0-9._-], the first alphanumeric. A malformed id is
     INVALID_ARGUMENT on every RPC; a well-formed unknown one is NOT_FOUND.
     - request_id: empty, or 1-128 characters of [A-Za-z0-9._:-]; anything else INVALID_ARGUMENT.
-    - A Patch stream carries at most 2 * hard_max_rows + 1 ops and at most
-    2 * hard_max_rows * (row bytes + 256) + 65,536 bytes, row bytes = 2 * L * H * D * dtype
-    size; one message at most 64 MiB (the gRPC limit both services set). Over any of these:
-    RESOURCE_EXHAUSTED.
+    - A Patch carries at most 2 * hard_max_rows + 1 ops; one spread over several messages at most
+    2 * hard_max_rows * (row bytes + 256) + 65,536 bytes in all, row bytes = 2 * L * H * D *
+    dtype size; one message at most 64 MiB (the gRPC limit both services set). Over any of
+    these: RESOURCE_EXHAUSTED.
     - Text: a piece at most 1 KiB (UTF-8), a replaced_text at most 64 KiB, geometry names
     (model_fingerprint, rope_type, scaling keys) at most 256 bytes, at most 32 scaling entries;
     over: RESOURCE_EXHAUSTED.
@@ -283,10 +283,10 @@ class CacheAuthority:
     - session_id: 1-128 characters of [A-Za-z0-9._-], the first alphanumeric. A malformed id is
     INVALID_ARGUMENT on every RPC; a well-formed unknown one is NOT_FOUND.
     - request_id: empty, or 1-128 characters of [A-Za-z0-9._:-]; anything else INVALID_ARGUMENT.
-    - A Patch stream carries at most 2 * hard_max_rows + 1 ops and at most
-    2 * hard_max_rows * (row bytes + 256) + 65,536 bytes, row bytes = 2 * L * H * D * dtype
-    size; one message at most 64 MiB (the gRPC limit both services set). Over any of these:
-    RESOURCE_EXHAUSTED.
+    - A Patch carries at most 2 * hard_max_rows + 1 ops; one spread over several messages at most
+    2 * hard_max_rows * (row bytes + 256) + 65,536 bytes in all, row bytes = 2 * L * H * D *
+    dtype size; one message at most 64 MiB (the gRPC limit both services set). Over any of
+    these: RESOURCE_EXHAUSTED.
     - Text: a piece at most 1 KiB (UTF-8), a replaced_text at most 64 KiB, geometry names
     (model_fingerprint, rope_type, scaling keys) at most 256 bytes, at most 32 scaling entries;
     over: RESOURCE_EXHAUSTED.

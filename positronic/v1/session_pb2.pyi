@@ -187,7 +187,8 @@ class ModelGeometry(_message.Message):
     """Number of token ids, > 0; every token id in a patch must lie in [0, vocab_size)."""
     model_fingerprint: _builtins.str
     """Hex digest of the model's config and weights (at most 256 bytes); a worker only serves
-    sessions whose fingerprint equals its model's (FAILED_PRECONDITION otherwise).
+    sessions whose fingerprint, when set, equals its model's, and whose L, H, D and dtype are
+    its model's (FAILED_PRECONDITION otherwise).
     """
     max_position_embeddings: _builtins.int
     """Positions the model was trained for; 0 means unknown. A worker refuses to compute a row
