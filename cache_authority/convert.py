@@ -99,6 +99,7 @@ def mirror_to_pb(state: SessionState) -> list[session_pb2.MirrorEntry]:
             replaced_token_ids=list(m.replaced_token_ids),
             origin_position=m.origin_position,
             created_version=m.created_version,
+            replaced_text=m.replaced_text,
         )
         for i, m in enumerate(state.meta)
     ]
@@ -120,6 +121,7 @@ def rows_from_mirror(
             created_version=e.created_version,
             replaced_ledger_ids=tuple(e.replaced_ledger_ids),
             replaced_token_ids=tuple(e.replaced_token_ids),
+            replaced_text=e.replaced_text,
         )
         for e in entries
     ]

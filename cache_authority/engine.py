@@ -18,7 +18,14 @@ from dataclasses import dataclass, field, replace
 
 from cache_authority.feed import WatchEvent
 from cache_authority.metrics import Metrics
-from cache_authority.ops import PatchError, Status, chain_digest, ops_from_pb, patch_fingerprint
+from cache_authority.ops import (
+    PatchError,
+    Status,
+    canonicalize,
+    chain_digest,
+    ops_from_pb,
+    patch_fingerprint,
+)
 from cache_authority.persistence import (
     LogRepairFailed,
     PendingSnapshot,
@@ -120,6 +127,7 @@ class Engine(SessionRegistry):
         session = self._session(session_id)
         with session.cond:
             self._check_live(session)
+            canonicalize(ops_pb)
             fingerprint = patch_fingerprint(expected_version, list(ops_pb))
             if request_id and request_id in session.replies:
                 # A retry gets the stored reply; the same id with another patch is refused, not

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,6 +60,7 @@ class ReplacePairOp:
     values: torch.Tensor  # [L, H, 1, D]
     piece: str = ""
     brightness: float = 0.0
+    replaced_text: str = ""  # what the merged row stands for, kept in its MirrorEntry
 
 
 @dataclass(frozen=True)
@@ -124,6 +126,7 @@ def op_from_pb(msg: session_pb2.PatchOp, index: int = 0) -> Op:
             values=values,
             piece=r.piece,
             brightness=r.brightness,
+            replaced_text=r.replaced_text,
         )
     if kind == "evict":
         return EvictOp(position=msg.evict.position, expected_token_id=msg.evict.expected_token_id)
@@ -159,6 +162,7 @@ def op_to_pb(op: Op) -> session_pb2.PatchOp:
                 kv=codec.encode_kv(op.keys, op.values),
                 piece=op.piece,
                 brightness=op.brightness,
+                replaced_text=op.replaced_text,
             )
         )
     if isinstance(op, EvictOp):
@@ -175,6 +179,15 @@ def op_to_pb(op: Op) -> session_pb2.PatchOp:
 GENESIS_DIGEST = hashlib.sha256(b"positronic.v1 session").digest()
 
 
+def canonicalize(ops: Sequence[session_pb2.PatchOp]) -> None:
+    """Drop the fields this authority does not know (a client built from a newer .proto), in
+    place: they mean nothing here, so they are not committed, not hashed, not sent to replicas,
+    and a retry that carries them is the same request. It also keeps the digest reproducible by a
+    verifier whose protobuf library drops unknown fields when it parses (protobuf.js does)."""
+    for op in ops:
+        op.DiscardUnknownFields()
+
+
 def patch_fingerprint(expected_version: int, ops: list[session_pb2.PatchOp]) -> bytes:
     """What a request id promises stays the same on a retry: the version and the ops."""
     h = hashlib.sha256(b"positronic.v1 request")
@@ -187,7 +200,8 @@ def patch_fingerprint(expected_version: int, ops: list[session_pb2.PatchOp]) -> 
 
 
 def chain_digest(previous: bytes, version: int, ops: list[session_pb2.PatchOp]) -> bytes:
-    """digest_v = sha256(digest_{v-1} || version || each op's deterministic serialization)."""
+    """digest_v = sha256(digest_{v-1} || int64_le(v) || for each op in order: uint64_le(len) ||
+    the op's deterministic serialization); docs/protocol.md works an example."""
     h = hashlib.sha256()
     h.update(previous)
     h.update(version.to_bytes(8, "little", signed=True))

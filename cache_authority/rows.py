@@ -90,6 +90,7 @@ class RowMeta:
     created_version: int
     replaced_ledger_ids: tuple[int, ...] = ()
     replaced_token_ids: tuple[int, ...] = ()
+    replaced_text: str = ""  # a merged row: ReplacePairOp.replaced_text, as the patch gave it
 
 
 def slot_capacity(budget: Budget) -> int:

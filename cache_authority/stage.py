@@ -128,6 +128,7 @@ def _merged_row(state: SessionState, op: ReplacePairOp, ledger: int, version: in
         created_version=version,
         replaced_ledger_ids=(a.ledger_id, b.ledger_id),
         replaced_token_ids=tuple(op.expected_token_ids),
+        replaced_text=op.replaced_text,
     )
     return NewRows(
         token_ids=torch.tensor([op.token_id], dtype=torch.int64),

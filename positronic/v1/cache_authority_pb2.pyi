@@ -31,20 +31,21 @@ class CreateSessionRequest(_message.Message):
     BUDGET_FIELD_NUMBER: _builtins.int
     SEED_BRIGHTNESS_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
-    """Id to create (1-128 chars of [A-Za-z0-9._-]); empty lets the authority choose one. An
-    existing id is ALREADY_EXISTS.
+    """Id to create (1-128 chars of [A-Za-z0-9._-], first alphanumeric); empty lets the authority
+    choose one (32 lowercase hex digits, returned in the response). A taken id is
+    ALREADY_EXISTS.
     """
     seed_brightness: _builtins.float
     """Brightness of appended rows that name none, in [0, 1e9]; unset means 255 (the Halo Weave
-    default); 0 is a value like any other.
+    default); 0 is a value like any other. A policy's seed is PolicySpec.params["params.seed"].
     """
     @_builtins.property
     def geometry(self) -> _session_pb2.ModelGeometry:
-        """Geometry of the model whose K/V the session will hold."""
+        """Geometry of the model whose K/V the session will hold: the worker's InfoResponse.geometry."""
 
     @_builtins.property
     def budget(self) -> _session_pb2.Budget:
-        """Row budget; hard_max_rows rows are preallocated."""
+        """Row budget; 2 * hard_max_rows slots are preallocated."""
 
     def __init__(
         self,
@@ -73,7 +74,7 @@ class CreateSessionResponse(_message.Message):
     SESSION_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def session(self) -> _session_pb2.SessionInfo:
-        """The new session, at version 0."""
+        """The new session, at version 0 with digest_0 (see session.proto) and no rows."""
 
     def __init__(
         self,
@@ -90,8 +91,10 @@ Global___CreateSessionResponse: _TypeAlias = CreateSessionResponse  # noqa: Y015
 
 @_typing.final
 class PatchRequest(_message.Message):
-    """One message of a Patch stream. The first message carries the header; later messages may
-    repeat it (it must then be identical) or leave it empty, and carry more ops.
+    """One message of a Patch stream. The first message carries the header (session_id,
+    expected_version, request_id); later messages may repeat it (it must then be identical, else
+    INVALID_ARGUMENT) or leave it empty, and carry more ops. Small patches are one message with
+    end_of_patch = true.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -102,17 +105,23 @@ class PatchRequest(_message.Message):
     OPS_FIELD_NUMBER: _builtins.int
     END_OF_PATCH_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
-    """Session to patch."""
+    """Session to patch; required on the first message (INVALID_ARGUMENT when empty)."""
     expected_version: _builtins.int
-    """Version the client computed its ops against; anything else is ABORTED."""
+    """Version the client computed its ops against (>= 0): the session's current version, from
+    the last PatchResponse or GetSession. Anything else is ABORTED with a VersionConflict; the
+    client then re-reads the session (GetSession) and recomputes its ops.
+    """
     request_id: _builtins.str
-    """Client-chosen idempotency key: empty, or 1-128 chars of [A-Za-z0-9._:-]. Its scope is the
-    session; the authority remembers the replies to the last 4096 request ids of each session,
-    across restarts (they are kept with snapshots and rebuilt from the log). A retry with the
-    same id, expected_version and ops returns the first reply (replayed = true) and applies
-    nothing; the same id with another expected_version or other ops is ALREADY_EXISTS, never
-    answered with the first reply. An id older than the last 4096 is forgotten: a retry that
-    late applies again if its expected_version still matches (it usually does not: ABORTED).
+    """Client-chosen idempotency key: empty (no idempotency), or 1-128 chars of [A-Za-z0-9._:-]
+    (the Python loop sends a random UUID's 32 hex digits). Its scope is the session; the
+    authority remembers the replies of the last 4096 committed patches of each session that
+    had one, across restarts (they are kept with snapshots and rebuilt from the log); refused
+    patches are not remembered. A retry with the same id, expected_version and ops (compared
+    after unknown fields are dropped) returns the first reply (replayed = true) and applies
+    nothing, even when the session has moved on since; the same id with another
+    expected_version or other ops is ALREADY_EXISTS, never answered with the first reply. An id
+    older than the last 4096 is forgotten: a retry that late applies again if its
+    expected_version still matches (it usually does not: ABORTED).
     """
     end_of_patch: _builtins.bool
     """True on the last message of the patch. The patch commits only after a message with
@@ -121,7 +130,9 @@ class PatchRequest(_message.Message):
     """
     @_builtins.property
     def ops(self) -> _containers.RepeatedCompositeFieldContainer[_session_pb2.PatchOp]:
-        """Ops, in order. Positions refer to the rows at expected_version."""
+        """Ops, in order (see PatchOp for what order changes). Positions refer to the rows at
+        expected_version. A patch needs at least one op (INVALID_ARGUMENT).
+        """
 
     def __init__(
         self,
@@ -153,15 +164,19 @@ class PatchResponse(_message.Message):
     APPLY_NS_FIELD_NUMBER: _builtins.int
     DURABLE_FIELD_NUMBER: _builtins.int
     version: _builtins.int
-    """Version the patch committed."""
+    """Version the patch committed (expected_version + 1)."""
     digest: _builtins.bytes
-    """Digest after the patch."""
+    """Digest after the patch (32 bytes; the chain in session.proto): the expected_digest of the
+    next worker call.
+    """
     row_count: _builtins.int
     """Rows after the patch."""
     replayed: _builtins.bool
-    """True when this reply is the stored answer to an earlier request with the same request_id."""
+    """True when this reply is the stored answer to an earlier request with the same request_id
+    (nothing was applied this time).
+    """
     apply_ns: _builtins.int
-    """Time spent validating and applying, nanoseconds."""
+    """Time spent validating and applying, nanoseconds (0 on a replay after a restart)."""
     durable: _builtins.bool
     """True when the patch was on stable storage (fsynced) before this reply; false in memory-only
     mode and under the batched or no-fsync durability settings.
@@ -189,7 +204,8 @@ class VersionConflict(_message.Message):
     """Detail attached to ABORTED replies (Patch here; the worker's compute RPCs too). gRPC's
     `grpc-status-details-bin` trailer holds a serialized google.rpc.Status (vendored in
     protos/google/rpc/status.proto) whose `details` has this message packed in a
-    google.protobuf.Any (type URL type.googleapis.com/positronic.v1.VersionConflict).
+    google.protobuf.Any (type URL type.googleapis.com/positronic.v1.VersionConflict). Both
+    fields are always filled.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -197,9 +213,9 @@ class VersionConflict(_message.Message):
     CURRENT_VERSION_FIELD_NUMBER: _builtins.int
     EXPECTED_VERSION_FIELD_NUMBER: _builtins.int
     current_version: _builtins.int
-    """Version the session is at now."""
+    """Version the session (or the worker's replica) is at now."""
     expected_version: _builtins.int
-    """Version the client expected."""
+    """Version the request named (PatchRequest.expected_version, or a compute call's version)."""
     def __init__(
         self,
         *,
@@ -250,7 +266,7 @@ class GetSessionResponse(_message.Message):
 
     @_builtins.property
     def mirror(self) -> _containers.RepeatedCompositeFieldContainer[_session_pb2.MirrorEntry]:
-        """One entry per row, in row order."""
+        """One entry per row, in row order (entry i has position i), at session.version."""
 
     def __init__(
         self,
@@ -279,8 +295,8 @@ class SyncRequest(_message.Message):
     session_id: _builtins.str
     """Session to follow."""
     from_version: _builtins.int
-    """Version the replica holds (0 for nothing); patches after it are streamed. Negative is
-    INVALID_ARGUMENT.
+    """Version the replica holds; patches after it are streamed. 0 means it holds nothing (a
+    snapshot comes first). Negative is INVALID_ARGUMENT.
     """
     follow: _builtins.bool
     """Keep the stream open and send each new commit as it lands."""
@@ -354,7 +370,7 @@ Global___SnapshotHeader: _TypeAlias = SnapshotHeader  # noqa: Y015
 
 @_typing.final
 class SnapshotChunk(_message.Message):
-    """A slice of a snapshot's concatenated tensor bytes."""
+    """A slice of a snapshot's concatenated tensor bytes; slices arrive in order."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -390,7 +406,9 @@ class PatchDelta(_message.Message):
     """True on the last message of this version; the replica applies the patch then."""
     @_builtins.property
     def patch(self) -> _session_pb2.CommittedPatch:
-        """The patch's version, its digest (on the last part) and a share of its ops."""
+        """The patch's version, its digest (on the last part) and a share of its ops; concatenated
+        over the parts, the ops are the patch's.
+        """
 
     def __init__(
         self,
@@ -408,7 +426,9 @@ Global___PatchDelta: _TypeAlias = PatchDelta  # noqa: Y015
 
 @_typing.final
 class SyncResponse(_message.Message):
-    """One message of a Sync stream."""
+    """One message of a Sync stream: a snapshot (a header, then chunks until total_bytes), then
+    deltas in version order.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -453,10 +473,14 @@ class WatchRequest(_message.Message):
     SESSION_ID_FIELD_NUMBER: _builtins.int
     FROM_VERSION_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
-    """Session to watch; empty watches every session."""
+    """Session to watch (NOT_FOUND when absent); empty watches every session, including ones
+    created later.
+    """
     from_version: _builtins.int
     """Unset: only patches committed from now on. Set to v >= 0: first the summaries of every
-    retained patch after v (0: every retained patch), then new ones. Negative is
+    retained patch after v (0: every retained patch; the last 1024 per session by default), then
+    new ones, each version once. When the retained log no longer reaches back to v + 1, the
+    first summary's version is past v + 1: the gap shows in the versions. Negative is
     INVALID_ARGUMENT.
     """
     def __init__(
@@ -477,7 +501,7 @@ Global___WatchRequest: _TypeAlias = WatchRequest  # noqa: Y015
 
 @_typing.final
 class WatchResponse(_message.Message):
-    """Summary of one committed patch."""
+    """Summary of one committed patch (or of a deletion)."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -498,17 +522,21 @@ class WatchResponse(_message.Message):
     digest: _builtins.bytes
     """Digest after it."""
     request_id: _builtins.str
-    """Request id it committed under."""
+    """Request id it committed under ("" when none)."""
     row_count: _builtins.int
     """Rows after it."""
     appended: _builtins.int
-    """Tokens appended, pairs merged, rows evicted."""
+    """Rows appended by the patch's Append ops."""
     merged: _builtins.int
+    """Pairs merged by its ReplacePair ops."""
     evicted: _builtins.int
+    """Rows removed by its Evict ops."""
     committed_unix_ns: _builtins.int
-    """Commit time, Unix nanoseconds."""
+    """Commit time, Unix nanoseconds (the authority's clock)."""
     deleted: _builtins.bool
-    """True when the session was deleted (no patch; version is the last one)."""
+    """True when the session was deleted (no patch; version and digest are the last ones, the
+    counts 0).
+    """
     def __init__(
         self,
         *,

@@ -26,15 +26,26 @@ if _version_not_supported:
 
 
 class CacheAuthorityStub:
-    """Owns every session's state; `Patch` is the only RPC that changes it.
+    """Owns every session's state; `Patch` is the only RPC that changes a session's rows.
 
-    Limits (each refusal changes nothing and quotes at most 64 characters of client input):
+    Errors. Every refused request changes nothing. INVALID_ARGUMENT: a malformed field. NOT_FOUND:
+    a well-formed session id the authority does not hold. ALREADY_EXISTS: a session id taken, or a
+    request_id reused for another patch. FAILED_PRECONDITION: an op's expectation (token ids, row
+    count, append position) that the session does not meet. ABORTED: a stale expected_version,
+    with a VersionConflict detail; or a Watch that fell behind. RESOURCE_EXHAUSTED: over a limit
+    below. UNAVAILABLE: the authority is shutting down, or could not write its log (nothing was
+    committed; retry). UNAUTHENTICATED: the authority was started with a token and the call lacks
+    the metadata `authorization: Bearer <token>`. INTERNAL only for bugs.
+
+    Limits (each refusal quotes at most 64 characters of client input; messages at most 1024
+    characters):
     - session_id: 1-128 characters of [A-Za-z0-9._-], the first alphanumeric. A malformed id is
     INVALID_ARGUMENT on every RPC; a well-formed unknown one is NOT_FOUND.
     - request_id: empty, or 1-128 characters of [A-Za-z0-9._:-]; anything else INVALID_ARGUMENT.
-    - A Patch stream carries at most 2 * hard_max_rows + 1 ops and about
-    2 * hard_max_rows * (row bytes + 256) bytes; one message at most 64 MiB (gRPC's limit here).
-    Over any of these: RESOURCE_EXHAUSTED.
+    - A Patch carries at most 2 * hard_max_rows + 1 ops; one spread over several messages at most
+    2 * hard_max_rows * (row bytes + 256) + 65,536 bytes in all, row bytes = 2 * L * H * D *
+    dtype size; one message at most 64 MiB (the gRPC limit both services set). Over any of
+    these: RESOURCE_EXHAUSTED.
     - Text: a piece at most 1 KiB (UTF-8), a replaced_text at most 64 KiB, geometry names
     (model_fingerprint, rope_type, scaling keys) at most 256 bytes, at most 32 scaling entries;
     over: RESOURCE_EXHAUSTED.
@@ -46,7 +57,10 @@ class CacheAuthorityStub:
     many as token_ids (or none), ReplacePairOp.expected_token_ids exactly 2,
     SetBrightnessOp.brightness one per row, RopeParameters.inv_freq head_dim / 2, Tensor.shape
     4 dimensions [L, H, N, D] matching the geometry. Budget.hard_max_rows is bounded by the bytes
-    the authority may preallocate (RESOURCE_EXHAUSTED).
+    the authority may preallocate (see Budget; RESOURCE_EXHAUSTED).
+    - Per session: at most hard_max_rows rows; the last 1024 committed patches (and at most
+    256 MiB of them) are kept in memory for Sync and Watch; the replies to the last 4096
+    request ids are remembered (defaults; the authority's configuration may change them).
     - Open streams (Patch, Sync, Watch) per client address, per session and in all are capped by
     the authority's configuration (defaults 1024, 64 and 16384); one more is RESOURCE_EXHAUSTED.
     """
@@ -95,15 +109,26 @@ class CacheAuthorityStub:
 
 
 class CacheAuthorityServicer:
-    """Owns every session's state; `Patch` is the only RPC that changes it.
+    """Owns every session's state; `Patch` is the only RPC that changes a session's rows.
 
-    Limits (each refusal changes nothing and quotes at most 64 characters of client input):
+    Errors. Every refused request changes nothing. INVALID_ARGUMENT: a malformed field. NOT_FOUND:
+    a well-formed session id the authority does not hold. ALREADY_EXISTS: a session id taken, or a
+    request_id reused for another patch. FAILED_PRECONDITION: an op's expectation (token ids, row
+    count, append position) that the session does not meet. ABORTED: a stale expected_version,
+    with a VersionConflict detail; or a Watch that fell behind. RESOURCE_EXHAUSTED: over a limit
+    below. UNAVAILABLE: the authority is shutting down, or could not write its log (nothing was
+    committed; retry). UNAUTHENTICATED: the authority was started with a token and the call lacks
+    the metadata `authorization: Bearer <token>`. INTERNAL only for bugs.
+
+    Limits (each refusal quotes at most 64 characters of client input; messages at most 1024
+    characters):
     - session_id: 1-128 characters of [A-Za-z0-9._-], the first alphanumeric. A malformed id is
     INVALID_ARGUMENT on every RPC; a well-formed unknown one is NOT_FOUND.
     - request_id: empty, or 1-128 characters of [A-Za-z0-9._:-]; anything else INVALID_ARGUMENT.
-    - A Patch stream carries at most 2 * hard_max_rows + 1 ops and about
-    2 * hard_max_rows * (row bytes + 256) bytes; one message at most 64 MiB (gRPC's limit here).
-    Over any of these: RESOURCE_EXHAUSTED.
+    - A Patch carries at most 2 * hard_max_rows + 1 ops; one spread over several messages at most
+    2 * hard_max_rows * (row bytes + 256) + 65,536 bytes in all, row bytes = 2 * L * H * D *
+    dtype size; one message at most 64 MiB (the gRPC limit both services set). Over any of
+    these: RESOURCE_EXHAUSTED.
     - Text: a piece at most 1 KiB (UTF-8), a replaced_text at most 64 KiB, geometry names
     (model_fingerprint, rope_type, scaling keys) at most 256 bytes, at most 32 scaling entries;
     over: RESOURCE_EXHAUSTED.
@@ -115,13 +140,19 @@ class CacheAuthorityServicer:
     many as token_ids (or none), ReplacePairOp.expected_token_ids exactly 2,
     SetBrightnessOp.brightness one per row, RopeParameters.inv_freq head_dim / 2, Tensor.shape
     4 dimensions [L, H, N, D] matching the geometry. Budget.hard_max_rows is bounded by the bytes
-    the authority may preallocate (RESOURCE_EXHAUSTED).
+    the authority may preallocate (see Budget; RESOURCE_EXHAUSTED).
+    - Per session: at most hard_max_rows rows; the last 1024 committed patches (and at most
+    256 MiB of them) are kept in memory for Sync and Watch; the replies to the last 4096
+    request ids are remembered (defaults; the authority's configuration may change them).
     - Open streams (Patch, Sync, Watch) per client address, per session and in all are capped by
     the authority's configuration (defaults 1024, 64 and 16384); one more is RESOURCE_EXHAUSTED.
     """
 
     def CreateSession(self, request, context):
-        """Creates an empty session at version 0 with rows preallocated to the hard maximum.
+        """Creates an empty session (no rows) at version 0, digest_0, position_offset 0, with
+        2 * hard_max_rows slots preallocated. ALREADY_EXISTS when the id is taken; INVALID_ARGUMENT
+        for a malformed geometry, budget or seed_brightness; RESOURCE_EXHAUSTED when the rows would
+        pass the authority's memory limits; UNAVAILABLE when it cannot be persisted.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -133,22 +164,28 @@ class CacheAuthorityServicer:
         version once a message with end_of_patch arrives. A stream that ends without it is
         INVALID_ARGUMENT; one that is cancelled, breaks or passes its deadline ends as gRPC reports
         it (CANCELLED, DEADLINE_EXCEEDED, UNAVAILABLE); in every such case nothing commits.
-        A stale `expected_version` is ABORTED with a VersionConflict in the status details.
+        Checks, in order: the request_id (a retry gets the stored reply, another patch under a used
+        id is ALREADY_EXISTS), then expected_version (stale: ABORTED with a VersionConflict in the
+        status details), then every op against the rows at expected_version (see session.proto),
+        then the write-ahead log (UNAVAILABLE when it cannot be written). Any failure commits
+        nothing; a commit is all the ops or none.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetSession(self, request, context):
-        """Returns the session's summary and its mirror.
+        """Returns the session's summary and its mirror, read at one version.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Sync(self, request, context):
-        """Streams what a replica needs to reach the current version from `from_version`: committed
-        patches, or a full snapshot when the log no longer reaches back.
+        """Streams what a replica needs to reach the current version from `from_version`: the
+        committed patches after it, or a full snapshot when from_version is 0, past the current
+        version, or older than the retained log. With `follow`, then every later commit as it
+        lands; the stream ends NOT_FOUND when the session is deleted.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -156,22 +193,28 @@ class CacheAuthorityServicer:
 
     def Watch(self, request, context):
         """Streams a summary of every patch committed from now on (and, when from_version is set, the
-        retained ones after it). The server sends initial metadata once the subscription is in
-        place: a client that waits for it (e.g. `call.initial_metadata()`) sees every later commit.
+        retained ones after it first). The server sends initial metadata once the subscription is in
+        place: a client that waits for it (e.g. `call.initial_metadata()`, grpc-js's 'metadata'
+        event) sees every later commit. An unknown session is NOT_FOUND before that. A watcher
+        that falls more than 4096 commits (of all sessions) behind is ended with ABORTED; it
+        watches again with from_version = the last version it saw. A watch of one session ends
+        after the summary with deleted = true.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListSessions(self, request, context):
-        """Lists every session this authority holds.
+        """Lists every session this authority holds, ordered by id.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def DeleteSession(self, request, context):
-        """Deletes a session and its persisted state.
+        """Deletes a session and its persisted state (NOT_FOUND when absent; UNAVAILABLE when the
+        files cannot be removed, and then nothing is deleted). Watchers get a summary with
+        deleted = true; Sync followers end with NOT_FOUND; the id may be created again.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -224,15 +267,26 @@ def add_CacheAuthorityServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class CacheAuthority:
-    """Owns every session's state; `Patch` is the only RPC that changes it.
+    """Owns every session's state; `Patch` is the only RPC that changes a session's rows.
 
-    Limits (each refusal changes nothing and quotes at most 64 characters of client input):
+    Errors. Every refused request changes nothing. INVALID_ARGUMENT: a malformed field. NOT_FOUND:
+    a well-formed session id the authority does not hold. ALREADY_EXISTS: a session id taken, or a
+    request_id reused for another patch. FAILED_PRECONDITION: an op's expectation (token ids, row
+    count, append position) that the session does not meet. ABORTED: a stale expected_version,
+    with a VersionConflict detail; or a Watch that fell behind. RESOURCE_EXHAUSTED: over a limit
+    below. UNAVAILABLE: the authority is shutting down, or could not write its log (nothing was
+    committed; retry). UNAUTHENTICATED: the authority was started with a token and the call lacks
+    the metadata `authorization: Bearer <token>`. INTERNAL only for bugs.
+
+    Limits (each refusal quotes at most 64 characters of client input; messages at most 1024
+    characters):
     - session_id: 1-128 characters of [A-Za-z0-9._-], the first alphanumeric. A malformed id is
     INVALID_ARGUMENT on every RPC; a well-formed unknown one is NOT_FOUND.
     - request_id: empty, or 1-128 characters of [A-Za-z0-9._:-]; anything else INVALID_ARGUMENT.
-    - A Patch stream carries at most 2 * hard_max_rows + 1 ops and about
-    2 * hard_max_rows * (row bytes + 256) bytes; one message at most 64 MiB (gRPC's limit here).
-    Over any of these: RESOURCE_EXHAUSTED.
+    - A Patch carries at most 2 * hard_max_rows + 1 ops; one spread over several messages at most
+    2 * hard_max_rows * (row bytes + 256) + 65,536 bytes in all, row bytes = 2 * L * H * D *
+    dtype size; one message at most 64 MiB (the gRPC limit both services set). Over any of
+    these: RESOURCE_EXHAUSTED.
     - Text: a piece at most 1 KiB (UTF-8), a replaced_text at most 64 KiB, geometry names
     (model_fingerprint, rope_type, scaling keys) at most 256 bytes, at most 32 scaling entries;
     over: RESOURCE_EXHAUSTED.
@@ -244,7 +298,10 @@ class CacheAuthority:
     many as token_ids (or none), ReplacePairOp.expected_token_ids exactly 2,
     SetBrightnessOp.brightness one per row, RopeParameters.inv_freq head_dim / 2, Tensor.shape
     4 dimensions [L, H, N, D] matching the geometry. Budget.hard_max_rows is bounded by the bytes
-    the authority may preallocate (RESOURCE_EXHAUSTED).
+    the authority may preallocate (see Budget; RESOURCE_EXHAUSTED).
+    - Per session: at most hard_max_rows rows; the last 1024 committed patches (and at most
+    256 MiB of them) are kept in memory for Sync and Watch; the replies to the last 4096
+    request ids are remembered (defaults; the authority's configuration may change them).
     - Open streams (Patch, Sync, Watch) per client address, per session and in all are capped by
     the authority's configuration (defaults 1024, 64 and 16384); one more is RESOURCE_EXHAUSTED.
     """

@@ -27,15 +27,26 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class CacheAuthorityStub:
-    """Owns every session's state; `Patch` is the only RPC that changes it.
+    """Owns every session's state; `Patch` is the only RPC that changes a session's rows.
 
-    Limits (each refusal changes nothing and quotes at most 64 characters of client input):
+    Errors. Every refused request changes nothing. INVALID_ARGUMENT: a malformed field. NOT_FOUND:
+    a well-formed session id the authority does not hold. ALREADY_EXISTS: a session id taken, or a
+    request_id reused for another patch. FAILED_PRECONDITION: an op's expectation (token ids, row
+    count, append position) that the session does not meet. ABORTED: a stale expected_version,
+    with a VersionConflict detail; or a Watch that fell behind. RESOURCE_EXHAUSTED: over a limit
+    below. UNAVAILABLE: the authority is shutting down, or could not write its log (nothing was
+    committed; retry). UNAUTHENTICATED: the authority was started with a token and the call lacks
+    the metadata `authorization: Bearer <token>`. INTERNAL only for bugs.
+
+    Limits (each refusal quotes at most 64 characters of client input; messages at most 1024
+    characters):
     - session_id: 1-128 characters of [A-Za-z0-9._-], the first alphanumeric. A malformed id is
       INVALID_ARGUMENT on every RPC; a well-formed unknown one is NOT_FOUND.
     - request_id: empty, or 1-128 characters of [A-Za-z0-9._:-]; anything else INVALID_ARGUMENT.
-    - A Patch stream carries at most 2 * hard_max_rows + 1 ops and about
-      2 * hard_max_rows * (row bytes + 256) bytes; one message at most 64 MiB (gRPC's limit here).
-      Over any of these: RESOURCE_EXHAUSTED.
+    - A Patch carries at most 2 * hard_max_rows + 1 ops; one spread over several messages at most
+      2 * hard_max_rows * (row bytes + 256) + 65,536 bytes in all, row bytes = 2 * L * H * D *
+      dtype size; one message at most 64 MiB (the gRPC limit both services set). Over any of
+      these: RESOURCE_EXHAUSTED.
     - Text: a piece at most 1 KiB (UTF-8), a replaced_text at most 64 KiB, geometry names
       (model_fingerprint, rope_type, scaling keys) at most 256 bytes, at most 32 scaling entries;
       over: RESOURCE_EXHAUSTED.
@@ -47,7 +58,10 @@ class CacheAuthorityStub:
       many as token_ids (or none), ReplacePairOp.expected_token_ids exactly 2,
       SetBrightnessOp.brightness one per row, RopeParameters.inv_freq head_dim / 2, Tensor.shape
       4 dimensions [L, H, N, D] matching the geometry. Budget.hard_max_rows is bounded by the bytes
-      the authority may preallocate (RESOURCE_EXHAUSTED).
+      the authority may preallocate (see Budget; RESOURCE_EXHAUSTED).
+    - Per session: at most hard_max_rows rows; the last 1024 committed patches (and at most
+      256 MiB of them) are kept in memory for Sync and Watch; the replies to the last 4096
+      request ids are remembered (defaults; the authority's configuration may change them).
     - Open streams (Patch, Sync, Watch) per client address, per session and in all are capped by
       the authority's configuration (defaults 1024, 64 and 16384); one more is RESOURCE_EXHAUSTED.
     """
@@ -57,42 +71,70 @@ class CacheAuthorityStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> CacheAuthorityAsyncStub: ...
     CreateSession: _grpc.UnaryUnaryMultiCallable[_cache_authority_pb2.CreateSessionRequest, _cache_authority_pb2.CreateSessionResponse]
-    """Creates an empty session at version 0 with rows preallocated to the hard maximum."""
+    """Creates an empty session (no rows) at version 0, digest_0, position_offset 0, with
+    2 * hard_max_rows slots preallocated. ALREADY_EXISTS when the id is taken; INVALID_ARGUMENT
+    for a malformed geometry, budget or seed_brightness; RESOURCE_EXHAUSTED when the rows would
+    pass the authority's memory limits; UNAVAILABLE when it cannot be persisted.
+    """
     Patch: _grpc.StreamUnaryMultiCallable[_cache_authority_pb2.PatchRequest, _cache_authority_pb2.PatchResponse]
     """Applies an ordered list of ops atomically at `expected_version` and commits version + 1.
     Ops may be spread over several messages of one stream (a large prime); all commit as one
     version once a message with end_of_patch arrives. A stream that ends without it is
     INVALID_ARGUMENT; one that is cancelled, breaks or passes its deadline ends as gRPC reports
     it (CANCELLED, DEADLINE_EXCEEDED, UNAVAILABLE); in every such case nothing commits.
-    A stale `expected_version` is ABORTED with a VersionConflict in the status details.
+    Checks, in order: the request_id (a retry gets the stored reply, another patch under a used
+    id is ALREADY_EXISTS), then expected_version (stale: ABORTED with a VersionConflict in the
+    status details), then every op against the rows at expected_version (see session.proto),
+    then the write-ahead log (UNAVAILABLE when it cannot be written). Any failure commits
+    nothing; a commit is all the ops or none.
     """
     GetSession: _grpc.UnaryUnaryMultiCallable[_cache_authority_pb2.GetSessionRequest, _cache_authority_pb2.GetSessionResponse]
-    """Returns the session's summary and its mirror."""
+    """Returns the session's summary and its mirror, read at one version."""
     Sync: _grpc.UnaryStreamMultiCallable[_cache_authority_pb2.SyncRequest, _cache_authority_pb2.SyncResponse]
-    """Streams what a replica needs to reach the current version from `from_version`: committed
-    patches, or a full snapshot when the log no longer reaches back.
+    """Streams what a replica needs to reach the current version from `from_version`: the
+    committed patches after it, or a full snapshot when from_version is 0, past the current
+    version, or older than the retained log. With `follow`, then every later commit as it
+    lands; the stream ends NOT_FOUND when the session is deleted.
     """
     Watch: _grpc.UnaryStreamMultiCallable[_cache_authority_pb2.WatchRequest, _cache_authority_pb2.WatchResponse]
     """Streams a summary of every patch committed from now on (and, when from_version is set, the
-    retained ones after it). The server sends initial metadata once the subscription is in
-    place: a client that waits for it (e.g. `call.initial_metadata()`) sees every later commit.
+    retained ones after it first). The server sends initial metadata once the subscription is in
+    place: a client that waits for it (e.g. `call.initial_metadata()`, grpc-js's 'metadata'
+    event) sees every later commit. An unknown session is NOT_FOUND before that. A watcher
+    that falls more than 4096 commits (of all sessions) behind is ended with ABORTED; it
+    watches again with from_version = the last version it saw. A watch of one session ends
+    after the summary with deleted = true.
     """
     ListSessions: _grpc.UnaryUnaryMultiCallable[_cache_authority_pb2.ListSessionsRequest, _cache_authority_pb2.ListSessionsResponse]
-    """Lists every session this authority holds."""
+    """Lists every session this authority holds, ordered by id."""
     DeleteSession: _grpc.UnaryUnaryMultiCallable[_cache_authority_pb2.DeleteSessionRequest, _cache_authority_pb2.DeleteSessionResponse]
-    """Deletes a session and its persisted state."""
+    """Deletes a session and its persisted state (NOT_FOUND when absent; UNAVAILABLE when the
+    files cannot be removed, and then nothing is deleted). Watchers get a summary with
+    deleted = true; Sync followers end with NOT_FOUND; the id may be created again.
+    """
 
 @_typing.type_check_only
 class CacheAuthorityAsyncStub(CacheAuthorityStub):
-    """Owns every session's state; `Patch` is the only RPC that changes it.
+    """Owns every session's state; `Patch` is the only RPC that changes a session's rows.
 
-    Limits (each refusal changes nothing and quotes at most 64 characters of client input):
+    Errors. Every refused request changes nothing. INVALID_ARGUMENT: a malformed field. NOT_FOUND:
+    a well-formed session id the authority does not hold. ALREADY_EXISTS: a session id taken, or a
+    request_id reused for another patch. FAILED_PRECONDITION: an op's expectation (token ids, row
+    count, append position) that the session does not meet. ABORTED: a stale expected_version,
+    with a VersionConflict detail; or a Watch that fell behind. RESOURCE_EXHAUSTED: over a limit
+    below. UNAVAILABLE: the authority is shutting down, or could not write its log (nothing was
+    committed; retry). UNAUTHENTICATED: the authority was started with a token and the call lacks
+    the metadata `authorization: Bearer <token>`. INTERNAL only for bugs.
+
+    Limits (each refusal quotes at most 64 characters of client input; messages at most 1024
+    characters):
     - session_id: 1-128 characters of [A-Za-z0-9._-], the first alphanumeric. A malformed id is
       INVALID_ARGUMENT on every RPC; a well-formed unknown one is NOT_FOUND.
     - request_id: empty, or 1-128 characters of [A-Za-z0-9._:-]; anything else INVALID_ARGUMENT.
-    - A Patch stream carries at most 2 * hard_max_rows + 1 ops and about
-      2 * hard_max_rows * (row bytes + 256) bytes; one message at most 64 MiB (gRPC's limit here).
-      Over any of these: RESOURCE_EXHAUSTED.
+    - A Patch carries at most 2 * hard_max_rows + 1 ops; one spread over several messages at most
+      2 * hard_max_rows * (row bytes + 256) + 65,536 bytes in all, row bytes = 2 * L * H * D *
+      dtype size; one message at most 64 MiB (the gRPC limit both services set). Over any of
+      these: RESOURCE_EXHAUSTED.
     - Text: a piece at most 1 KiB (UTF-8), a replaced_text at most 64 KiB, geometry names
       (model_fingerprint, rope_type, scaling keys) at most 256 bytes, at most 32 scaling entries;
       over: RESOURCE_EXHAUSTED.
@@ -104,48 +146,79 @@ class CacheAuthorityAsyncStub(CacheAuthorityStub):
       many as token_ids (or none), ReplacePairOp.expected_token_ids exactly 2,
       SetBrightnessOp.brightness one per row, RopeParameters.inv_freq head_dim / 2, Tensor.shape
       4 dimensions [L, H, N, D] matching the geometry. Budget.hard_max_rows is bounded by the bytes
-      the authority may preallocate (RESOURCE_EXHAUSTED).
+      the authority may preallocate (see Budget; RESOURCE_EXHAUSTED).
+    - Per session: at most hard_max_rows rows; the last 1024 committed patches (and at most
+      256 MiB of them) are kept in memory for Sync and Watch; the replies to the last 4096
+      request ids are remembered (defaults; the authority's configuration may change them).
     - Open streams (Patch, Sync, Watch) per client address, per session and in all are capped by
       the authority's configuration (defaults 1024, 64 and 16384); one more is RESOURCE_EXHAUSTED.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreateSession: _aio.UnaryUnaryMultiCallable[_cache_authority_pb2.CreateSessionRequest, _cache_authority_pb2.CreateSessionResponse]  # type: ignore[assignment]
-    """Creates an empty session at version 0 with rows preallocated to the hard maximum."""
+    """Creates an empty session (no rows) at version 0, digest_0, position_offset 0, with
+    2 * hard_max_rows slots preallocated. ALREADY_EXISTS when the id is taken; INVALID_ARGUMENT
+    for a malformed geometry, budget or seed_brightness; RESOURCE_EXHAUSTED when the rows would
+    pass the authority's memory limits; UNAVAILABLE when it cannot be persisted.
+    """
     Patch: _aio.StreamUnaryMultiCallable[_cache_authority_pb2.PatchRequest, _cache_authority_pb2.PatchResponse]  # type: ignore[assignment]
     """Applies an ordered list of ops atomically at `expected_version` and commits version + 1.
     Ops may be spread over several messages of one stream (a large prime); all commit as one
     version once a message with end_of_patch arrives. A stream that ends without it is
     INVALID_ARGUMENT; one that is cancelled, breaks or passes its deadline ends as gRPC reports
     it (CANCELLED, DEADLINE_EXCEEDED, UNAVAILABLE); in every such case nothing commits.
-    A stale `expected_version` is ABORTED with a VersionConflict in the status details.
+    Checks, in order: the request_id (a retry gets the stored reply, another patch under a used
+    id is ALREADY_EXISTS), then expected_version (stale: ABORTED with a VersionConflict in the
+    status details), then every op against the rows at expected_version (see session.proto),
+    then the write-ahead log (UNAVAILABLE when it cannot be written). Any failure commits
+    nothing; a commit is all the ops or none.
     """
     GetSession: _aio.UnaryUnaryMultiCallable[_cache_authority_pb2.GetSessionRequest, _cache_authority_pb2.GetSessionResponse]  # type: ignore[assignment]
-    """Returns the session's summary and its mirror."""
+    """Returns the session's summary and its mirror, read at one version."""
     Sync: _aio.UnaryStreamMultiCallable[_cache_authority_pb2.SyncRequest, _cache_authority_pb2.SyncResponse]  # type: ignore[assignment]
-    """Streams what a replica needs to reach the current version from `from_version`: committed
-    patches, or a full snapshot when the log no longer reaches back.
+    """Streams what a replica needs to reach the current version from `from_version`: the
+    committed patches after it, or a full snapshot when from_version is 0, past the current
+    version, or older than the retained log. With `follow`, then every later commit as it
+    lands; the stream ends NOT_FOUND when the session is deleted.
     """
     Watch: _aio.UnaryStreamMultiCallable[_cache_authority_pb2.WatchRequest, _cache_authority_pb2.WatchResponse]  # type: ignore[assignment]
     """Streams a summary of every patch committed from now on (and, when from_version is set, the
-    retained ones after it). The server sends initial metadata once the subscription is in
-    place: a client that waits for it (e.g. `call.initial_metadata()`) sees every later commit.
+    retained ones after it first). The server sends initial metadata once the subscription is in
+    place: a client that waits for it (e.g. `call.initial_metadata()`, grpc-js's 'metadata'
+    event) sees every later commit. An unknown session is NOT_FOUND before that. A watcher
+    that falls more than 4096 commits (of all sessions) behind is ended with ABORTED; it
+    watches again with from_version = the last version it saw. A watch of one session ends
+    after the summary with deleted = true.
     """
     ListSessions: _aio.UnaryUnaryMultiCallable[_cache_authority_pb2.ListSessionsRequest, _cache_authority_pb2.ListSessionsResponse]  # type: ignore[assignment]
-    """Lists every session this authority holds."""
+    """Lists every session this authority holds, ordered by id."""
     DeleteSession: _aio.UnaryUnaryMultiCallable[_cache_authority_pb2.DeleteSessionRequest, _cache_authority_pb2.DeleteSessionResponse]  # type: ignore[assignment]
-    """Deletes a session and its persisted state."""
+    """Deletes a session and its persisted state (NOT_FOUND when absent; UNAVAILABLE when the
+    files cannot be removed, and then nothing is deleted). Watchers get a summary with
+    deleted = true; Sync followers end with NOT_FOUND; the id may be created again.
+    """
 
 class CacheAuthorityServicer(metaclass=_abc_1.ABCMeta):
-    """Owns every session's state; `Patch` is the only RPC that changes it.
+    """Owns every session's state; `Patch` is the only RPC that changes a session's rows.
 
-    Limits (each refusal changes nothing and quotes at most 64 characters of client input):
+    Errors. Every refused request changes nothing. INVALID_ARGUMENT: a malformed field. NOT_FOUND:
+    a well-formed session id the authority does not hold. ALREADY_EXISTS: a session id taken, or a
+    request_id reused for another patch. FAILED_PRECONDITION: an op's expectation (token ids, row
+    count, append position) that the session does not meet. ABORTED: a stale expected_version,
+    with a VersionConflict detail; or a Watch that fell behind. RESOURCE_EXHAUSTED: over a limit
+    below. UNAVAILABLE: the authority is shutting down, or could not write its log (nothing was
+    committed; retry). UNAUTHENTICATED: the authority was started with a token and the call lacks
+    the metadata `authorization: Bearer <token>`. INTERNAL only for bugs.
+
+    Limits (each refusal quotes at most 64 characters of client input; messages at most 1024
+    characters):
     - session_id: 1-128 characters of [A-Za-z0-9._-], the first alphanumeric. A malformed id is
       INVALID_ARGUMENT on every RPC; a well-formed unknown one is NOT_FOUND.
     - request_id: empty, or 1-128 characters of [A-Za-z0-9._:-]; anything else INVALID_ARGUMENT.
-    - A Patch stream carries at most 2 * hard_max_rows + 1 ops and about
-      2 * hard_max_rows * (row bytes + 256) bytes; one message at most 64 MiB (gRPC's limit here).
-      Over any of these: RESOURCE_EXHAUSTED.
+    - A Patch carries at most 2 * hard_max_rows + 1 ops; one spread over several messages at most
+      2 * hard_max_rows * (row bytes + 256) + 65,536 bytes in all, row bytes = 2 * L * H * D *
+      dtype size; one message at most 64 MiB (the gRPC limit both services set). Over any of
+      these: RESOURCE_EXHAUSTED.
     - Text: a piece at most 1 KiB (UTF-8), a replaced_text at most 64 KiB, geometry names
       (model_fingerprint, rope_type, scaling keys) at most 256 bytes, at most 32 scaling entries;
       over: RESOURCE_EXHAUSTED.
@@ -157,7 +230,10 @@ class CacheAuthorityServicer(metaclass=_abc_1.ABCMeta):
       many as token_ids (or none), ReplacePairOp.expected_token_ids exactly 2,
       SetBrightnessOp.brightness one per row, RopeParameters.inv_freq head_dim / 2, Tensor.shape
       4 dimensions [L, H, N, D] matching the geometry. Budget.hard_max_rows is bounded by the bytes
-      the authority may preallocate (RESOURCE_EXHAUSTED).
+      the authority may preallocate (see Budget; RESOURCE_EXHAUSTED).
+    - Per session: at most hard_max_rows rows; the last 1024 committed patches (and at most
+      256 MiB of them) are kept in memory for Sync and Watch; the replies to the last 4096
+      request ids are remembered (defaults; the authority's configuration may change them).
     - Open streams (Patch, Sync, Watch) per client address, per session and in all are capped by
       the authority's configuration (defaults 1024, 64 and 16384); one more is RESOURCE_EXHAUSTED.
     """
@@ -168,7 +244,11 @@ class CacheAuthorityServicer(metaclass=_abc_1.ABCMeta):
         request: _cache_authority_pb2.CreateSessionRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_cache_authority_pb2.CreateSessionResponse, _abc.Awaitable[_cache_authority_pb2.CreateSessionResponse]]:
-        """Creates an empty session at version 0 with rows preallocated to the hard maximum."""
+        """Creates an empty session (no rows) at version 0, digest_0, position_offset 0, with
+        2 * hard_max_rows slots preallocated. ALREADY_EXISTS when the id is taken; INVALID_ARGUMENT
+        for a malformed geometry, budget or seed_brightness; RESOURCE_EXHAUSTED when the rows would
+        pass the authority's memory limits; UNAVAILABLE when it cannot be persisted.
+        """
 
     @_abc_1.abstractmethod
     def Patch(
@@ -181,7 +261,11 @@ class CacheAuthorityServicer(metaclass=_abc_1.ABCMeta):
         version once a message with end_of_patch arrives. A stream that ends without it is
         INVALID_ARGUMENT; one that is cancelled, breaks or passes its deadline ends as gRPC reports
         it (CANCELLED, DEADLINE_EXCEEDED, UNAVAILABLE); in every such case nothing commits.
-        A stale `expected_version` is ABORTED with a VersionConflict in the status details.
+        Checks, in order: the request_id (a retry gets the stored reply, another patch under a used
+        id is ALREADY_EXISTS), then expected_version (stale: ABORTED with a VersionConflict in the
+        status details), then every op against the rows at expected_version (see session.proto),
+        then the write-ahead log (UNAVAILABLE when it cannot be written). Any failure commits
+        nothing; a commit is all the ops or none.
         """
 
     @_abc_1.abstractmethod
@@ -190,7 +274,7 @@ class CacheAuthorityServicer(metaclass=_abc_1.ABCMeta):
         request: _cache_authority_pb2.GetSessionRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_cache_authority_pb2.GetSessionResponse, _abc.Awaitable[_cache_authority_pb2.GetSessionResponse]]:
-        """Returns the session's summary and its mirror."""
+        """Returns the session's summary and its mirror, read at one version."""
 
     @_abc_1.abstractmethod
     def Sync(
@@ -198,8 +282,10 @@ class CacheAuthorityServicer(metaclass=_abc_1.ABCMeta):
         request: _cache_authority_pb2.SyncRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_cache_authority_pb2.SyncResponse], _abc.AsyncIterator[_cache_authority_pb2.SyncResponse]]:
-        """Streams what a replica needs to reach the current version from `from_version`: committed
-        patches, or a full snapshot when the log no longer reaches back.
+        """Streams what a replica needs to reach the current version from `from_version`: the
+        committed patches after it, or a full snapshot when from_version is 0, past the current
+        version, or older than the retained log. With `follow`, then every later commit as it
+        lands; the stream ends NOT_FOUND when the session is deleted.
         """
 
     @_abc_1.abstractmethod
@@ -209,8 +295,12 @@ class CacheAuthorityServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_cache_authority_pb2.WatchResponse], _abc.AsyncIterator[_cache_authority_pb2.WatchResponse]]:
         """Streams a summary of every patch committed from now on (and, when from_version is set, the
-        retained ones after it). The server sends initial metadata once the subscription is in
-        place: a client that waits for it (e.g. `call.initial_metadata()`) sees every later commit.
+        retained ones after it first). The server sends initial metadata once the subscription is in
+        place: a client that waits for it (e.g. `call.initial_metadata()`, grpc-js's 'metadata'
+        event) sees every later commit. An unknown session is NOT_FOUND before that. A watcher
+        that falls more than 4096 commits (of all sessions) behind is ended with ABORTED; it
+        watches again with from_version = the last version it saw. A watch of one session ends
+        after the summary with deleted = true.
         """
 
     @_abc_1.abstractmethod
@@ -219,7 +309,7 @@ class CacheAuthorityServicer(metaclass=_abc_1.ABCMeta):
         request: _cache_authority_pb2.ListSessionsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_cache_authority_pb2.ListSessionsResponse, _abc.Awaitable[_cache_authority_pb2.ListSessionsResponse]]:
-        """Lists every session this authority holds."""
+        """Lists every session this authority holds, ordered by id."""
 
     @_abc_1.abstractmethod
     def DeleteSession(
@@ -227,6 +317,9 @@ class CacheAuthorityServicer(metaclass=_abc_1.ABCMeta):
         request: _cache_authority_pb2.DeleteSessionRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_cache_authority_pb2.DeleteSessionResponse, _abc.Awaitable[_cache_authority_pb2.DeleteSessionResponse]]:
-        """Deletes a session and its persisted state."""
+        """Deletes a session and its persisted state (NOT_FOUND when absent; UNAVAILABLE when the
+        files cannot be removed, and then nothing is deleted). Watchers get a summary with
+        deleted = true; Sync followers end with NOT_FOUND; the id may be created again.
+        """
 
 def add_CacheAuthorityServicer_to_server(servicer: CacheAuthorityServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

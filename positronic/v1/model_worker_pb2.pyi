@@ -28,19 +28,25 @@ class _AttentionReduction:
 class _AttentionReductionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AttentionReduction.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     ATTENTION_REDUCTION_UNSPECIFIED: _AttentionReduction.ValueType  # 0
-    """The default: the last layer."""
+    """The default: as ATTENTION_REDUCTION_LAST_LAYER."""
     ATTENTION_REDUCTION_LAST_LAYER: _AttentionReduction.ValueType  # 1
+    """The last decoder layer's row."""
     ATTENTION_REDUCTION_MEAN_LAYERS: _AttentionReduction.ValueType  # 2
+    """The mean of every layer's row."""
     ATTENTION_REDUCTION_MAX_LAYERS: _AttentionReduction.ValueType  # 3
+    """The elementwise maximum over layers."""
 
 class AttentionReduction(_AttentionReduction, metaclass=_AttentionReductionEnumTypeWrapper):
     """How the per-layer attention rows are reduced to one row."""
 
 ATTENTION_REDUCTION_UNSPECIFIED: AttentionReduction.ValueType  # 0
-"""The default: the last layer."""
+"""The default: as ATTENTION_REDUCTION_LAST_LAYER."""
 ATTENTION_REDUCTION_LAST_LAYER: AttentionReduction.ValueType  # 1
+"""The last decoder layer's row."""
 ATTENTION_REDUCTION_MEAN_LAYERS: AttentionReduction.ValueType  # 2
+"""The mean of every layer's row."""
 ATTENTION_REDUCTION_MAX_LAYERS: AttentionReduction.ValueType  # 3
+"""The elementwise maximum over layers."""
 Global___AttentionReduction: _TypeAlias = AttentionReduction  # noqa: Y015
 
 class _Repairer:
@@ -56,7 +62,10 @@ class _RepairerEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Repairer.Val
     REPAIRER_MLM: _Repairer.ValueType  # 2
     """A masked LM proposes the replacement from the text around the pair."""
     REPAIRER_KV_MERGE: _Repairer.ValueType  # 3
-    """No forward pass: the pair's K/V are combined into one row, keeping one of its tokens."""
+    """No forward pass: the pair's K/V are combined into one row (values by weight, the key as
+    KVMergeKey says), keeping the heavier row's token (the first row's on a tie); its score is
+    that row's share of the weight.
+    """
 
 class Repairer(_Repairer, metaclass=_RepairerEnumTypeWrapper):
     """How a pair's replacement is made."""
@@ -68,7 +77,10 @@ REPAIRER_LM: Repairer.ValueType  # 1
 REPAIRER_MLM: Repairer.ValueType  # 2
 """A masked LM proposes the replacement from the text around the pair."""
 REPAIRER_KV_MERGE: Repairer.ValueType  # 3
-"""No forward pass: the pair's K/V are combined into one row, keeping one of its tokens."""
+"""No forward pass: the pair's K/V are combined into one row (values by weight, the key as
+KVMergeKey says), keeping the heavier row's token (the first row's on a tie); its score is
+that row's share of the weight.
+"""
 Global___Repairer: _TypeAlias = Repairer  # noqa: Y015
 
 class _KVMergeWeights:
@@ -78,17 +90,25 @@ class _KVMergeWeights:
 class _KVMergeWeightsEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_KVMergeWeights.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     KV_MERGE_WEIGHTS_UNSPECIFIED: _KVMergeWeights.ValueType  # 0
-    """The default: by the attention the input token pays each row in this Tick."""
+    """The default: as KV_MERGE_WEIGHTS_ATTENTION."""
     KV_MERGE_WEIGHTS_ATTENTION: _KVMergeWeights.ValueType  # 1
+    """By the attention the Tick's input token pays each row (its reduced attention row); weights
+    that sum to 0 count as equal.
+    """
     KV_MERGE_WEIGHTS_EQUAL: _KVMergeWeights.ValueType  # 2
+    """One half each."""
 
 class KVMergeWeights(_KVMergeWeights, metaclass=_KVMergeWeightsEnumTypeWrapper):
     """How the K/V-merge repairer weighs the pair's two rows."""
 
 KV_MERGE_WEIGHTS_UNSPECIFIED: KVMergeWeights.ValueType  # 0
-"""The default: by the attention the input token pays each row in this Tick."""
+"""The default: as KV_MERGE_WEIGHTS_ATTENTION."""
 KV_MERGE_WEIGHTS_ATTENTION: KVMergeWeights.ValueType  # 1
+"""By the attention the Tick's input token pays each row (its reduced attention row); weights
+that sum to 0 count as equal.
+"""
 KV_MERGE_WEIGHTS_EQUAL: KVMergeWeights.ValueType  # 2
+"""One half each."""
 Global___KVMergeWeights: _TypeAlias = KVMergeWeights  # noqa: Y015
 
 class _KVMergeKey:
@@ -98,8 +118,9 @@ class _KVMergeKey:
 class _KVMergeKeyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_KVMergeKey.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     KV_MERGE_KEY_UNSPECIFIED: _KVMergeKey.ValueType  # 0
-    """The default: the weighted mean of both keys, each rotated to the merged row's position."""
+    """The default: as KV_MERGE_KEY_MEAN."""
     KV_MERGE_KEY_MEAN: _KVMergeKey.ValueType  # 1
+    """The weighted mean of both keys, each rotated to the merged row's position first."""
     KV_MERGE_KEY_HEAVIER: _KVMergeKey.ValueType  # 2
     """The key of the row with the larger weight, rotated to the merged row's position."""
 
@@ -107,8 +128,9 @@ class KVMergeKey(_KVMergeKey, metaclass=_KVMergeKeyEnumTypeWrapper):
     """Which key the K/V-merge repairer gives the merged row."""
 
 KV_MERGE_KEY_UNSPECIFIED: KVMergeKey.ValueType  # 0
-"""The default: the weighted mean of both keys, each rotated to the merged row's position."""
+"""The default: as KV_MERGE_KEY_MEAN."""
 KV_MERGE_KEY_MEAN: KVMergeKey.ValueType  # 1
+"""The weighted mean of both keys, each rotated to the merged row's position first."""
 KV_MERGE_KEY_HEAVIER: KVMergeKey.ValueType  # 2
 """The key of the row with the larger weight, rotated to the merged row's position."""
 Global___KVMergeKey: _TypeAlias = KVMergeKey  # noqa: Y015
@@ -141,9 +163,13 @@ class SpecialTokens(_message.Message):
     PAD_TOKEN_ID_FIELD_NUMBER: _builtins.int
     UNK_TOKEN_ID_FIELD_NUMBER: _builtins.int
     bos_token_id: _builtins.int
+    """Beginning of sequence (Tokenize's add_bos puts it first)."""
     eos_token_id: _builtins.int
+    """End of sequence; the special-token policy never adds it unless asked."""
     pad_token_id: _builtins.int
+    """Padding."""
     unk_token_id: _builtins.int
+    """Unknown token."""
     def __init__(
         self,
         *,
@@ -191,7 +217,7 @@ class InfoResponse(_message.Message):
 
     @_builtins.property
     def repairers(self) -> _containers.RepeatedScalarFieldContainer[Global___Repairer.ValueType]:
-        """Repairers a Tick may ask for on this worker."""
+        """Repairers a Tick may ask for on this worker (LM and KV_MERGE always; MLM when loaded)."""
 
     def __init__(
         self,
@@ -352,7 +378,9 @@ Global___DetokenizeResponse: _TypeAlias = DetokenizeResponse  # noqa: Y015
 
 @_typing.final
 class PrefillRequest(_message.Message):
-    """Request of Prefill."""
+    """Request of Prefill: K/V for the prime. It returns no logits, which is why the loop primes all
+    prompt tokens but the last (see the service comment).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -367,9 +395,13 @@ class PrefillRequest(_message.Message):
     version: _builtins.int
     """Version to compute on."""
     start_position: _builtins.int
-    """Rows of context they follow; they are placed at start_position, start_position + 1, ..."""
+    """Rows of context they follow (a row index, 0 for the prime; at most the replica's row
+    count): token i is computed at row index start_position + i, rotary position
+    position_offset + start_position + i, attending to rows [0, start_position) and to the
+    tokens before it.
+    """
     chunk_tokens: _builtins.int
-    """Tokens per forward pass; 0 lets the worker choose."""
+    """Tokens per forward pass (>= 0); 0 lets the worker choose."""
     expected_digest: _builtins.bytes
     """Digest the session has at `version` (from the authority's replies; required, 32 bytes). The
     worker computes only on a replica with exactly this digest, resyncing fully from the
@@ -461,7 +493,12 @@ class SamplingParams(_message.Message):
     repetition).
     """
     seed: _builtins.int
-    """Seed of this draw; the same seed and inputs give the same token."""
+    """Seed of this draw, any unsigned 64-bit value (0 is a seed like any other); the same seed,
+    parameters and rows give the same token on any device. Unused when greedy. The Python loop
+    draws iteration i (0-based) with seed (S * 0x9E3779B97F4A7C15 + i) mod 2^64 for its --seed
+    S, which passes 2^53: JSON carries it as a decimal string, and a JavaScript client must keep
+    it as a BigInt or Long (proto-loader's `longs: String`), never a Number.
+    """
     def __init__(
         self,
         *,
@@ -488,7 +525,9 @@ class TokenLogprob(_message.Message):
     TOKEN_ID_FIELD_NUMBER: _builtins.int
     LOGPROB_FIELD_NUMBER: _builtins.int
     token_id: _builtins.int
+    """The token."""
     logprob: _builtins.float
+    """Its natural-log probability under the unpenalised, temperature-1 distribution (<= 0)."""
     def __init__(
         self,
         *,
@@ -523,17 +562,17 @@ class StepRequest(_message.Message):
     version: _builtins.int
     """Version to compute on."""
     input_token_id: _builtins.int
-    """Token to feed; it is placed at position = the replica's row count."""
+    """Token to feed, in [0, vocab_size); it is placed at row index = the replica's row count."""
     top_logprobs: _builtins.int
     """How many top log-probabilities to return, 0 to 100."""
     forced_next_token_id: _builtins.int
-    """Teacher forcing: when set, no token is sampled; next_token_id is this id and
-    next_token_logprob its log-probability.
+    """Teacher forcing: when set (in [0, vocab_size)), no token is sampled; next_token_id is this
+    id and next_token_logprob its log-probability.
     """
     attention_reduction: Global___AttentionReduction.ValueType
     """Layer reduction of the attention row."""
     return_logits: _builtins.bool
-    """Return the raw logits of the next token (for tests and benchmarks)."""
+    """Return the raw logits of the next token (for tests and benchmarks; vocab_size float32s)."""
     expected_digest: _builtins.bytes
     """Digest the session has at `version` (from the authority's replies; required, 32 bytes). The
     worker computes only on a replica with exactly this digest, resyncing fully from the
@@ -586,7 +625,7 @@ class StepResponse(_message.Message):
     next_token_logprob: _builtins.float
     """Its log-probability under the (unpenalised, temperature 1) distribution."""
     position: _builtins.int
-    """Position the input token was computed at."""
+    """Rotary position the input token was computed at (position_offset + row count)."""
     forward_ns: _builtins.int
     """Forward pass time, nanoseconds."""
     @_builtins.property
@@ -601,7 +640,9 @@ class StepResponse(_message.Message):
 
     @_builtins.property
     def input_kv(self) -> _tensor_pb2.KVBlock:
-        """The input token's K/V (N = 1), at `position`."""
+        """The input token's K/V (N = 1), at rotary position `position`: what the Patch's Append of
+        the input token carries.
+        """
 
     @_builtins.property
     def logits(self) -> _tensor_pb2.Tensor:
@@ -636,7 +677,9 @@ class Insertion(_message.Message):
     POSITION_FIELD_NUMBER: _builtins.int
     TOKEN_ID_FIELD_NUMBER: _builtins.int
     position: _builtins.int
-    """Position it will occupy; rows before it are its context."""
+    """Row index it will occupy, in [0, row count]; rows before it are its context, and it is
+    computed at rotary position position_offset + position.
+    """
     token_id: _builtins.int
     """The token."""
     def __init__(
@@ -727,15 +770,18 @@ class PairRef(_message.Message):
     EXPECTED_TOKEN_IDS_FIELD_NUMBER: _builtins.int
     WEIGHTS_FIELD_NUMBER: _builtins.int
     position: _builtins.int
-    """Row index of the first row."""
+    """Row index of the first row; position + 1 must be a row (INVALID_ARGUMENT otherwise)."""
     @_builtins.property
     def expected_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
-        """Token ids expected at position and position + 1."""
+        """Token ids expected at position and position + 1: exactly 2 (INVALID_ARGUMENT), held there
+        by the replica (FAILED_PRECONDITION otherwise).
+        """
 
     @_builtins.property
     def weights(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
         """Tick with the K/V-merge repairer only: relative weights of the two rows (two finite values
-        >= 0, not both 0). Empty: as RepairParams.kv_weights says.
+        >= 0, not both 0; INVALID_ARGUMENT otherwise, or with another repairer). Empty: as
+        RepairParams.kv_weights says.
         """
 
     def __init__(
@@ -811,7 +857,7 @@ class RepairCandidate(_message.Message):
     piece: _builtins.str
     """Its vocabulary piece ("▁dog"), as the mirror records it."""
     score: _builtins.float
-    """Higher is better; comparable within one pair."""
+    """Higher is better; comparable within one pair only."""
     def __init__(
         self,
         *,
@@ -890,9 +936,11 @@ class RepairParams(_message.Message):
     KV_WEIGHTS_FIELD_NUMBER: _builtins.int
     KV_KEY_FIELD_NUMBER: _builtins.int
     repairer: Global___Repairer.ValueType
-    """Which repairer."""
+    """Which repairer; one this worker has not loaded (REPAIRER_MLM without a masked LM) is
+    FAILED_PRECONDITION.
+    """
     max_candidates: _builtins.int
-    """Candidates the lm/mlm repairers rank per pair; 0 means 5."""
+    """Candidates the lm/mlm repairers rank per pair, 0 to 100; 0 means 5."""
     kv_weights: Global___KVMergeWeights.ValueType
     """K/V merge: how the two rows are weighed."""
     kv_key: Global___KVMergeKey.ValueType
@@ -938,11 +986,15 @@ class TickRequest(_message.Message):
     replica with exactly this history.
     """
     input_token_id: _builtins.int
-    """Token to feed; it is placed at row index = the replica's row count."""
+    """Token to feed, in [0, vocab_size): the previous iteration's next_token_id (or, on the first
+    iteration, the last prompt token); it is placed at row index = the replica's row count.
+    """
     top_logprobs: _builtins.int
     """How many top log-probabilities to return, 0 to 100."""
     forced_next_token_id: _builtins.int
-    """Teacher forcing: when set, no token is sampled; next_token_id is this id."""
+    """Teacher forcing: when set (in [0, vocab_size)), no token is sampled; next_token_id is this
+    id and next_token_logprob its log-probability.
+    """
     attention_reduction: Global___AttentionReduction.ValueType
     """Layer reduction of the attention row."""
     @_builtins.property
@@ -951,13 +1003,16 @@ class TickRequest(_message.Message):
 
     @_builtins.property
     def merges(self) -> _containers.RepeatedCompositeFieldContainer[Global___PairRef]:
-        """Pairs of rows (indices at `version`, disjoint, none touching the new row) the caller will
-        merge in this iteration's Patch; a replacement is built for each (at most 256).
+        """Pairs of rows the caller will merge in this iteration's Patch, as row indices at `version`:
+        disjoint and within the rows (never touching the new row), else INVALID_ARGUMENT; at most
+        256 (RESOURCE_EXHAUSTED). A replacement is built for each. Empty: a plain step.
         """
 
     @_builtins.property
     def repair(self) -> Global___RepairParams:
-        """How replacements are built."""
+        """How replacements are built (a policy's PolicySpec.repair); unset fields take their
+        defaults.
+        """
 
     def __init__(
         self,
@@ -1005,12 +1060,17 @@ class PairMerge(_message.Message):
     piece: _builtins.str
     """Its vocabulary piece (as MirrorEntry.piece)."""
     score: _builtins.float
-    """The repairer's score (higher is better)."""
+    """The repairer's score (higher is better; comparable within one pair only)."""
     replaced_text: _builtins.str
-    """The text of the two rows it replaces (for ReplacePairOp.replaced_text)."""
+    """The text the pair's two tokens add (their bytes joined, decoded as UTF-8 with U+FFFD for an
+    invalid sequence), filled even when merged is false; for ReplacePairOp.replaced_text.
+    """
     @_builtins.property
     def kv(self) -> _tensor_pb2.KVBlock:
-        """Its K/V (N = 1), computed at the pair's first row's position over the rows before it."""
+        """Its K/V (N = 1), at rotary position position_offset + position: computed over the rows
+        before the pair (lm, mlm), or combined from the pair's own rows (kv_merge). What the
+        Patch's ReplacePairOp.kv carries.
+        """
 
     def __init__(
         self,
@@ -1053,7 +1113,9 @@ class TickResponse(_message.Message):
     next_token_logprob: _builtins.float
     """Its log-probability under the (unpenalised, temperature 1) distribution."""
     next_token_piece: _builtins.str
-    """The vocabulary piece of next_token_id (for the mirror when it is appended next iteration)."""
+    """The vocabulary piece of next_token_id: the AppendOp.pieces entry when the next iteration
+    appends it.
+    """
     next_token_bytes: _builtins.bytes
     """The UTF-8 bytes next_token_id adds to the generated text (possibly part of a character);
     the concatenation over a stream is its text. Empty for special tokens.
@@ -1061,7 +1123,9 @@ class TickResponse(_message.Message):
     position: _builtins.int
     """Rotary position the input token was computed at (position_offset + row count)."""
     forwards: _builtins.int
-    """Forward passes this call ran."""
+    """Forward passes of the causal model this call ran: 1, or 2 when the lm repairer built
+    replacements (the masked LM's pass is not counted).
+    """
     forward_ns: _builtins.int
     """Time in forward passes, nanoseconds."""
     @_builtins.property
@@ -1161,11 +1225,18 @@ class PolicySpec(_message.Message):
     """Whether it merges pairs (which needs a repairer) or only evicts."""
     @_builtins.property
     def repair(self) -> Global___RepairParams:
-        """The repair its merges use."""
+        """The repair its merges use: what its Ticks send as TickRequest.repair (unset when it only
+        evicts; REPAIRER_UNSPECIFIED means the worker's configured repairer).
+        """
 
     @_builtins.property
     def params(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
-        """Every numeric parameter (e.g. sinks, recent_window, seed, decay, gain)."""
+        """Every numeric parameter, by name. "sinks": oldest rows never compacted (besides structural
+        ones); "recent_window": newest rows never compacted. Halo Weave presets add their
+        brightness rule, b' = clamp(b - "params.decay" + "params.gain" * attention, 0,
+        "params.max") each tick for every row, a new row starting at "params.seed" (the session's
+        seed_brightness). Keys a client does not know it may ignore; new ones may be added.
+        """
 
     def __init__(
         self,

@@ -27,10 +27,34 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class ModelWorkerStub:
-    """Runs the model; never changes session state. Every compute call names the session version it
-    computes on and the session's digest at that version; the worker syncs its replica to exactly
-    that history from the authority or answers ABORTED, with a positronic.v1.VersionConflict in the
-    google.rpc.Status details (see VersionConflict).
+    """Runs the model; never changes session state. Every compute call (Prefill, Step, ComputeKV,
+    Repair, Tick) names the session version it computes on and the session's digest at that
+    version (echoed from the authority's replies: a client never computes it); the worker syncs
+    its replica to exactly that history from the authority or answers ABORTED, with a
+    positronic.v1.VersionConflict in the google.rpc.Status details when the version is not
+    reachable (see VersionConflict), without one when the digest differs.
+
+    A session as the Python loop drives it (docs/protocol.md walks through it):
+    1. Info, Tokenize (add_bos), CreateSession with Info's geometry and the policy's seed.
+    2. The prime: Prefill every prompt token but the last at start_position 0, then one Patch at
+       version 0 of Append ops (one per run of equal source: the BOS as STRUCTURAL, the rest
+       PROMPT, each row at the seed brightness) committing version 1. The last prompt token is not
+       primed: Prefill returns no logits, so it is the input of the first Tick, whose Patch appends
+       it (source PROMPT). A prompt of N tokens (BOS included, N >= 2) holds N - 1 rows at version
+       1 and N rows at version 2 unless that Patch already compacts.
+    3. Each iteration: one Tick at (version, digest) with the previous token as input and the
+       pairs to merge, then one Patch at that version: SetBrightness (the policy's new scores),
+       a ReplacePair per merged pair, an Evict per evicted row, and an Append of the input token
+       with Tick's input_kv, the piece of that token and its new brightness. The sampled
+       next_token_id is the next iteration's input; next_token_bytes are its text.
+
+    Errors: INVALID_ARGUMENT for a malformed field; RESOURCE_EXHAUSTED over a limit below, or for a
+    row index at or past the model's max_position_embeddings; NOT_FOUND when the authority has no
+    such session; ABORTED as above; FAILED_PRECONDITION when the session's geometry or
+    model_fingerprint is not this worker's model, when rows do not hold the token ids a request
+    expects, or for a repairer this worker has not loaded; UNAVAILABLE when the authority cannot
+    be reached or the model failed to load; UNAUTHENTICATED without the worker's bearer token
+    (metadata `authorization: Bearer <token>`) when it has one. A refused call computes nothing.
 
     Limits (RESOURCE_EXHAUSTED beyond them; malformed values are INVALID_ARGUMENT): Tokenize text
     1 MiB of UTF-8; Detokenize ids and Prefill token_ids 65,536; ComputeKV insertions 256; Repair
@@ -79,10 +103,34 @@ class ModelWorkerStub:
 
 @_typing.type_check_only
 class ModelWorkerAsyncStub(ModelWorkerStub):
-    """Runs the model; never changes session state. Every compute call names the session version it
-    computes on and the session's digest at that version; the worker syncs its replica to exactly
-    that history from the authority or answers ABORTED, with a positronic.v1.VersionConflict in the
-    google.rpc.Status details (see VersionConflict).
+    """Runs the model; never changes session state. Every compute call (Prefill, Step, ComputeKV,
+    Repair, Tick) names the session version it computes on and the session's digest at that
+    version (echoed from the authority's replies: a client never computes it); the worker syncs
+    its replica to exactly that history from the authority or answers ABORTED, with a
+    positronic.v1.VersionConflict in the google.rpc.Status details when the version is not
+    reachable (see VersionConflict), without one when the digest differs.
+
+    A session as the Python loop drives it (docs/protocol.md walks through it):
+    1. Info, Tokenize (add_bos), CreateSession with Info's geometry and the policy's seed.
+    2. The prime: Prefill every prompt token but the last at start_position 0, then one Patch at
+       version 0 of Append ops (one per run of equal source: the BOS as STRUCTURAL, the rest
+       PROMPT, each row at the seed brightness) committing version 1. The last prompt token is not
+       primed: Prefill returns no logits, so it is the input of the first Tick, whose Patch appends
+       it (source PROMPT). A prompt of N tokens (BOS included, N >= 2) holds N - 1 rows at version
+       1 and N rows at version 2 unless that Patch already compacts.
+    3. Each iteration: one Tick at (version, digest) with the previous token as input and the
+       pairs to merge, then one Patch at that version: SetBrightness (the policy's new scores),
+       a ReplacePair per merged pair, an Evict per evicted row, and an Append of the input token
+       with Tick's input_kv, the piece of that token and its new brightness. The sampled
+       next_token_id is the next iteration's input; next_token_bytes are its text.
+
+    Errors: INVALID_ARGUMENT for a malformed field; RESOURCE_EXHAUSTED over a limit below, or for a
+    row index at or past the model's max_position_embeddings; NOT_FOUND when the authority has no
+    such session; ABORTED as above; FAILED_PRECONDITION when the session's geometry or
+    model_fingerprint is not this worker's model, when rows do not hold the token ids a request
+    expects, or for a repairer this worker has not loaded; UNAVAILABLE when the authority cannot
+    be reached or the model failed to load; UNAUTHENTICATED without the worker's bearer token
+    (metadata `authorization: Bearer <token>`) when it has one. A refused call computes nothing.
 
     Limits (RESOURCE_EXHAUSTED beyond them; malformed values are INVALID_ARGUMENT): Tokenize text
     1 MiB of UTF-8; Detokenize ids and Prefill token_ids 65,536; ComputeKV insertions 256; Repair
@@ -127,10 +175,34 @@ class ModelWorkerAsyncStub(ModelWorkerStub):
     """
 
 class ModelWorkerServicer(metaclass=_abc_1.ABCMeta):
-    """Runs the model; never changes session state. Every compute call names the session version it
-    computes on and the session's digest at that version; the worker syncs its replica to exactly
-    that history from the authority or answers ABORTED, with a positronic.v1.VersionConflict in the
-    google.rpc.Status details (see VersionConflict).
+    """Runs the model; never changes session state. Every compute call (Prefill, Step, ComputeKV,
+    Repair, Tick) names the session version it computes on and the session's digest at that
+    version (echoed from the authority's replies: a client never computes it); the worker syncs
+    its replica to exactly that history from the authority or answers ABORTED, with a
+    positronic.v1.VersionConflict in the google.rpc.Status details when the version is not
+    reachable (see VersionConflict), without one when the digest differs.
+
+    A session as the Python loop drives it (docs/protocol.md walks through it):
+    1. Info, Tokenize (add_bos), CreateSession with Info's geometry and the policy's seed.
+    2. The prime: Prefill every prompt token but the last at start_position 0, then one Patch at
+       version 0 of Append ops (one per run of equal source: the BOS as STRUCTURAL, the rest
+       PROMPT, each row at the seed brightness) committing version 1. The last prompt token is not
+       primed: Prefill returns no logits, so it is the input of the first Tick, whose Patch appends
+       it (source PROMPT). A prompt of N tokens (BOS included, N >= 2) holds N - 1 rows at version
+       1 and N rows at version 2 unless that Patch already compacts.
+    3. Each iteration: one Tick at (version, digest) with the previous token as input and the
+       pairs to merge, then one Patch at that version: SetBrightness (the policy's new scores),
+       a ReplacePair per merged pair, an Evict per evicted row, and an Append of the input token
+       with Tick's input_kv, the piece of that token and its new brightness. The sampled
+       next_token_id is the next iteration's input; next_token_bytes are its text.
+
+    Errors: INVALID_ARGUMENT for a malformed field; RESOURCE_EXHAUSTED over a limit below, or for a
+    row index at or past the model's max_position_embeddings; NOT_FOUND when the authority has no
+    such session; ABORTED as above; FAILED_PRECONDITION when the session's geometry or
+    model_fingerprint is not this worker's model, when rows do not hold the token ids a request
+    expects, or for a repairer this worker has not loaded; UNAVAILABLE when the authority cannot
+    be reached or the model failed to load; UNAUTHENTICATED without the worker's bearer token
+    (metadata `authorization: Bearer <token>`) when it has one. A refused call computes nothing.
 
     Limits (RESOURCE_EXHAUSTED beyond them; malformed values are INVALID_ARGUMENT): Tokenize text
     1 MiB of UTF-8; Detokenize ids and Prefill token_ids 65,536; ComputeKV insertions 256; Repair

@@ -26,26 +26,45 @@ class _DType:
 class _DTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DType.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     DTYPE_UNSPECIFIED: _DType.ValueType  # 0
+    """Not a dtype: a Tensor with it is INVALID_ARGUMENT."""
     DTYPE_FLOAT32: _DType.ValueType  # 1
+    """IEEE 754 binary32, 4 bytes."""
     DTYPE_FLOAT16: _DType.ValueType  # 2
+    """IEEE 754 binary16, 2 bytes."""
     DTYPE_BFLOAT16: _DType.ValueType  # 3
+    """bfloat16 (the upper half of a binary32), 2 bytes, sent as its raw 16-bit words."""
     DTYPE_INT64: _DType.ValueType  # 4
+    """Two's-complement signed 64-bit integer, 8 bytes."""
     DTYPE_INT32: _DType.ValueType  # 5
+    """Two's-complement signed 32-bit integer, 4 bytes."""
 
 class DType(_DType, metaclass=_DTypeEnumTypeWrapper):
-    """Element type of a Tensor's bytes. bf16 travels as its raw 2-byte words."""
+    """Element type of a Tensor's bytes. Every value is little-endian. A session's keys and values are
+    FLOAT32, FLOAT16 or BFLOAT16 (the session's ModelGeometry.dtype; any other is
+    INVALID_ARGUMENT); the integer types only appear in tensors a worker returns.
+    """
 
 DTYPE_UNSPECIFIED: DType.ValueType  # 0
+"""Not a dtype: a Tensor with it is INVALID_ARGUMENT."""
 DTYPE_FLOAT32: DType.ValueType  # 1
+"""IEEE 754 binary32, 4 bytes."""
 DTYPE_FLOAT16: DType.ValueType  # 2
+"""IEEE 754 binary16, 2 bytes."""
 DTYPE_BFLOAT16: DType.ValueType  # 3
+"""bfloat16 (the upper half of a binary32), 2 bytes, sent as its raw 16-bit words."""
 DTYPE_INT64: DType.ValueType  # 4
+"""Two's-complement signed 64-bit integer, 8 bytes."""
 DTYPE_INT32: DType.ValueType  # 5
+"""Two's-complement signed 32-bit integer, 4 bytes."""
 Global___DType: _TypeAlias = DType  # noqa: Y015
 
 @_typing.final
 class Tensor(_message.Message):
-    """A dense tensor: `data` holds prod(shape) elements of `dtype`, row-major, little-endian."""
+    """A dense tensor: `data` holds prod(shape) elements of `dtype`, row-major (the last dimension
+    varies fastest), little-endian, with no padding. Malformed (unknown dtype, more than 8
+    dimensions, a negative dimension, more than 2^32 elements counting empty dimensions as 1, or a
+    byte count that does not match): INVALID_ARGUMENT.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -55,10 +74,10 @@ class Tensor(_message.Message):
     dtype: Global___DType.ValueType
     """Element type of `data`."""
     data: _builtins.bytes
-    """Raw element bytes; its length must equal prod(shape) * itemsize(dtype)."""
+    """Raw element bytes; its length must equal prod(shape) * the dtype's size in bytes."""
     @_builtins.property
     def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
-        """Size of each dimension, outermost first."""
+        """Size of each dimension, outermost first; at most 8 dimensions, each >= 0. Empty: a scalar."""
 
     def __init__(
         self,
@@ -77,7 +96,10 @@ Global___Tensor: _TypeAlias = Tensor  # noqa: Y015
 
 @_typing.final
 class KVBlock(_message.Message):
-    """Keys and values for N consecutive tokens across every layer."""
+    """Keys and values for N consecutive tokens across every layer. Both tensors have the session's
+    dtype and shape [L, H, N, D] = [num_layers, num_kv_heads, N, head_dim]; anything else is
+    INVALID_ARGUMENT, as is a NaN or infinite element.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -86,12 +108,14 @@ class KVBlock(_message.Message):
     @_builtins.property
     def keys(self) -> Global___Tensor:
         """Keys after RoPE at the absolute rotary positions they were computed for (a session's
-        position_offset + row index), shape [L, H, N, D].
+        position_offset + row index), shape [L, H, N, D], as the model computes them
+        (attention_scaling included). When compaction later moves a row to another position, a
+        replica re-rotates its key by the difference (see MirrorEntry.origin_position).
         """
 
     @_builtins.property
     def values(self) -> Global___Tensor:
-        """Values, shape [L, H, N, D]."""
+        """Values, shape [L, H, N, D]; values carry no position."""
 
     def __init__(
         self,
