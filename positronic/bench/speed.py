@@ -1,5 +1,11 @@
 """`positronic bench speed`: one generation measured three ways in one run, for halo and full.
 
+Each run reports tokens/s (overall, around tokens 100/1,000/10,000, by tenth), its ratio to HF
+`generate`, the calls on the critical path per iteration (`rpcs_per_iteration`: Tick + Patch;
+the replica's follow stream is off that path), the worker's forward passes per iteration and per
+merging iteration, bytes per iteration (per hop: worker -> driver, driver -> authority,
+authority -> worker), RPC latencies and peak memory.
+
 - hf_generate: Hugging Face `generate` with a growing DynamicCache (the baseline);
 - in_process: the loop with both services in this process, servicers called directly;
 - grpc_split: the loop over loopback gRPC, authority and worker in their own processes.
@@ -134,9 +140,11 @@ def with_ratios(runs: list[dict]) -> list[dict]:
 
 
 def table(doc: dict) -> str:
+    nan = float("nan")
     lines = [
         f"{'mode':<12} {'policy':<6} {'tokens':>6} {'tok/s':>7} {'x HF':>6} {'@1000':>7} "
-        f"{'@10000':>7} {'B/iter':>9} {'peak RSS MiB':>24}",
+        f"{'@10000':>7} {'RPC/it':>6} {'fwd/it':>6} {'fwd/mrg':>7} {'B/iter':>9} "
+        f"{'peak RSS MiB':>18}",
     ]
     for r in doc["runs"]:
         if "error" in r:
@@ -145,11 +153,14 @@ def table(doc: dict) -> str:
         at = r.get("tokens_per_s_at", {})
         rss = "+".join(f"{v / 2**20:.0f}" for v in r["peak_rss_bytes"].values())
         bpi = r.get("bytes_per_iteration")
+        merging = r.get("forwards_per_merging_iteration") if r.get("merging_iterations") else nan
         lines.append(
             f"{r['mode']:<12} {r['policy']:<6} {r['tokens_generated']:>6} "
             f"{r['tokens_per_s']:>7.1f} {r.get('ratio_to_hf_generate', 1.0):>6.2f} "
-            f"{at.get('1000', float('nan')):>7.1f} {at.get('10000', float('nan')):>7.1f} "
-            f"{(f'{bpi:,.0f}' if bpi else '-'):>9} {rss:>24}"
+            f"{at.get('1000', nan):>7.1f} {at.get('10000', nan):>7.1f} "
+            f"{r.get('rpcs_per_iteration', nan):>6.2f} "
+            f"{r.get('forwards_per_iteration', nan):>6.2f} "
+            f"{merging:>7.2f} {(f'{bpi:,.0f}' if bpi else '-'):>9} {rss:>18}"
         )
     lines.append("RPC latency p50 / p99 (ms), mean request + response bytes:")
     for r in doc["runs"]:
@@ -171,6 +182,13 @@ def table(doc: dict) -> str:
             parts.append(
                 f"fit {fit['fixed']:,.0f} B + {fit['per_row']:.1f} B/row over rows "
                 f"{fit['rows_range'][0]}-{fit['rows_range'][1]}"
+            )
+        hops = wire.get("per_hop")
+        if hops:
+            parts.append(
+                f"per hop: worker->driver {hops['worker_to_driver']:,.0f} B, driver->authority "
+                f"{hops['driver_to_authority']:,.0f} B, "
+                f"authority->worker {hops['authority_to_worker']:,.0f} B"
             )
         if parts:
             lines.append(f"  {r['mode']} {r['policy']}: driver bytes/iteration: {'; '.join(parts)}")
