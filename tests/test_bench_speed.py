@@ -85,12 +85,20 @@ def test_rate_windows_and_latency():
 
 
 def test_plan_and_ratios():
-    args = argparse.Namespace(tokens=50, budget=16, modes="hf_generate,grpc_split", policies="halo")
+    args = argparse.Namespace(
+        tokens=50,
+        budget=16,
+        modes="hf_generate,grpc_split",
+        policies="halo",
+        device="cuda:1",
+        dtype="bfloat16",
+    )
     runs = speed.plan_runs(args, "/m", threads=1)
     assert [(r["mode"], r["policy"]) for r in runs] == [
         ("hf_generate", "none"),
         ("grpc_split", "halo"),
     ]
+    assert {(r["device"], r["dtype"]) for r in runs} == {("cuda:1", "bfloat16")}
     out = speed.with_ratios(
         [
             {"mode": "hf_generate", "tokens_per_s": 100.0},

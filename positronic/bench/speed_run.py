@@ -3,7 +3,8 @@
     python -m positronic.bench.speed_run RUN.json OUT.json
 
 RUN.json: {"mode": "hf_generate" | "in_process" | "grpc_split", "policy", "model", "tokens",
-"budget", "prompt"}. OUT.json gets the measurement (see `speed.py` for the fields).
+"budget", "prompt", "device" (default cpu), "dtype" (default float32)}. OUT.json gets the
+measurement (see `speed.py` for the fields).
 """
 
 from __future__ import annotations
@@ -46,7 +47,9 @@ def run_hf_generate(run: dict) -> dict:
 
     from positronic.special_tokens import encode_prompt
 
-    model = AutoModelForCausalLM.from_pretrained(run["model"], dtype=torch.float32).eval()
+    device = run.get("device", "cpu")
+    dtype = getattr(torch, run.get("dtype", "float32"))
+    model = AutoModelForCausalLM.from_pretrained(run["model"], dtype=dtype).to(device).eval()
     tok = AutoTokenizer.from_pretrained(run["model"])
     ids = encode_prompt(tok, run["prompt"]).ids
     limit = positions_of(run["model"]) - len(ids)
@@ -62,7 +65,7 @@ def run_hf_generate(run: dict) -> dict:
 
     with torch.inference_mode():
         model.generate(
-            torch.tensor([ids]),
+            torch.tensor([ids], device=device),
             max_new_tokens=n,
             min_new_tokens=n,
             do_sample=False,
@@ -166,7 +169,12 @@ def run_in_process(run: dict) -> dict:
             )
 
     worker = start_worker(
-        WorkerConfig(model=run["model"], listen="127.0.0.1:0", device="cpu"),
+        WorkerConfig(
+            model=run["model"],
+            listen="127.0.0.1:0",
+            device=run.get("device", "cpu"),
+            dtype=run.get("dtype", "float32"),
+        ),
         sync_source=DirectSync(),
     )
     try:
@@ -213,7 +221,9 @@ def run_grpc_split(run: dict) -> dict:
                     "--listen",
                     "127.0.0.1:0",
                     "--device",
-                    "cpu",
+                    run.get("device", "cpu"),
+                    "--dtype",
+                    run.get("dtype", "float32"),
                     "--metrics-port",
                     str(metrics_port),
                 ],
