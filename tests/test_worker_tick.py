@@ -297,3 +297,32 @@ def test_append_what_a_tick_returns_and_go_on(story):
     again = tick(lm, rows_of(state), _params(ids[13]), Repairers(LMRepairer(lm)))
     assert again.step.output.position == state.position_offset + state.row_count
     assert torch.isfinite(again.step.output.logits).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_replicas_tick_in_their_dtype(dtype):
+    """The accelerator path on CPU: a replica in the model's half dtype, read in place by a
+    plain, an lm and a K/V-merge Tick; every K/V out is in that dtype, the live rows are
+    untouched, and the step equals the separate Step call."""
+    lm = tiny_llama(dtype=dtype)
+    ids = [1, 5, 9, 14, 20, 7, 30, 11, 12, 13]
+    state = replica_of(lm, ids[:9])
+    assert state.values.dtype == dtype and state.rotated_keys is not None
+    assert state.rotated_keys.dtype == dtype and state.canonical_keys.dtype == dtype
+    rows = rows_of(state)
+    live = state.live_token_ids()
+    before = snapshot_of(state, live=True)
+    repairers = Repairers(LMRepairer(lm))
+    plain = tick(lm, rows, _params(ids[9]), repairers)
+    step = calls.step(lm, rows, StepParams(input_token_id=ids[9]))
+    assert plain.forwards == 1 and plain.step.next_token_id == step.next_token_id
+    assert plain.step.output.kv.keys.dtype == dtype
+    pair = PairRef(3, (live[3], live[4]))
+    for choice, forwards in ((RepairChoice(LM), 2), (RepairChoice(KV_MERGE), 1)):
+        result = tick(lm, rows, _params(ids[9], [pair], choice), repairers)
+        assert result.forwards == forwards
+        assert result.step.next_token_id == plain.step.next_token_id
+        (merge,) = result.merges
+        assert merge.merged and merge.kv.keys.dtype == dtype and merge.kv.values.dtype == dtype
+        assert torch.isfinite(merge.kv.keys.float()).all()
+    assert same(snapshot_of(state, live=True), before)
