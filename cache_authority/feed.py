@@ -104,11 +104,13 @@ class FeedSignal:
 
     # Waiters wake this long after a commit, so that the Patch that committed answers first
     # (asyncio runs callbacks in order: woken at once, a thousand watchers' writes would go out
-    # before its reply); commits within the delay coalesce into one wake-up.
+    # before its reply); commits within the delay coalesce into one wake-up. Replica followers
+    # (Sync with follow) use delay 0: a worker's next compute call waits on their delta.
     WAKE_DELAY_S = 0.002
 
-    def __init__(self, feed: Feed, loop: asyncio.AbstractEventLoop):
+    def __init__(self, feed: Feed, loop: asyncio.AbstractEventLoop, delay_s: float = WAKE_DELAY_S):
         self._loop = loop
+        self._delay_s = delay_s
         self._future: asyncio.Future[None] = loop.create_future()
         self._pending = False  # a wake-up is scheduled (loop thread only)
         self._unsubscribe = feed.subscribe(self._wake_threadsafe)
@@ -131,7 +133,10 @@ class FeedSignal:
     def _schedule(self) -> None:
         if not self._pending:
             self._pending = True
-            self._loop.call_later(self.WAKE_DELAY_S, self._fire)
+            if self._delay_s > 0:
+                self._loop.call_later(self._delay_s, self._fire)
+            else:
+                self._loop.call_soon(self._fire)
 
     def _fire(self) -> None:
         self._pending = False

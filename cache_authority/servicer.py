@@ -53,7 +53,7 @@ class CacheAuthorityServicer(cache_authority_pb2_grpc.CacheAuthorityServicer):
         self.engine = engine
         self.streams = admission.StreamTable(stream_limits)
         self._pool = ThreadPoolExecutor(engine_threads, thread_name_prefix="authority-engine")
-        self._signals: dict[asyncio.AbstractEventLoop, FeedSignal] = {}
+        self._signals: dict[tuple[asyncio.AbstractEventLoop, bool], FeedSignal] = {}
 
     def close(self) -> None:
         for signal in self._signals.values():
@@ -65,11 +65,14 @@ class CacheAuthorityServicer(cache_authority_pb2_grpc.CacheAuthorityServicer):
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, functools.partial(fn, *args))
 
-    def _signal(self) -> FeedSignal:
+    def _signal(self, immediate: bool = False) -> FeedSignal:
+        """The loop's feed signal; `immediate` for replica followers (no wake-up delay: the
+        worker's next call on the session waits for their delta)."""
         loop = asyncio.get_running_loop()
-        signal = self._signals.get(loop)
+        signal = self._signals.get((loop, immediate))
         if signal is None:
-            signal = self._signals[loop] = FeedSignal(self.engine.feed, loop)
+            delay = 0.0 if immediate else FeedSignal.WAKE_DELAY_S
+            signal = self._signals[(loop, immediate)] = FeedSignal(self.engine.feed, loop, delay)
         return signal
 
     # -- unary ------------------------------------------------------------------------------
@@ -208,7 +211,7 @@ class CacheAuthorityServicer(cache_authority_pb2_grpc.CacheAuthorityServicer):
         chunk = min(request.max_chunk_bytes or codec.MAX_CHUNK_BYTES, codec.MAX_CHUNK_BYTES)
         sid = request.session_id
         with self.streams.open(context.peer(), sid):
-            signal = self._signal()
+            signal = self._signal(immediate=True)
             feed = self.engine.feed
             cursor = feed.cursor()  # before the plan: a commit in between is planned again
             plan = await self._call(self.engine.sync_plan, sid, request.from_version)

@@ -2,14 +2,18 @@
 
 sdpa returns no attention weights and eager materialises every [q, kv] score; Halo Weave needs
 only the newest token's row. So the model runs with this registered function: the output is
-sdpa's, and when the caller asks for attentions (`output_attentions=True`) it adds, per layer,
-softmax(q_last · Kᵀ · scaling) over every key, shape [B, n_heads, 1, kv] — what eager would
-return for that query (checked against eager in the tests). It is registered in both
+sdpa's, and it computes softmax(q_last · Kᵀ · scaling) over every key, shape [B, n_heads, 1, kv] —
+what eager would return for that query (checked against eager in the tests) — in the layers a
+`RowRecorder` passed as the forward's `row_recorder` keyword asks for (the worker's forwards: only
+the layers the requested reduction reads, e.g. the last one), or in every layer when the caller
+asks for attentions (`output_attentions=True`, Hugging Face's way). It is registered in both
 AttentionInterface and AttentionMaskInterface: without the mask entry the mask is None and
 multi-token forwards over a cache are silently wrong (NOTES-transformers5.md).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 
@@ -46,16 +50,42 @@ def newest_query_row(
     return scores.softmax(dim=-1)
 
 
+@dataclass
+class RowRecorder:
+    """Collects the newest query's attention row of the layers in `layers` during one forward."""
+
+    layers: frozenset[int]
+    rows: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [nH, kv] float32
+
+    @classmethod
+    def for_reduction(cls, how: str, num_layers: int) -> RowRecorder:
+        """The layers a reduction reads: the last one, or all of them."""
+        if how not in REDUCTIONS:
+            raise ValueError(f"unknown layer reduction {how!r}")
+        wanted = {num_layers - 1} if how == LAST_LAYER else set(range(num_layers))
+        return cls(frozenset(wanted))
+
+    def reduced(self, how: str) -> torch.Tensor:
+        """One row [kv]: mean over query heads, then over layers as `how` says."""
+        return reduce_rows([self.rows[i][None, :, None, :] for i in sorted(self.rows)], how)
+
+
 def sdpa_with_row(module, query, key, value, attention_mask, scaling=None, **kwargs):
     """AttentionInterface signature: returns (sdpa output, newest-query row or None)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     want_row = bool(kwargs.pop("output_attentions", False))
+    recorder: RowRecorder | None = kwargs.pop("row_recorder", None)
     out, _ = sdpa_attention_forward(
         module, query, key, value, attention_mask, scaling=scaling, **kwargs
     )
-    row = newest_query_row(query, key, attention_mask, scaling) if want_row else None
-    return out, row
+    row = None
+    layer = getattr(module, "layer_idx", -1)
+    if want_row or (recorder is not None and layer in recorder.layers):
+        row = newest_query_row(query, key, attention_mask, scaling)
+        if recorder is not None:
+            recorder.rows[layer] = row[0, :, 0]
+    return out, row if want_row else None
 
 
 def register() -> None:

@@ -1,4 +1,5 @@
-"""The worker's client of the cache authority: only `Sync` (the worker never writes)."""
+"""The worker's client of the cache authority: only `Sync` (the worker never writes): pulls with
+a deadline, and follow streams (one per followed session, no deadline, ended by cancel)."""
 
 from __future__ import annotations
 
@@ -47,6 +48,14 @@ class AuthoritySync:
         )
         call = self._stub.Sync(request, timeout=self._timeout_s)
         return _Translated(call, self.address, session_id)
+
+    def follow(self, session_id: str, from_version: int) -> _Translated:
+        """Sync(follow=True): the deltas after from_version, then every commit as it lands,
+        until cancel() or the session is deleted (NOT_FOUND)."""
+        request = cache_authority_pb2.SyncRequest(
+            session_id=session_id, from_version=from_version, follow=True
+        )
+        return _Translated(self._stub.Sync(request), self.address, session_id)
 
     def close(self) -> None:
         self._channel.close()

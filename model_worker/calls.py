@@ -70,7 +70,13 @@ def step(lm: LoadedModel, rows: Rows, params: StepParams) -> StepResult:
     """Forward the input token at position rows.count; sample (or force) the next token."""
     check_step(lm, params)
     check_positions(lm, rows.count, 1, "step")
-    out = forward.step(lm, rows, params.input_token_id, params.reduction)
+    return choose_next(
+        rows, params, forward.step(lm, rows, params.input_token_id, params.reduction)
+    )
+
+
+def choose_next(rows: Rows, params: StepParams, out: StepOutput) -> StepResult:
+    """Sample (or force) the next token from the input token's logits."""
     logprobs = out.logits.log_softmax(dim=-1)
     if params.forced_next_token_id is not None:
         next_id = params.forced_next_token_id

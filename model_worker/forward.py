@@ -1,22 +1,39 @@
-"""Read-only forward passes over a replica's rows: prefill, step, compute_kv.
+"""Read-only forward passes over a replica's rows: one batched `run`, and what is built on it.
 
-Every call wraps the rows in a fresh DynamicCache whose layers point at the replica's tensors
-(zero-copy); the forward replaces those layers with `torch.cat` results, so the replica's own
-tensors are never written (NOTES-transformers5.md). Positions are always explicit: a token at
-row index p is computed at rotary position position_offset + p, where the replica's rows sit
-(cache_authority/rows.py) — never `get_seq_length()` (DESIGN.md invariant 5).
+`run` forwards q new tokens, each at its own rotary position, over the replica's live rows: their
+K/V are written in place into the replica's free slots right after the live rows (slot_cache.py)
+and a 4-D mask says which rows and new tokens each query sees, so a single pass can hold
+tokens with different contexts (Step's input token, a row re-fed at its own position, a repair
+candidate at a pair's position). The live rows are never written (DESIGN.md invariant 1).
+Positions are always explicit: a token at row index p is computed at rotary position
+position_offset + p, where the replica's rows sit (cache_authority/rows.py) — never
+`get_seq_length()` (invariant 5).
+
+Rows without slots (a private copy that outlives the replica's lock, hand-made rows in tests)
+are copied once into a private buffer with room for the new tokens.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from model_worker.attention import LAST_LAYER, reduce_rows
+from model_worker.attention import LAST_LAYER, RowRecorder
 from model_worker.model import LoadedModel
+from model_worker.slot_cache import SlotCache
+
+
+@dataclass(frozen=True)
+class Slots:
+    """The buffers a replica's rows sit in: live rows at slots [first, first + N), the slots
+    after them free for a forward's new tokens."""
+
+    keys: torch.Tensor  # [L, H, S, D] rotated keys
+    values: torch.Tensor  # [L, H, S, D]
+    first: int
 
 
 @dataclass(frozen=True)
@@ -27,6 +44,10 @@ class Rows:
     values: torch.Tensor  # [L, H, N, D]
     token_ids: Sequence[int]  # [N]
     position_offset: int = 0  # rotary position of row 0
+    slots: Slots | None = None  # where the rows sit, for in-place forwards; None: copy first
+    # A replica's canonical keys [L, H, N, D] and their origin positions [N] (K/V merges).
+    canonical_keys: torch.Tensor | None = None
+    origin_positions: torch.Tensor | None = None
 
     @property
     def count(self) -> int:
@@ -37,22 +58,52 @@ class Rows:
         return self.position_offset + row
 
     def prefix(self, n: int) -> Rows:
-        """Rows [0, n), as views."""
+        """Rows [0, n), as views (no slots: a forward over them must not write row n)."""
         return Rows(
             self.keys[:, :, :n], self.values[:, :, :n], self.token_ids[:n], self.position_offset
         )
 
-    def detached(self) -> Rows:
-        """A private copy, for work that outlives the replica's lock."""
+    def detached(self, room: int = 0) -> Rows:
+        """A private copy with `room` free slots after the rows, for work that outlives the
+        replica's lock (its own forwards may then extend it: `extended`)."""
+        shape = (*self.keys.shape[:2], self.count + room, self.keys.shape[3])
+        keys = self.keys.new_empty(shape)
+        values = self.values.new_empty(shape)
+        keys[:, :, : self.count] = self.keys
+        values[:, :, : self.count] = self.values
         return Rows(
-            self.keys.clone(), self.values.clone(), list(self.token_ids), self.position_offset
+            keys[:, :, : self.count],
+            values[:, :, : self.count],
+            list(self.token_ids),
+            self.position_offset,
+            Slots(keys, values, 0),
         )
+
+    def extended(self, token_ids: Sequence[int]) -> Rows:
+        """A private copy's rows plus the tokens its last forward wrote after them."""
+        assert self.slots is not None and self.slots.first == 0
+        n = self.count + len(token_ids)
+        k, v = self.slots.keys[:, :, :n], self.slots.values[:, :, :n]
+        return replace(self, keys=k, values=v, token_ids=[*self.token_ids, *token_ids])
 
 
 @dataclass
 class KV:
     keys: torch.Tensor  # [L, H, N, D], in the model's dtype
     values: torch.Tensor  # [L, H, N, D]
+
+    def clone(self) -> KV:
+        return KV(self.keys.clone(), self.values.clone())
+
+
+@dataclass
+class Pass:
+    """What one batched forward gives back."""
+
+    logits: torch.Tensor  # [k, V] float32, for the queries asked for
+    kv: KV  # [L, H, q, D] of the new tokens: views of free slots, valid until the next pass
+    attention: torch.Tensor | None  # [N + q] float32: the last query's row, layer-reduced
+    forward_ns: int
 
 
 @dataclass
@@ -64,71 +115,96 @@ class StepOutput:
     forward_ns: int
 
 
-def fresh_cache(lm: LoadedModel, rows: Rows):
-    """A DynamicCache whose layers alias `rows` (no copy). Used for one call only."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=lm.model.config)
-    if rows.count:
-        for i, layer in enumerate(cache.layers):
-            k = rows.keys[i].unsqueeze(0)  # [1, H, N, D]
-            v = rows.values[i].unsqueeze(0)
-            layer.lazy_initialization(k, v)
-            layer.keys, layer.values = k, v
-    return cache
+def causal_mask(count: int, q: int, device: torch.device) -> torch.Tensor:
+    """[q, count + q] bool, True attends: every live row, then the new tokens causally."""
+    mask = torch.ones(q, count + q, dtype=torch.bool, device=device)
+    if q > 1:
+        mask[:, count:] = torch.ones(q, q, dtype=torch.bool, device=device).tril()
+    return mask
 
 
-def _forward(lm: LoadedModel, cache, token_ids: Sequence[int], start: int, want_rows: bool):
-    """One forward of `token_ids` at rotary positions start.. over `cache` (which it extends)."""
+def alone_mask(count: int, contexts: Sequence[int], device: torch.device) -> torch.Tensor:
+    """[q, count + q] bool: query i sees rows [0, contexts[i]) and itself, nothing else."""
+    q = len(contexts)
+    mask = torch.zeros(q, count + q, dtype=torch.bool, device=device)
+    idx = torch.arange(q, device=device)
+    ends = torch.tensor(list(contexts), dtype=torch.long, device=device)
+    mask[:, :count] = torch.arange(count, device=device)[None, :] < ends[:, None]
+    mask[idx, count + idx] = True
+    return mask
+
+
+def run(
+    lm: LoadedModel,
+    rows: Rows,
+    token_ids: Sequence[int],
+    positions: Sequence[int],
+    mask: torch.Tensor | None = None,
+    *,
+    keep: Sequence[int] | None = None,
+    reduction: str | None = None,
+) -> Pass:
+    """Forward token_ids at rotary positions `positions` over `rows` in one pass.
+
+    mask: [q, N + q] bool (True attends); default: every row, then the new tokens causally.
+    keep: query indices whose logits come back (default: the last). reduction: the attention
+    row of the last query, reduced over layers this way (None: no row)."""
+    t0 = time.perf_counter_ns()
+    q = len(token_ids)
     dev = lm.device
-    ids = torch.tensor([list(token_ids)], dtype=torch.long, device=dev)
-    pos = torch.arange(start, start + len(token_ids), dtype=torch.long, device=dev)[None]
+    slots = rows.slots
+    if slots is None or slots.first + rows.count + q > slots.keys.shape[2]:
+        slots = rows.detached(q).slots  # no room in place: a private copy (tests, rare sizes)
+        assert slots is not None
+    if mask is None:
+        mask = causal_mask(rows.count, q, dev)
+    recorder = RowRecorder.for_reduction(reduction, lm.geometry.num_layers) if reduction else None
+    cache = SlotCache(slots.keys, slots.values, slots.first, rows.count)
+    kept = torch.tensor(list(keep) if keep is not None else [q - 1], dtype=torch.long, device=dev)
+    extra = {"row_recorder": recorder} if recorder is not None else {}
     with torch.inference_mode():
-        return lm.model(
-            input_ids=ids,
+        out = lm.model(
+            input_ids=torch.tensor([list(token_ids)], dtype=torch.long, device=dev),
+            position_ids=torch.tensor([list(positions)], dtype=torch.long, device=dev),
+            attention_mask=mask[None, None],
             cache=cache,
-            position_ids=pos,
             use_cache=True,
-            output_attentions=want_rows,
-            logits_to_keep=1,
+            logits_to_keep=kept,
+            **extra,
         )
-
-
-def _new_kv(cache, n: int) -> KV:
-    """The last n entries of every layer, copied out: [L, H, n, D]."""
-    keys = torch.stack([layer.keys[0, :, -n:] for layer in cache.layers])
-    values = torch.stack([layer.values[0, :, -n:] for layer in cache.layers])
-    return KV(keys, values)
+    start = slots.first + rows.count
+    kv = KV(slots.keys[:, :, start : start + q], slots.values[:, :, start : start + q])
+    attention = recorder.reduced(reduction).cpu() if recorder and reduction else None
+    logits = out.logits[0].float()
+    return Pass(logits, kv, attention, time.perf_counter_ns() - t0)
 
 
 def step(
     lm: LoadedModel, rows: Rows, input_token_id: int, reduction: str = LAST_LAYER
 ) -> StepOutput:
     """Forward the input token at row index rows.count over every row."""
-    t0 = time.perf_counter_ns()
-    cache = fresh_cache(lm, rows)
     position = rows.position(rows.count)
-    out = _forward(lm, cache, [input_token_id], position, want_rows=True)
-    kv = _new_kv(out.cache, 1)
-    attention = reduce_rows(out.attentions, reduction).cpu()
-    logits = out.logits[0, -1].float().cpu()
-    return StepOutput(logits, kv, attention, position, time.perf_counter_ns() - t0)
+    out = run(lm, rows, [input_token_id], [position], reduction=reduction)
+    assert out.attention is not None
+    return StepOutput(out.logits[0].cpu(), out.kv.clone(), out.attention, position, out.forward_ns)
 
 
 def next_token_logits(lm: LoadedModel, rows: Rows, token_id: int, row: int) -> torch.Tensor:
     """Logits [V] (float32) after `token_id` at row index `row`, over rows [0, row)."""
-    out = _forward(lm, fresh_cache(lm, rows.prefix(row)), [token_id], rows.position(row), False)
-    return out.logits[0, -1].float()
+    mask = alone_mask(rows.count, [row], lm.device)
+    return run(lm, rows, [token_id], [rows.position(row)], mask).logits[0]
 
 
 def compute_kv(lm: LoadedModel, rows: Rows, insertions: Sequence[tuple[int, int]]) -> list[KV]:
-    """For each (row index p, token), its K/V at p's position with rows [0, p) as context."""
-    result = []
-    for row, token_id in insertions:
-        cache = fresh_cache(lm, rows.prefix(row))
-        out = _forward(lm, cache, [token_id], rows.position(row), want_rows=False)
-        result.append(_new_kv(out.cache, 1))
-    return result
+    """For each (row index p, token), its K/V at p's position with rows [0, p) as context: one
+    pass, each insertion seeing only its own context and itself."""
+    if not insertions:
+        return []
+    mask = alone_mask(rows.count, [p for p, _ in insertions], lm.device)
+    tokens = [t for _, t in insertions]
+    out = run(lm, rows, tokens, [rows.position(p) for p, _ in insertions], mask)
+    return [KV(out.kv.keys[:, :, i : i + 1], out.kv.values[:, :, i : i + 1]).clone()
+            for i in range(len(tokens))]  # fmt: skip
 
 
 def prefill(
@@ -143,13 +219,14 @@ def prefill(
     time; yields (index of the chunk's first token, its K/V) per chunk."""
     if chunk_tokens <= 0:
         raise ValueError("chunk_tokens must be positive")
-    cache = fresh_cache(lm, rows.prefix(start))
+    context = rows.prefix(start).detached(len(token_ids))
     total = len(token_ids)
     for first in range(0, total, chunk_tokens):
-        chunk = token_ids[first : first + chunk_tokens]
-        out = _forward(lm, cache, chunk, rows.position(start + first), want_rows=False)
-        cache = out.cache
-        yield first, _new_kv(cache, len(chunk))
+        chunk = list(token_ids[first : first + chunk_tokens])
+        p0 = context.position(context.count)
+        out = run(lm, context, chunk, range(p0, p0 + len(chunk)), keep=[])
+        yield first, out.kv.clone()
+        context = context.extended(chunk)
         if progress is not None:
             progress(first + len(chunk), total)
 
@@ -161,19 +238,6 @@ def alternatives_logits(
     index `position` over rows [0, position): one forward whose mask lets each alternative see
     the context and itself only (a batch of K would copy the context K times)."""
     k = len(token_ids)
-    dev = lm.device
-    mask = torch.zeros(1, 1, k, position + k, dtype=torch.bool, device=dev)  # True attends
-    mask[..., :position] = True
-    idx = torch.arange(k, device=dev)
-    mask[0, 0, idx, position + idx] = True
-    ids = torch.tensor([list(token_ids)], dtype=torch.long, device=dev)
-    pos = torch.full((1, k), rows.position(position), dtype=torch.long, device=dev)
-    with torch.inference_mode():
-        out = lm.model(
-            input_ids=ids,
-            cache=fresh_cache(lm, rows.prefix(position)),
-            position_ids=pos,
-            attention_mask=mask,
-            use_cache=True,
-        )
-    return out.logits[0].float()
+    mask = alone_mask(rows.count, [position] * k, lm.device)
+    out = run(lm, rows, token_ids, [rows.position(position)] * k, mask, keep=range(k))
+    return out.logits

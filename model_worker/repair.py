@@ -1,7 +1,8 @@
 """Repair: ranked single-token replacements for an adjacent pair of rows (the Halo Weave merge).
 
-A repairer is one policy per file (`lm_repair.py`, `mlm_repair.py`); this module holds what they
-share: the candidate type, pair validation, the ids no repairer may propose, and the factory.
+A repairer is one policy per file (`lm_repair.py`, `mlm_repair.py`, `kv_merge.py`); this module
+holds what they share: the candidate and replacement types, pair validation, the ids no repairer
+may propose, and the factory.
 
 Choices: special tokens (BOS, EOS, pad, unk, every id the tokenizer lists as special, and ids past
 the tokenizer's vocabulary) are never proposed. The pair's own tokens may be: merging
@@ -13,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
+
+import torch
 
 from model_worker.errors import WorkerError, invalid
 from model_worker.forward import Rows
@@ -33,6 +36,17 @@ class Candidate:
 class PairRef:
     position: int  # row index of the pair's first row
     expected_token_ids: tuple[int, ...]
+    weights: tuple[float, ...] = ()  # K/V merge: the caller's weights of the two rows
+
+
+@dataclass(frozen=True)
+class Replacement:
+    """What replaces a pair in a Tick: one token and its K/V at the pair's first position."""
+
+    token_id: int
+    keys: torch.Tensor  # [L, H, 1, D], canonical: computed at position_offset + position
+    values: torch.Tensor  # [L, H, 1, D]
+    score: float  # the repairer's, higher is better
 
 
 class Repairer(Protocol):

@@ -1,11 +1,17 @@
-"""Replicas: per session, a SessionState changed only by replaying the authority's commits.
+"""Live replicas: per session, a SessionState on the worker's device, changed only by replaying
+the authority's commits, read in place by every forward.
 
-`ReplicaStore.reading(session, version)` holds the session's lock, brings the replica to exactly
-`version` by pulling `CacheAuthority.Sync`, and yields its live rows for read-only forwards.
-Messages go through the authority's own receiving end (`cache_authority.sync.SyncReceiver`):
-each delta's digest is checked against the chain, then applied with `apply_ops` — the code the
-authority commits with. A gap, a mismatch or a patch that does not apply makes the replica
-resync fully (`from_version=0`, a snapshot).
+Each replica is the authority's state class in replica mode (`rotated=True`: keys rotated to the
+rows' positions, on the model's device, with `scratch_slots` free slots past the row buffers for
+forwards to write into; forward.py). `ReplicaStore.reading(session, version, digest)` yields
+`Rows` that view the replica's buffers while holding its lock:
+- when a follower runs (follower.py: the session's Sync(follow=True) stream, started after the
+  first successful read), committed patches are applied as they land, so the replica is usually
+  at `version` already; a read that is ahead waits for the follower, briefly (a condition);
+- otherwise, or when the wait runs out, it pulls `CacheAuthority.Sync` up to `version`, through
+  the authority's own receiving end (`SyncReceiver`: each delta's digest checked against the
+  chain, then `apply_ops`, the code the authority commits with). A gap, a mismatch or a patch
+  that does not apply makes the replica resync fully (`from_version=0`, a snapshot).
 
 Versions that cannot be computed on are refused, never approximated:
 - the replica (after syncing) holds another version — the authority is behind the request, or
@@ -13,10 +19,11 @@ Versions that cannot be computed on are refused, never approximated:
   detail naming the version the replica holds;
 - the authority cannot be reached at all — UNAVAILABLE (raised by the sync source), so that a
   client can tell "retry later" from "your version is stale";
-- the authority does not know the session — NOT_FOUND (and the replica is dropped).
+- the authority does not know the session — NOT_FOUND (and the replica is dropped; a follower
+  that sees its session deleted drops it at once).
 
-The lock is held while the caller computes: on CPU the rows it yields are views of the replica's
-buffers, which the next sync overwrites in place.
+The lock is held while the caller computes: the rows it yields are views of the replica's
+buffers, which the next commit changes in place.
 """
 
 from __future__ import annotations
@@ -35,14 +42,22 @@ from cache_authority.ops import PatchError
 from cache_authority.state import Geometry, SessionState
 from cache_authority.sync import SyncError, SyncReceiver
 from model_worker.errors import WorkerError
-from model_worker.forward import Rows
+from model_worker.follower import Follower, FollowStream
+from model_worker.forward import Rows, Slots
 from positronic.v1 import cache_authority_pb2
 
 logger = logging.getLogger(__name__)
 
+# Free slots past each replica's row buffers: room for a forward's new tokens when the rows end
+# at the buffers' last slot (a Tick's input token, re-fed rows and repair candidates).
+SCRATCH_SLOTS = 64
+# How long a read ahead of its replica waits for the follower before pulling itself.
+FOLLOW_WAIT_S = 0.5
+
 
 class SyncSource(Protocol):
-    """Where replicas come from: the authority's Sync stream (follow=False)."""
+    """Where replicas come from: the authority's Sync stream (follow=False). A source may also
+    have `follow(session_id, from_version) -> FollowStream` (Sync with follow=True)."""
 
     def sync(
         self, session_id: str, from_version: int
@@ -54,11 +69,29 @@ class _Resync(Exception):
 
 
 @dataclass
-class _Entry:
-    lock: threading.Lock = field(default_factory=threading.Lock)
+class Entry:
+    """One session's replica, its lock (held by readers while they compute, and by the
+    follower while it applies a commit) and its follower."""
+
+    cond: threading.Condition = field(default_factory=threading.Condition)
     state: SessionState | None = None
-    device_rows: Rows | None = None  # cached copy on an accelerator, for device_version
-    device_version: int = -1
+    follower: Follower | None = None
+    gone: bool = False  # the authority deleted the session (a follower saw NOT_FOUND)
+
+
+def rows_of(state: SessionState) -> Rows:
+    """The replica's live rows as views of its buffers, with the slots forwards write after."""
+    assert state.rotated_keys is not None, "a replica keeps rotated keys"
+    base = state.position_offset
+    return Rows(
+        state.live_keys(),
+        state.live_values(),
+        state.live_token_ids(),
+        base,
+        Slots(state.rotated_keys, state.values, base),
+        state.live_canonical_keys(),
+        state.live_origin_positions(),
+    )
 
 
 class ReplicaStore:
@@ -72,42 +105,109 @@ class ReplicaStore:
         accept: Callable[[Geometry], None] | None = None,
         max_replicas: int = 32,
         on_sync_bytes: Callable[[str, int], None] | None = None,
+        scratch_slots: int = SCRATCH_SLOTS,
+        follow_wait_s: float = FOLLOW_WAIT_S,
     ):
         self._source = source
         self._device = torch.device(device)
         self._accept = accept or (lambda g: None)
         self._max = max_replicas
         self._on_bytes = on_sync_bytes or (lambda kind, n: None)
-        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        self._scratch = scratch_slots
+        self._follow_wait_s = follow_wait_s
+        self._entries: OrderedDict[str, Entry] = OrderedDict()
         self._lock = threading.Lock()
 
     # -- public -----------------------------------------------------------------------------
-
     @contextmanager
     def reading(self, session_id: str, version: int, digest: bytes = b"") -> Iterator[Rows]:
         """The session's rows at exactly `version` (and `digest`, when given), read-only,
         valid inside the block."""
+        if version < 0:
+            raise WorkerError("INVALID_ARGUMENT", f"version must be >= 0, got {version}")
         entry = self._entry(session_id)
-        with entry.lock:
+        with entry.cond:
+            self._wait_for_follower(entry, version)
             state = self._ensure(entry, session_id, version, digest)
-            yield self._rows(entry, state)
+            self._follow(entry, session_id)
+            yield rows_of(state)
 
     def held(self, session_id: str) -> SessionState | None:
         """The replica itself (tests and diagnostics; do not modify)."""
         entry = self._entries.get(session_id)
         return entry.state if entry else None
 
+    def following(self, session_id: str) -> bool:
+        """Whether a follower keeps this session's replica current."""
+        entry = self._entries.get(session_id)
+        return bool(entry and entry.follower and entry.follower.alive)
+
     def drop(self, session_id: str) -> None:
         with self._lock:
-            self._entries.pop(session_id, None)
+            entry = self._entries.pop(session_id, None)
+        if entry is not None and entry.follower is not None:
+            entry.follower.stop()
+
+    def close(self) -> None:
+        """Stop every follower (the worker is stopping)."""
+        with self._lock:
+            entries = list(self._entries.values())
+            self._entries.clear()
+        for entry in entries:
+            if entry.follower is not None:
+                entry.follower.stop()
+
+    # -- following --------------------------------------------------------------------------
+    def _wait_for_follower(self, entry: Entry, version: int) -> None:
+        """A read ahead of its replica waits (briefly) for the follower to apply that version."""
+        if entry.follower is None or entry.state is None or entry.state.version >= version:
+            return
+        entry.cond.wait_for(
+            lambda: (
+                entry.gone
+                or entry.follower is None
+                or entry.state is None
+                or entry.state.version >= version
+            ),
+            timeout=self._follow_wait_s,
+        )
+
+    def _follow(self, entry: Entry, session_id: str) -> None:
+        """Start the session's follower from the replica's version, if none runs."""
+        follow = getattr(self._source, "follow", None)
+        if follow is None or entry.state is None or entry.gone:
+            return
+        if entry.follower is not None and entry.follower.alive:
+            return
+        stream: FollowStream = follow(session_id, entry.state.version)
+        entry.follower = Follower(
+            entry,
+            session_id,
+            stream,
+            device=self._device,
+            scratch_slots=self._scratch,
+            accept=self._accept,
+            on_bytes=self._on_bytes,
+            on_gone=self._gone,
+        )
+        entry.follower.start()
+
+    def _gone(self, session_id: str, entry: Entry) -> None:
+        """The authority no longer has the session: drop its replica now (follower thread)."""
+        with entry.cond:
+            entry.gone = True
+            entry.state = None
+            entry.cond.notify_all()
+        with self._lock:
+            if self._entries.get(session_id) is entry:
+                del self._entries[session_id]
 
     # -- syncing ----------------------------------------------------------------------------
-
-    def _entry(self, session_id: str) -> _Entry:
+    def _entry(self, session_id: str) -> Entry:
         with self._lock:
             entry = self._entries.get(session_id)
             if entry is None:
-                entry = self._entries[session_id] = _Entry()
+                entry = self._entries[session_id] = Entry()
                 self._evict_idle()
             self._entries.move_to_end(session_id)
             return entry
@@ -117,16 +217,18 @@ class ReplicaStore:
             if len(self._entries) <= self._max:
                 return
             entry = self._entries[sid]
-            if entry.lock.acquire(blocking=False):
+            if entry.cond.acquire(blocking=False):
                 try:
                     del self._entries[sid]
+                    if entry.follower is not None:
+                        entry.follower.stop()
                     logger.info("session %s: replica dropped (least recently used)", sid)
                 finally:
-                    entry.lock.release()
+                    entry.cond.release()
 
-    def _ensure(self, entry: _Entry, session_id: str, version: int, digest: bytes) -> SessionState:
-        if version < 0:
-            raise WorkerError("INVALID_ARGUMENT", f"version must be >= 0, got {version}")
+    def _ensure(self, entry: Entry, session_id: str, version: int, digest: bytes) -> SessionState:
+        if entry.gone:
+            raise WorkerError("NOT_FOUND", f"session {session_id} was deleted")
         try:
             held = entry.state
             if (
@@ -157,7 +259,7 @@ class ReplicaStore:
                 self.drop(session_id)
             raise
 
-    def _sync_to(self, entry: _Entry, session_id: str, version: int) -> SessionState:
+    def _sync_to(self, entry: Entry, session_id: str, version: int) -> SessionState:
         held = entry.state.version if entry.state else None
         if held is not None and held < version:
             try:
@@ -193,12 +295,17 @@ class ReplicaStore:
             )
         return state
 
-    def _pull(self, entry: _Entry, session_id: str, from_version: int, target: int) -> None:
+    def _pull(self, entry: Entry, session_id: str, from_version: int, target: int) -> None:
         """Read Sync from `from_version`; stop as soon as the replica reaches `target`.
 
         The receiving end is the authority's own `SyncReceiver` (snapshot assembly, the digest
         chain, apply_ops); a stream it rejects means "resync fully"."""
-        receiver = SyncReceiver(entry.state if from_version > 0 else None, rotated=True)
+        receiver = SyncReceiver(
+            entry.state if from_version > 0 else None,
+            rotated=True,
+            device=self._device,
+            scratch_slots=self._scratch,
+        )
         stream = self._source.sync(session_id, from_version)
         try:
             for msg in stream:
@@ -227,20 +334,3 @@ class ReplicaStore:
             cancel = getattr(stream, "cancel", None)
             if cancel is not None:
                 cancel()
-
-    # -- rows -------------------------------------------------------------------------------
-
-    def _rows(self, entry: _Entry, state: SessionState) -> Rows:
-        token_ids = state.live_token_ids()
-        offset = state.position_offset
-        if self._device.type == "cpu":
-            return Rows(state.live_keys(), state.live_values(), token_ids, offset)
-        if entry.device_version != state.version or entry.device_rows is None:
-            entry.device_rows = Rows(
-                state.live_keys().to(self._device),
-                state.live_values().to(self._device),
-                token_ids,
-                offset,
-            )
-            entry.device_version = state.version
-        return entry.device_rows

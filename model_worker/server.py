@@ -18,11 +18,13 @@ import logging
 from dataclasses import dataclass
 
 from model_worker.authority_client import AuthoritySync
+from model_worker.lm_repair import LMRepairer
 from model_worker.metrics import WorkerMetrics
 from model_worker.model import DTYPES, LoadedModel, check_session_geometry, load_model
-from model_worker.repair import Repairer, build_repairer
+from model_worker.repair import Repairer
 from model_worker.replica import ReplicaStore, SyncSource
 from model_worker.servicer import ModelWorkerServicer
+from model_worker.tick import Repairers
 from positronic.request_parsing import register_servicer
 from positronic.rpc import RunningServer, start_server
 from positronic.tls import ClientTls, ServerTls
@@ -90,16 +92,15 @@ class _NoAuthority:
         raise WorkerError("UNAVAILABLE", "this worker was started without an authority address")
 
 
-def _load(config: WorkerConfig) -> tuple[LoadedModel, Repairer]:
-    lm = load_model(
-        config.model, device=config.device, dtype=config.dtype, tokenizer=config.tokenizer
-    )
-    masked = None
+def _repairers(config: WorkerConfig, lm: LoadedModel, configured: Repairer | None) -> Repairers:
+    """The causal model's repairer always; the masked LM when --repair mlm loads one."""
+    mlm: Repairer | None = None
     if config.repair == "mlm":
-        from model_worker.mlm_repair import load_masked_lm
+        from model_worker.mlm_repair import MLMRepairer, load_masked_lm
 
         masked = load_masked_lm(config.repair_model or "", device=str(lm.device))
-    return lm, build_repairer(config.repair, lm, masked)
+        mlm = MLMRepairer(lm, masked)
+    return Repairers(LMRepairer(lm), mlm, config.repair, configured)
 
 
 def start_worker(
@@ -112,14 +113,16 @@ def start_worker(
     """Load (unless `model` is given), then serve. Never raises for a model that fails to load."""
     metrics = WorkerMetrics()
     lm, load_error = model, ""
+    repairers = None
     try:
         if lm is None:
-            lm, repairer = _load(config)
-        elif repairer is None:
-            repairer = build_repairer(config.repair, lm)
+            lm = load_model(
+                config.model, device=config.device, dtype=config.dtype, tokenizer=config.tokenizer
+            )
+        repairers = _repairers(config, lm, repairer)
     except Exception as e:
         logger.exception("model %s failed to load", config.model)
-        lm, repairer, load_error = None, None, f"{type(e).__name__}: {e}"
+        lm, repairers, load_error = None, None, f"{type(e).__name__}: {e}"
     on_stop = []
     replicas = None
     if lm is not None:
@@ -137,7 +140,8 @@ def start_worker(
             max_replicas=config.max_replicas,
             on_sync_bytes=metrics.add_sync_bytes,
         )
-    servicer = ModelWorkerServicer(lm, replicas, repairer, metrics, load_error)
+        on_stop.insert(0, replicas.close)  # followers end before the authority channel closes
+    servicer = ModelWorkerServicer(lm, replicas, repairers, metrics, load_error)
     running = start_server(
         config.listen,
         lambda server: register_servicer(server, servicer, SERVICE),

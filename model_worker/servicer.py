@@ -18,9 +18,11 @@ from model_worker.errors import WorkerError
 from model_worker.limits import check_compute
 from model_worker.metrics import WorkerMetrics
 from model_worker.model import LoadedModel
-from model_worker.repair import Repairer, check_request, repair_pairs
+from model_worker.repair import check_request, repair_pairs
 from model_worker.replica import ReplicaStore
+from model_worker.tick import Repairers, check_tick, tick
 from positronic import codec
+from positronic.repair_params import list_policies_pb
 from positronic.rpc import abort
 from positronic.v1 import model_worker_pb2 as pb
 from positronic.v1 import model_worker_pb2_grpc
@@ -33,13 +35,13 @@ class ModelWorkerServicer(model_worker_pb2_grpc.ModelWorkerServicer):
         self,
         lm: LoadedModel | None,
         replicas: ReplicaStore | None,
-        repairer: Repairer | None,
+        repairers: Repairers | None,
         metrics: WorkerMetrics,
         load_error: str = "",
     ):
         self.lm = lm
         self.replicas = replicas
-        self.repairer = repairer
+        self.repairers = repairers
         self.metrics = metrics
         self.load_error = load_error
 
@@ -66,8 +68,7 @@ class ModelWorkerServicer(model_worker_pb2_grpc.ModelWorkerServicer):
     def Info(self, request, context):
         with self._boundary(context, "Info"):
             lm, _ = self._ready()
-            name = self.repairer.name if self.repairer else ""
-            return convert.info_to_pb(lm, name)
+            return convert.info_to_pb(lm, self.repairers)
 
     def Tokenize(self, request, context):
         with self._boundary(context, "Tokenize"):
@@ -145,7 +146,7 @@ class ModelWorkerServicer(model_worker_pb2_grpc.ModelWorkerServicer):
     def Repair(self, request, context):
         with self._boundary(context, "Repair"):
             _, replicas = self._ready()
-            if self.repairer is None:
+            if self.repairers is None:
                 raise WorkerError("UNAVAILABLE", "no repairer is loaded")
             check_compute(request.session_id, request.version, request.expected_digest)
             pairs = convert.pairs_from_pb(request.pairs)
@@ -153,11 +154,27 @@ class ModelWorkerServicer(model_worker_pb2_grpc.ModelWorkerServicer):
             with replicas.reading(
                 request.session_id, request.version, request.expected_digest
             ) as rows:
-                results = repair_pairs(self.repairer, rows, pairs, request.max_candidates)
+                repairer = self.repairers.for_repair_rpc
+                results = repair_pairs(repairer, rows, pairs, request.max_candidates)
             return convert.repairs_to_pb(pairs, results)
 
     def Tick(self, request, context):
-        context.abort(grpc.StatusCode.UNIMPLEMENTED, "Tick is not implemented yet")
+        with self._boundary(context, "Tick"):
+            lm, replicas = self._ready()
+            if self.repairers is None:
+                raise WorkerError("UNAVAILABLE", "no repairer is loaded")
+            check_compute(request.session_id, request.version, request.expected_digest)
+            params = convert.tick_params_from_pb(request)
+            check_tick(lm, params, self.repairers)  # malformed before stale
+            with replicas.reading(
+                request.session_id, request.version, request.expected_digest
+            ) as rows:
+                result = tick(lm, rows, params, self.repairers)
+            seconds = result.forward_ns / 1e9
+            self.metrics.step_seconds.observe(seconds)
+            self.metrics.forwarded("Tick", result.forwards, seconds)
+            return convert.tick_result_to_pb(result)
 
     def ListPolicies(self, request, context):
-        context.abort(grpc.StatusCode.UNIMPLEMENTED, "ListPolicies is not implemented yet")
+        with self._boundary(context, "ListPolicies"):
+            return list_policies_pb()

@@ -12,6 +12,7 @@ iterators, so a caller cannot tell the two kinds apart.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import inspect
 import threading
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
@@ -110,16 +111,49 @@ async def _aiter(items: Iterable) -> AsyncIterator:
         yield item
 
 
-def _sync_iter(agen: AsyncIterator, loop: _PrivateLoop) -> Iterator:
-    """An async generator's items, one loop round trip each."""
-    try:
-        while True:
-            try:
-                yield loop.run(agen.__anext__())
-            except StopAsyncIteration:
-                return
-    finally:
-        loop.run(agen.aclose())  # type: ignore[attr-defined]
+class _SyncStream:
+    """An async generator's items as a blocking iterator, one loop round trip each; cancel()
+    (from any thread) ends it as a client's cancel ends a gRPC stream: a caller blocked in
+    next() gets StopIteration, and the generator is closed on its loop."""
+
+    def __init__(self, agen: AsyncIterator, loop: _PrivateLoop):
+        self._agen, self._loop = agen, loop
+        self._task: asyncio.Task | None = None  # the __anext__ in flight, on the loop
+        self._done = False
+
+    def __iter__(self) -> Iterator:
+        return self
+
+    def __next__(self):
+        if self._done:
+            raise StopIteration
+        future = asyncio.run_coroutine_threadsafe(self._next(), self._loop.get())
+        try:
+            return future.result()
+        except (StopAsyncIteration, concurrent.futures.CancelledError):
+            self.cancel()
+            raise StopIteration from None
+        except BaseException:
+            self.cancel()
+            raise
+
+    async def _next(self):
+        self._task = asyncio.current_task()
+        return await self._agen.__anext__()
+
+    async def _close(self) -> None:
+        # The generator cannot be closed while an __anext__ runs in it: cancel that first.
+        task = self._task
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait([task])
+        await self._agen.aclose()  # type: ignore[attr-defined]
+
+    def cancel(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        asyncio.run_coroutine_threadsafe(self._close(), self._loop.get())
 
 
 class DirectStub:
@@ -143,7 +177,7 @@ class DirectStub:
             if isinstance(request, Iterator):  # a client stream
                 request = _aiter(request)
             if is_async_stream:
-                return _sync_iter(method(request, AsyncDirectContext()), self._loop)
+                return _SyncStream(method(request, AsyncDirectContext()), self._loop)
             return self._loop.run(method(request, AsyncDirectContext()))
 
         return call

@@ -1,14 +1,20 @@
 """The Halo Weave loop driver (DESIGN.md "The loop"): a client of both services, owning nothing.
 
     0/4  Patch(session, V, ops)          the only mutation; the prime is the Patch at V = 0
-    1    Step(session, V, last_token)    read-only: next token, attention row, K/V of last_token
-    2    scores' = policy.update(...)    pure
-    3    plan = policy.plan(...) + Repair + ComputeKV   pure decisions and read-only calls
+    1    plan merges from the committed scores (one tick behind: the pair is chosen from the
+         previous tick's brightness)                                              pure
+    1    Tick(session, V, last_token, pairs)   read-only, one call: next token and its text,
+         attention row, K/V of last_token, and each pair's replacement with its K/V
+    2    scores' = policy.update(...)    pure; evictions of eviction-only policies planned now,
+         from the fresh attention (as the papers do)
     4    Patch(session, V, [SetBrightness, ReplacePair/Evict..., Append(last_token)]) -> V + 1
 
-Exactly one Patch per iteration plus one for the prime. The driver's `View` of the session is a
-read of committed state: it is changed only after the authority acknowledges a patch, by the same
-edits the patch made, or re-read with GetSession when another writer got there first.
+So the critical path of an iteration is two calls, one Tick and one Patch; the worker's replica
+follows the authority's commits off that path (model_worker/follower.py). Exactly one Patch per
+iteration plus one for the prime. The driver's `View` of the session is a read of committed
+state: it is changed only after the authority acknowledges a patch, by the same edits the patch
+made, or re-read with GetSession when another writer got there first. The text comes from each
+Tick's `next_token_bytes` through a UTF-8 assembler: no Detokenize call per token.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from positronic import codec
 from positronic.clients import Endpoints, call_with_retry, send_patch
 from positronic.loop_view import View, apply_edits, view_from_mirror
 from positronic.policies import Policy
+from positronic.repair_params import repair_params_pb
 from positronic.token_text import Utf8Assembler
 from positronic.v1 import cache_authority_pb2, model_worker_pb2, session_pb2
 
@@ -65,7 +72,7 @@ class LoopConfig:
     top_p: float = 0.95
     repetition_penalty: float = 1.0
     attention_reduction: str = "last"
-    repair_candidates: int = 5
+    repair_candidates: int = 0  # candidates an lm/mlm repair ranks per pair; 0: the policy's
     retry_timeout_s: float = 60.0  # how long to retry a peer that is down
     call_timeout_s: float = 30.0  # deadline of one read-only call (Prefill: 10x)
     stop_at_eos: bool = False
@@ -105,32 +112,32 @@ class LoopStats:
     elapsed_s: float = 0.0
     stale_retries: int = 0
     consistent: bool = False  # the driver's view matched the authority's mirror at the end
+    rpcs_per_iteration: float = 0.0  # calls on the critical path (Tick, Patch, re-reads)
+    forwards_per_iteration: float = 0.0  # the worker's forward passes (TickResponse.forwards)
+    merging_iterations: int = 0  # iterations whose Tick built replacements
+    forwards_per_merging_iteration: float = 0.0
     token_ids: list[int] = field(default_factory=list)
     nll: list[float] = field(default_factory=list)  # teacher-forced runs: -log p per token
+    critical_calls: int = 0
+    forwards: int = 0
+    merging_forwards: int = 0
 
     def to_json(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k not in ("token_ids", "nll")}
+        hidden = ("token_ids", "nll", "critical_calls", "forwards", "merging_forwards")
+        return {k: v for k, v in asdict(self).items() if k not in hidden}
 
+    def count_tick(self, forwards: int, merging: bool) -> None:
+        self.forwards += forwards
+        if merging:
+            self.merging_iterations += 1
+            self.merging_forwards += forwards
 
-class Detokenizer:
-    """Generated text, linear: one Detokenize of the one new id per token gives the bytes it adds
-    and its vocabulary piece; the UTF-8 assembler prints a character split over byte tokens once
-    its last byte arrives."""
-
-    def __init__(self, call: Callable[[model_worker_pb2.DetokenizeRequest], Any]):
-        self._call = call
-        self._assembler = Utf8Assembler()
-
-    def push(self, token_id: int) -> tuple[str, str]:
-        """(text now complete, the id's vocabulary piece). Special tokens add no text."""
-        resp = self._call(
-            model_worker_pb2.DetokenizeRequest(ids=[token_id], skip_special_tokens=True)
-        )
-        return self._assembler.push(resp.piece_bytes[0]), resp.pieces[0]
-
-    def flush(self) -> str:
-        """The end of the text: a character still incomplete is U+FFFD."""
-        return self._assembler.flush()
+    def finish(self) -> None:
+        n = max(self.iterations, 1)
+        self.rpcs_per_iteration = self.critical_calls / n
+        self.forwards_per_iteration = self.forwards / n
+        if self.merging_iterations:
+            self.forwards_per_merging_iteration = self.merging_forwards / self.merging_iterations
 
 
 def _sampling(config: LoopConfig, iteration: int) -> model_worker_pb2.SamplingParams:
@@ -154,6 +161,11 @@ class Loop:
         self.stats = LoopStats(hard_max=config.hard_max_rows)
         self.info = self._worker_call(lambda: self.ep.worker.Info(model_worker_pb2.InfoRequest()))
         self.eos = self.info.special_tokens.eos_token_id
+        policy = config.policy
+        self._repair = repair_params_pb(policy.repair if policy.merges else None)
+        if config.repair_candidates:
+            self._repair.max_candidates = config.repair_candidates
+        self._pending_piece = ""
         self._check_budget_fits_positions()
 
     def _check_budget_fits_positions(self) -> None:
@@ -283,75 +295,36 @@ class Loop:
 
     # -- 1..4: one iteration -------------------------------------------------------------------
     def iterate(self, session_id: str, view: View, token: int, iteration: int, source: Any):
-        """Step, score, plan, repair, patch. Returns (new view, next token, step response)."""
+        """Plan merges, Tick, score, Patch. Returns (new view, the Tick's response)."""
         n = len(view.token_ids)
         policy = self.cfg.policy
         if policy.name == "full":
             self._check_positions(n + 1)
-        forced = self.cfg.forced_tokens
-        step_req = model_worker_pb2.StepRequest(
-            session_id=session_id,
-            version=view.version,
-            expected_digest=view.digest,
-            input_token_id=token,
-            sampling=_sampling(self.cfg, iteration),
-            attention_reduction=REDUCTIONS[self.cfg.attention_reduction],
-        )
-        if forced is not None:
-            step_req.forced_next_token_id = forced[iteration]
-        step = self._worker_call(
-            lambda: self.ep.worker.Step(step_req, timeout=self.cfg.call_timeout_s), "Step"
-        )
-        attention = torch.tensor(step.attention, dtype=torch.float32)
+        structural = torch.tensor([*view.structural, False])
+        excess = n + 1 - self.cfg.target_rows
+        pairs: list[int] = []
+        evictions: list[int] = []
+        if policy.merges and excess > 0:
+            # One tick behind: the committed scores (the previous tick's), the new row seeded.
+            committed = torch.cat([view.scores, torch.tensor([policy.initial_score()])])
+            plan = policy.plan(committed, structural, excess)
+            pairs, evictions = plan.merges, list(plan.evictions)
+        tick = self._tick(session_id, view, token, iteration, pairs)
+        attention = torch.tensor(tick.attention, dtype=torch.float32)
         if attention.numel() != n + 1:
             raise LoopError(f"attention row of {attention.numel()} values for {n} rows + 1")
         scores, new_score = policy.update(view.scores, attention)
         all_scores = torch.cat([scores, torch.tensor([new_score])])
-        structural = torch.tensor([*view.structural, False])
-        excess = n + 1 - self.cfg.target_rows
-        plan = policy.plan(all_scores, structural, excess)
-        merges, evictions = self._repair(session_id, view, plan.merges, all_scores)
-        evictions = sorted(set(plan.evictions) | set(evictions))
-        ops: list[session_pb2.PatchOp] = []
-        if policy.keeps_scores:
-            ops.append(
-                session_pb2.PatchOp(
-                    set_brightness=session_pb2.SetBrightnessOp(
-                        expected_row_count=n, brightness=scores.tolist()
-                    )
-                )
-            )
-        for p, tok, kv, piece, score in merges:
-            ops.append(
-                session_pb2.PatchOp(
-                    replace_pair=session_pb2.ReplacePairOp(
-                        position=p,
-                        expected_token_ids=view.token_ids[p : p + 2],
-                        token_id=tok,
-                        kv=kv,
-                        piece=piece,
-                        brightness=score,
-                    )
-                )
-            )
-        for p in evictions:
-            ops.append(
-                session_pb2.PatchOp(
-                    evict=session_pb2.EvictOp(position=p, expected_token_id=view.token_ids[p])
-                )
-            )
-        ops.append(
-            session_pb2.PatchOp(
-                append=session_pb2.AppendOp(
-                    position=n,
-                    token_ids=[token],
-                    kv=step.input_kv,
-                    pieces=[self._pending_piece],
-                    brightness=[new_score],
-                    source=source,
-                )
-            )
-        )
+        if not policy.merges and excess > 0:
+            evictions = list(policy.plan(all_scores, structural, excess).evictions)
+        merges = []
+        for p, merge in zip(pairs, tick.merges, strict=True):
+            if merge.merged:
+                merges.append((p, merge, policy.merged_score(all_scores, p)))
+            else:  # no single token fits: the pair's dimmer row goes instead
+                evictions.append(p if all_scores[p] <= all_scores[p + 1] else p + 1)
+        evictions = sorted(set(evictions))
+        ops = self._ops(view, scores, merges, evictions, token, tick.input_kv, new_score, source)
         resp = send_patch(
             self.ep,
             session_id,
@@ -361,10 +334,11 @@ class Loop:
             timeout_s=self.cfg.retry_timeout_s,
             call_timeout_s=self.cfg.call_timeout_s,
         )
+        self.stats.critical_calls += 1
         new_view = apply_edits(
             view,
             scores=scores,
-            merges=[(p, tok, score) for p, tok, _, _, score in merges],
+            merges=[(p, m.token_id, score) for p, m, score in merges],
             evictions=evictions,
             appended=(token, new_score),
             version=resp.version,
@@ -378,52 +352,79 @@ class Loop:
         self.stats.merges += len(merges)
         self.stats.evictions += len(evictions)
         self.stats.max_rows = max(self.stats.max_rows, resp.row_count)
-        return new_view, step.next_token_id, step
+        self.stats.count_tick(tick.forwards, bool(pairs))
+        return new_view, tick
 
-    def _repair(self, session_id: str, view: View, pairs: list[int], scores: torch.Tensor):
-        """Best single-token replacement and its K/V for each pair; pairs without one are
-        evicted instead (their dimmer row). Read-only calls at the view's version."""
-        if not pairs:
-            return [], []
-        req = model_worker_pb2.RepairRequest(
+    def _tick(self, session_id: str, view: View, token: int, iteration: int, pairs: list[int]):
+        """The iteration's one read-only call: step, text, and each pair's replacement."""
+        request = model_worker_pb2.TickRequest(
             session_id=session_id,
             version=view.version,
             expected_digest=view.digest,
-            pairs=[
+            input_token_id=token,
+            sampling=_sampling(self.cfg, iteration),
+            attention_reduction=REDUCTIONS[self.cfg.attention_reduction],
+            merges=[
                 model_worker_pb2.PairRef(position=p, expected_token_ids=view.token_ids[p : p + 2])
                 for p in pairs
             ],
-            max_candidates=self.cfg.repair_candidates,
+            repair=self._repair,
         )
-        repairs = self._worker_call(
-            lambda: self.ep.worker.Repair(req, timeout=self.cfg.call_timeout_s), "Repair"
-        ).repairs
-        chosen, fallback = [], []
-        for p, rep in zip(pairs, repairs, strict=True):
-            if rep.candidates:
-                chosen.append((p, rep.candidates[0]))
-            else:
-                fallback.append(p if scores[p] <= scores[p + 1] else p + 1)
-        if not chosen:
-            return [], fallback
-        kv_req = model_worker_pb2.ComputeKVRequest(
-            session_id=session_id,
-            version=view.version,
-            expected_digest=view.digest,
-            insertions=[
-                model_worker_pb2.Insertion(position=p, token_id=c.token_id) for p, c in chosen
-            ],
+        forced = self.cfg.forced_tokens
+        if forced is not None:
+            request.forced_next_token_id = forced[iteration]
+        self.stats.critical_calls += 1
+        return self._worker_call(
+            lambda: self.ep.worker.Tick(request, timeout=self.cfg.call_timeout_s), "Tick"
         )
-        kvs = self._worker_call(
-            lambda: self.ep.worker.ComputeKV(kv_req, timeout=self.cfg.call_timeout_s), "ComputeKV"
-        ).kv
-        merges = [
-            (p, c.token_id, kv, c.piece, self.cfg.policy.merged_score(scores, p))
-            for (p, c), kv in zip(chosen, kvs, strict=True)
-        ]
-        return merges, fallback
+
+    def _ops(self, view, scores, merges, evictions, token, input_kv, new_score, source):
+        """The iteration's Patch: brightness, merges, evictions, then the input token."""
+        ops: list[session_pb2.PatchOp] = []
+        if self.cfg.policy.keeps_scores:
+            ops.append(
+                session_pb2.PatchOp(
+                    set_brightness=session_pb2.SetBrightnessOp(
+                        expected_row_count=len(view.token_ids), brightness=scores.tolist()
+                    )
+                )
+            )
+        for p, merge, score in merges:
+            ops.append(
+                session_pb2.PatchOp(
+                    replace_pair=session_pb2.ReplacePairOp(
+                        position=p,
+                        expected_token_ids=view.token_ids[p : p + 2],
+                        token_id=merge.token_id,
+                        kv=merge.kv,
+                        piece=merge.piece,
+                        brightness=score,
+                        replaced_text=merge.replaced_text,
+                    )
+                )
+            )
+        for p in evictions:
+            ops.append(
+                session_pb2.PatchOp(
+                    evict=session_pb2.EvictOp(position=p, expected_token_id=view.token_ids[p])
+                )
+            )
+        ops.append(
+            session_pb2.PatchOp(
+                append=session_pb2.AppendOp(
+                    position=len(view.token_ids),
+                    token_ids=[token],
+                    kv=input_kv,
+                    pieces=[self._pending_piece],
+                    brightness=[new_score],
+                    source=source,
+                )
+            )
+        )
+        return ops
 
     def reread(self, session_id: str) -> View:
+        self.stats.critical_calls += 1
         resp = call_with_retry(
             lambda: self.ep.authority.GetSession(
                 cache_authority_pb2.GetSessionRequest(session_id=session_id)
@@ -466,14 +467,13 @@ class Loop:
         view = self.prime(session_id, digest, ids[:-1], pieces[:-1], structural[:-1])
         token, source = ids[-1], session_pb2.TOKEN_SOURCE_PROMPT
         self._pending_piece = pieces[-1]
-        detok = Detokenizer(self._detokenize)
-        forced_pieces = self._pieces(cfg.forced_tokens) if cfg.forced_tokens is not None else []
+        text_out = Utf8Assembler()
         steps = len(cfg.forced_tokens) if cfg.forced_tokens is not None else cfg.max_new_tokens
         t0 = time.perf_counter()
         i = stale_in_a_row = 0
         while i < steps:
             try:
-                view, next_token, step = self.iterate(session_id, view, token, i, source)
+                view, tick = self.iterate(session_id, view, token, i, source)
             except grpc.RpcError as e:
                 if e.code() != grpc.StatusCode.ABORTED:  # type: ignore[attr-defined]
                     raise
@@ -490,20 +490,19 @@ class Loop:
                 continue
             i += 1
             stale_in_a_row = 0
+            next_token = tick.next_token_id
             self.stats.iterations = i
             self.stats.token_ids.append(next_token)
-            if cfg.forced_tokens is not None:
-                self.stats.nll.append(-float(step.next_token_logprob))
+            self._pending_piece = tick.next_token_piece
+            if cfg.forced_tokens is not None:  # teacher forcing scores; prints nothing
+                self.stats.nll.append(-float(tick.next_token_logprob))
                 source = session_pb2.TOKEN_SOURCE_PROMPT
+                text = ""
             else:
                 source = session_pb2.TOKEN_SOURCE_GENERATED
-            if cfg.forced_tokens is not None:
-                text, piece = "", forced_pieces[i - 1]  # teacher forcing scores; prints nothing
-            else:
-                text, piece = detok.push(next_token)
+                text = text_out.push(tick.next_token_bytes)
                 if next_token == self.eos:
-                    text += detok.flush() + "\n\n"
-            self._pending_piece = piece
+                    text += text_out.flush() + "\n\n"
             if text:
                 self.on_text(text)
             token = next_token
@@ -520,7 +519,7 @@ class Loop:
                 )
             if cfg.stop_at_eos and next_token == self.eos:
                 break
-        tail = detok.flush()
+        tail = text_out.flush()
         if tail:
             self.on_text(tail)
         elapsed = time.perf_counter() - t0
@@ -529,6 +528,7 @@ class Loop:
         self.stats.tokens_per_s = self.stats.iterations / elapsed if elapsed > 0 else 0.0
         self.stats.final_version = view.version
         self.stats.mutating_rpcs = self.ep.counter.patch_calls
+        self.stats.finish()
         self.stats.consistent = self.reread(session_id) == view
         return self.stats
 

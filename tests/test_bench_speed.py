@@ -9,6 +9,7 @@ import pytest
 from positronic.bench import speed
 from positronic.bench.wire import CallRecord, Iteration, WireRecorder
 from positronic.bench.wire_stats import (
+    hop_bytes,
     iteration_bytes,
     rate_by_tenth,
     rate_windows,
@@ -28,6 +29,35 @@ def test_recorder_cuts_iterations_at_patches():
         (1270, 5, False),
         (1794, 6, True),
     ]
+
+
+def test_a_tick_with_replacements_marks_its_iteration_edited():
+    rec = WireRecorder()
+    rec.record("/x/Patch", 0.01, 500, 10)  # the prime
+    rec.record("/x/Tick", 0.002, 60, 900, rows=5)
+    rec.record("/x/Patch", 0.001, 300, 10)
+    rec.record("/x/Tick", 0.002, 70, 1200, rows=6, edits=1)
+    rec.record("/x/Patch", 0.001, 700, 10, edits=1)
+    assert [(i.bytes, i.rows, i.edited) for i in rec.iterations] == [
+        (1270, 5, False),
+        (1980, 6, True),
+    ]
+
+
+def test_hop_bytes_count_each_hop_once_and_leave_the_prime_out():
+    calls = [
+        CallRecord("Patch", 0.0, 5000, 10),  # the prime
+        CallRecord("Tick", 0.0, 60, 900),
+        CallRecord("Patch", 0.0, 300, 10),
+        CallRecord("Tick", 0.0, 60, 1100),
+        CallRecord("Patch", 0.0, 500, 10),
+        CallRecord("Watch", 0.0, 10, 99),  # on no hop a token's K/V crosses
+    ]
+    assert hop_bytes(calls, sync_bytes=1000, iterations=2) == {
+        "worker_to_driver": 1000.0,
+        "driver_to_authority": 400.0,
+        "authority_to_worker": 500.0,
+    }
 
 
 def test_iteration_bytes_fit_separates_fixed_and_per_row():
@@ -55,12 +85,20 @@ def test_rate_windows_and_latency():
 
 
 def test_plan_and_ratios():
-    args = argparse.Namespace(tokens=50, budget=16, modes="hf_generate,grpc_split", policies="halo")
+    args = argparse.Namespace(
+        tokens=50,
+        budget=16,
+        modes="hf_generate,grpc_split",
+        policies="halo",
+        device="cuda:1",
+        dtype="bfloat16",
+    )
     runs = speed.plan_runs(args, "/m", threads=1)
     assert [(r["mode"], r["policy"]) for r in runs] == [
         ("hf_generate", "none"),
         ("grpc_split", "halo"),
     ]
+    assert {(r["device"], r["dtype"]) for r in runs} == {("cuda:1", "bfloat16")}
     out = speed.with_ratios(
         [
             {"mode": "hf_generate", "tokens_per_s": 100.0},
@@ -84,7 +122,15 @@ def test_in_process_measurement(stories260k_dir):
     out = run_in_process(run)
     assert out["tokens_generated"] == 40 and out["max_rows"] <= 16
     assert out["mutating_rpcs"] == out["iterations"] + 1 and out["merges"] > 0
-    assert {"Step", "Patch", "Repair", "ComputeKV"} <= set(out["rpc_latency"])
+    # one Tick and one Patch per iteration; the old per-token RPCs are gone from the path
+    assert {"Tick", "Patch"} <= set(out["rpc_latency"])
+    assert not {"Step", "Repair", "ComputeKV", "Detokenize"} & set(out["rpc_latency"])
+    assert out["rpcs_per_iteration"] == 2.0
+    assert out["merging_iterations"] > 0 and out["forwards_per_merging_iteration"] == 2.0
+    assert 1.0 <= out["forwards_per_iteration"] < 2.0
     wire = out["wire_bytes"]
     assert wire["edited_iterations"] > 0 and wire["sync_per_iteration"] > 0
+    hops = wire["per_hop"]
+    assert hops["authority_to_worker"] == wire["sync_per_iteration"]
+    assert hops["worker_to_driver"] > 0 and hops["driver_to_authority"] > 0
     assert out["peak_rss_bytes"]["process"] > 0

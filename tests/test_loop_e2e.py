@@ -11,9 +11,10 @@ import pytest
 from cache_authority.server import AuthorityConfig, start_authority
 from model_worker.server import WorkerConfig, start_worker
 from positronic.clients import Endpoints, MutationCounter
-from positronic.loop import Detokenizer, LoopConfig, LoopConfigError, LoopError, run_loop
+from positronic.loop import LoopConfig, LoopConfigError, LoopError, run_loop
 from positronic.policies import make_policy
 from positronic.rpc import open_channel
+from positronic.token_text import Utf8Assembler
 from positronic.v1 import (
     cache_authority_pb2,
     cache_authority_pb2_grpc,
@@ -198,23 +199,26 @@ def test_a_recreated_session_id_is_not_served_from_the_old_replica(services):
 
 
 class CountingWorker:
-    """The worker stub, with every Detokenize request recorded."""
+    """The worker stub, with every call's method name recorded."""
 
     def __init__(self, stub):
         self._stub = stub
-        self.detokenized: list[list[int]] = []
+        self.calls: list[str] = []
 
     def __getattr__(self, name):
-        return getattr(self._stub, name)
+        method = getattr(self._stub, name)
 
-    def Detokenize(self, request, **kw):
-        self.detokenized.append(list(request.ids))
-        return self._stub.Detokenize(request, **kw)
+        def call(*args, **kw):
+            self.calls.append(name)
+            return method(*args, **kw)
+
+        return call
 
 
-def test_text_costs_one_detokenize_of_one_id_per_token_and_pieces_are_vocabulary(services):
-    """The driver used to Detokenize the growing text twice per token (quadratic); now one id
-    per call, and the printed text is exactly the text of the generated ids."""
+def test_one_tick_and_one_patch_per_iteration_and_the_text_is_exact(services):
+    """The critical path is one Tick and one Patch per token: no Step, Repair, ComputeKV or
+    Detokenize (the text comes with each Tick, as exact bytes). The printed text is exactly the
+    text of the generated ids, and every mirror piece is the vocabulary piece."""
     c = Counted(services)
     worker = CountingWorker(c.endpoints.worker)
     c.endpoints.worker = worker  # type: ignore[assignment]
@@ -222,13 +226,16 @@ def test_text_costs_one_detokenize_of_one_id_per_token_and_pieces_are_vocabulary
     config = LoopConfig(policy=make_policy("halo"), target_rows=24, max_new_tokens=60, seed=3)
     try:
         stats = run_loop(c.endpoints, PROMPT, config, out.append)
-        whole = worker.Detokenize(
+        whole = c.endpoints.worker._stub.Detokenize(
             model_worker_pb2.DetokenizeRequest(ids=stats.token_ids, skip_special_tokens=True)
         )
-        vocab = worker.Detokenize(model_worker_pb2.DetokenizeRequest(ids=range(512))).pieces
+        vocab = worker._stub.Detokenize(model_worker_pb2.DetokenizeRequest(ids=range(512))).pieces
     finally:
         c.endpoints.close()
-    assert worker.detokenized[:-2] == [[t] for t in stats.token_ids]
+    assert worker.calls == ["Info", "Tokenize", "Prefill"] + ["Tick"] * 60
+    assert stats.rpcs_per_iteration == 2.0 and c.test_counter.patch_calls == 61
+    assert stats.merges > 0 and stats.merging_iterations >= stats.merges
+    assert stats.forwards_per_merging_iteration == 2.0  # halo's lm repairer
     assert "".join(out) == whole.text.replace("</s>", "\n\n")
     rows = mirror(services, stats.session_id).mirror
     assert [m.piece for m in rows] == [vocab[m.token_id] for m in rows]
@@ -236,15 +243,29 @@ def test_text_costs_one_detokenize_of_one_id_per_token_and_pieces_are_vocabulary
 
 
 def test_a_character_split_over_byte_tokens_prints_once_complete(services):
+    """What the loop does with each Tick's next_token_bytes: a character split over byte
+    tokens is printed once its last byte arrives."""
     channel = open_channel(services[1])
     stub = model_worker_pb2_grpc.ModelWorkerStub(channel)
     try:
         ids = stub.Tokenize(model_worker_pb2.TokenizeRequest(text="I like 🐱 cats")).ids
-        detok = Detokenizer(stub.Detokenize)
-        printed = [detok.push(t)[0] for t in ids]
+        chunks = stub.Detokenize(model_worker_pb2.DetokenizeRequest(ids=ids)).piece_bytes
     finally:
         channel.close()
-    assert printed == [" I", " li", "ke", " ", "", "", "", "🐱", " c", "at", "s"]
+    text = Utf8Assembler()
+    assert [text.push(b) for b in chunks] == [
+        " I",
+        " li",
+        "ke",
+        " ",
+        "",
+        "",
+        "",
+        "🐱",
+        " c",
+        "at",
+        "s",
+    ]
 
 
 @pytest.mark.parametrize("policy", ["halo", "streaming"])

@@ -3,6 +3,8 @@ and a refusal (never an approximation) for versions they cannot reach."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from worker_fixtures import MiniAuthority, append_op, new_state, same, snapshot_of
@@ -32,9 +34,16 @@ def authority(lm):
     return a
 
 
-def _store(authority, lm, **kw):
+class _PullOnly:
+    """The authority without follow streams: replicas pull every version they need."""
+
+    def __init__(self, authority):
+        self.sync = authority.sync
+
+
+def _store(authority, lm, follow: bool = False, **kw):
     return ReplicaStore(
-        authority,
+        authority if follow else _PullOnly(authority),
         accept=lambda g: check_session_geometry(g, lm.geometry),
         **kw,
     )
@@ -183,3 +192,109 @@ def test_least_recently_used_replicas_are_dropped(lm, authority):
     with store.reading("t", 0) as rows:
         assert rows.count == 0
     assert store.held("s") is None and store.held("t") is not None
+
+
+# -- followers: committed patches applied as they land ------------------------------------------
+def _wait(predicate, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_a_follower_applies_each_commit_without_a_pull(lm, authority):
+    store = _store(authority, lm, True)
+    with store.reading("s", 2):
+        pass
+    assert authority.calls == [("s", 0)] and authority.follows == [("s", 2)]
+    v = _edit(lm, authority)
+    v = authority.patch("s", [append_op(lm, [IDS[0]], authority.states["s"].row_count)])
+    _wait(lambda: store.held("s").version == v)  # no read asked for it
+    with store.reading("s", v, authority.states["s"].digest) as rows:
+        assert rows.count == authority.states["s"].row_count
+    assert authority.calls == [("s", 0)]  # never pulled again
+    _assert_mirrors(store, authority)
+    store.close()
+
+
+def test_a_read_ahead_of_the_replica_waits_for_the_follower(lm, authority):
+    store = _store(authority, lm, True, follow_wait_s=30.0)
+    with store.reading("s", 2):
+        pass
+    authority.follow_delay_s = 0.3
+    v = authority.patch("s", [append_op(lm, [IDS[9]], 9, context=IDS[:9])])
+    with store.reading("s", v, authority.states["s"].digest):  # asked before it landed
+        pass
+    assert authority.calls == [("s", 0)]
+    _assert_mirrors(store, authority)
+    store.close()
+
+
+def test_a_pull_and_the_follower_never_apply_a_commit_twice(lm, authority):
+    """The follower is slower than the read's patience: the read pulls; the follower then
+    skips what the pull applied and goes on with the next commit."""
+    store = _store(authority, lm, True, follow_wait_s=0.01)
+    with store.reading("s", 2):
+        pass
+    authority.follow_delay_s = 0.5
+    v = _edit(lm, authority)
+    with store.reading("s", v):
+        pass
+    assert authority.calls == [("s", 0), ("s", 2)]
+    authority.follow_delay_s = 0.0
+    v = authority.patch("s", [append_op(lm, [IDS[0]], authority.states["s"].row_count)])
+    _wait(lambda: store.held("s").version == v)
+    assert store.following("s")
+    _assert_mirrors(store, authority)
+    store.close()
+
+
+def test_a_deleted_session_is_dropped_and_never_computed_on(lm, authority):
+    """The follow stream ends with NOT_FOUND: the replica goes at once, and a read at the old
+    version and digest answers NOT_FOUND instead of computing on the old rows."""
+    store = _store(authority, lm, True)
+    digest = authority.states["s"].digest
+    with store.reading("s", 2, digest):
+        pass
+    authority.delete("s")
+    _wait(lambda: store.held("s") is None)
+    with pytest.raises(WorkerError) as e, store.reading("s", 2, digest):
+        pass
+    assert e.value.code == "NOT_FOUND"
+    store.close()
+
+
+def test_a_dropped_replica_stops_its_follower(lm, authority):
+    authority.states["t"] = new_state(lm, "t")
+    authority.log["t"] = []
+    store = _store(authority, lm, True, max_replicas=1)
+    with store.reading("s", 2):
+        pass
+    assert store.following("s")
+    follower = store._entries["s"].follower
+    with store.reading("t", 0):
+        pass
+    assert store.held("s") is None
+    _wait(lambda: not follower.alive)
+    store.close()
+    assert not store.following("t")
+
+
+def test_a_followed_commit_that_does_not_verify_drops_the_replica(lm, authority):
+    """A delta whose digest breaks the chain: the follower drops the replica's state, and the
+    next read rebuilds it from a snapshot."""
+    store = _store(authority, lm, True)
+    with store.reading("s", 2):
+        pass
+    state = authority.states["s"]
+    v = authority.patch("s", [append_op(lm, [IDS[9]], 9, context=IDS[:9])])
+    good = authority.log["s"][-1]
+    authority.log["s"][-1] = type(good)(version=good.version, digest=b"\0" * 32, ops=good.ops)
+    _wait(lambda: store.held("s") is None or store.held("s").version == v)
+    assert store.held("s") is None
+    authority.log["s"][-1] = good
+    with store.reading("s", v, state.digest):
+        pass
+    assert authority.calls[-1] == ("s", 0)
+    _assert_mirrors(store, authority)
+    store.close()

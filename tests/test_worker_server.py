@@ -188,7 +188,7 @@ def test_no_rpc_changes_the_replica(services, session):
     sid = "story"
     state = running.servicer.replicas.held(sid)
     at = At(state.version, state.digest)
-    before = snapshot_of(state)
+    before = snapshot_of(state, live=True)
     n = state.row_count
     tokens = state.live_token_ids()
     worker.Step(pb.StepRequest(**at.names(sid), input_token_id=ids[3]))
@@ -208,7 +208,20 @@ def test_no_rpc_changes_the_replica(services, session):
         )
     )
     assert len(repair.repairs[0].candidates) == 4
-    assert same(before, snapshot_of(running.servicer.replicas.held(sid)))
+    for repair_params in (
+        pb.RepairParams(repairer=pb.REPAIRER_LM),
+        pb.RepairParams(repairer=pb.REPAIRER_KV_MERGE),
+    ):
+        ticked = worker.Tick(
+            pb.TickRequest(
+                **at.names(sid),
+                input_token_id=ids[3],
+                merges=[pb.PairRef(position=5, expected_token_ids=tokens[5:7])],
+                repair=repair_params,
+            )
+        )
+        assert ticked.merges[0].merged
+    assert same(before, snapshot_of(running.servicer.replicas.held(sid), live=True))
 
 
 def test_bad_requests_get_specific_codes(services, session):
@@ -252,6 +265,23 @@ def test_bad_requests_get_specific_codes(services, session):
     bad_ids = pb.DetokenizeRequest(ids=[-1])
     assert _code(lambda: worker.Detokenize(bad_ids)) == C.INVALID_ARGUMENT
 
+    def tick(**kw):
+        return lambda: worker.Tick(pb.TickRequest(**{**at, "input_token_id": 3, **kw}))
+
+    pair = pb.PairRef(position=2, expected_token_ids=ids[2:4])
+    assert _code(tick(merges=[bad_pair])) == C.FAILED_PRECONDITION
+    assert _code(tick(merges=[pair, pair])) == C.INVALID_ARGUMENT  # overlapping pairs
+    assert _code(tick(input_token_id=512)) == C.INVALID_ARGUMENT
+    assert _code(tick(repair=pb.RepairParams(repairer=99))) == C.INVALID_ARGUMENT
+    assert _code(tick(repair=pb.RepairParams(max_candidates=101))) == C.RESOURCE_EXHAUSTED
+    mlm = pb.RepairParams(repairer=pb.REPAIRER_MLM)
+    assert _code(tick(merges=[pair], repair=mlm)) == C.FAILED_PRECONDITION  # no masked LM
+    weighted = pb.PairRef(position=2, expected_token_ids=ids[2:4], weights=[1.0, -1.0])
+    kv = pb.RepairParams(repairer=pb.REPAIRER_KV_MERGE)
+    assert _code(tick(merges=[weighted], repair=kv)) == C.INVALID_ARGUMENT
+    assert _code(tick(version=10**6)) == C.ABORTED
+    assert _code(tick(session_id="nope")) == C.NOT_FOUND
+
 
 def test_compute_calls_require_the_digest(services, session):
     """Issue 12: with expected_digest unset, a re-created session id was computed on with the
@@ -271,8 +301,9 @@ def test_compute_calls_require_the_digest(services, session):
             lambda at=at: worker.Repair(
                 pb.RepairRequest(**at, pairs=[pb.PairRef(position=1, expected_token_ids=ids[1:3])])
             ),
+            lambda at=at: worker.Tick(pb.TickRequest(**at, input_token_id=3)),
         ]
-        assert [_code(call) for call in calls] == [code] * 4
+        assert [_code(call) for call in calls] == [code] * 5
 
 
 def test_metrics_endpoint(services, session):
@@ -352,3 +383,90 @@ def test_bugs_are_internal_and_logged(caplog):
         assert any(r.exc_info and "Repair failed" in r.getMessage() for r in caplog.records)
     finally:
         running.stop(0)
+
+
+def test_tick_is_step_plus_the_merges_in_one_call(services, session):
+    """Over gRPC: the Tick's step equals Step's, its text is the token table's, and each merge
+    comes back with its replacement's K/V (lm: two forwards; K/V merge: one)."""
+    _, worker, running = services
+    lm, ids, _ = session
+    state = running.servicer.replicas.held("story")
+    at = At(state.version, state.digest)
+    tokens = state.live_token_ids()
+    n = len(tokens)
+    step = worker.Step(pb.StepRequest(**at.names("story"), input_token_id=ids[n]))
+    plain = worker.Tick(pb.TickRequest(**at.names("story"), input_token_id=ids[n]))
+    assert (plain.next_token_id, plain.position, plain.forwards) == (step.next_token_id, n, 1)
+    assert plain.next_token_piece == lm.table.pieces[plain.next_token_id]
+    assert plain.next_token_bytes == lm.table.text_bytes[plain.next_token_id]
+    torch.testing.assert_close(list(plain.attention), list(step.attention))
+    assert codec.decode(plain.input_kv.keys).equal(codec.decode(step.input_kv.keys))
+    pairs = [pb.PairRef(position=3, expected_token_ids=tokens[3:5])]
+    for repairer, forwards in ((pb.REPAIRER_LM, 2), (pb.REPAIRER_KV_MERGE, 1)):
+        merged = worker.Tick(
+            pb.TickRequest(
+                **at.names("story"),
+                input_token_id=ids[n],
+                merges=pairs,
+                repair=pb.RepairParams(repairer=repairer),
+            )
+        )
+        assert merged.forwards == forwards and merged.next_token_id == plain.next_token_id
+        (m,) = merged.merges
+        assert m.merged and m.position == 3 and m.piece == lm.table.pieces[m.token_id]
+        assert codec.decode(m.kv.keys).shape == (5, 4, 1, 8)
+        assert m.replaced_text == lm.table.text_of(tokens[3:5])
+
+
+def test_info_and_list_policies(services):
+    _, worker, _ = services
+    info = worker.Info(pb.InfoRequest())
+    assert list(info.repairers) == [pb.REPAIRER_LM, pb.REPAIRER_KV_MERGE]
+    policies = {p.name: p for p in worker.ListPolicies(pb.ListPoliciesRequest()).policies}
+    from positronic.policies import POLICIES
+
+    assert list(policies) == sorted(POLICIES)
+    halo = policies["halo"]
+    assert halo.merges and halo.repair.repairer == pb.REPAIRER_UNSPECIFIED
+    assert halo.params["sinks"] == 4 and halo.params["params.gain"] == 0
+    kv = policies["halo-kv"]
+    assert kv.repair.repairer == pb.REPAIRER_KV_MERGE
+    assert kv.repair.kv_key == pb.KV_MERGE_KEY_HEAVIER
+    assert not policies["streaming"].merges and policies["streaming"].description
+
+
+def test_a_deleted_session_answers_not_found_and_a_recreated_one_has_its_own_rows(
+    services, stories260k_dir
+):
+    """The worker follows the session; DeleteSession ends the follow stream with NOT_FOUND and
+    the replica is dropped, so a Tick at the old version and digest answers NOT_FOUND within a
+    bounded time (and keeps answering it); the id re-created with another prompt is computed on
+    its own rows."""
+    import time
+
+    authority, worker, running = services
+    lm = stories(str(stories260k_dir))
+    ids = story_ids(lm)
+    info = worker.Info(pb.InfoRequest())
+    at = prime_session(authority, worker, info.geometry, ids[:10], "gone")
+    old = pb.TickRequest(**at.names("gone"), input_token_id=ids[10])
+    worker.Tick(old)
+    assert running.servicer.replicas.following("gone")
+    authority.DeleteSession(cache_authority_pb2.DeleteSessionRequest(session_id="gone"))
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            worker.Tick(old)  # the follower has not seen the deletion yet
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.NOT_FOUND
+            break
+        assert time.monotonic() < deadline, "the deleted session is still computed on"
+        time.sleep(0.01)
+    for _ in range(3):
+        assert _code(lambda: worker.Tick(old)) == grpc.StatusCode.NOT_FOUND
+    other = ids[11:19]
+    again = prime_session(authority, worker, info.geometry, other, "gone")
+    fresh = worker.Tick(pb.TickRequest(**again.names("gone"), input_token_id=ids[19]))
+    want = full_forward(lm, [*other, ids[19]]).logits[0, -1]
+    assert fresh.next_token_id == int(torch.argmax(want))
+    assert _code(lambda: worker.Tick(old)) == grpc.StatusCode.ABORTED  # another history

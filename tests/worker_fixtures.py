@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import functools
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +18,7 @@ from cache_authority.state import Budget, SessionState, apply_ops
 from model_worker.errors import WorkerError
 from model_worker.forward import Rows
 from model_worker.model import LoadedModel, describe
+from model_worker.replica import rows_of as replica_rows
 from positronic.v1 import cache_authority_pb2, session_pb2
 
 _WORDS = (
@@ -136,6 +139,7 @@ def new_state(
         budget=Budget(target_rows=hard_max, hard_max_rows=hard_max),
         digest=GENESIS_DIGEST,
         rotated=rotated,
+        scratch_slots=8 if rotated else 0,
     )
 
 
@@ -154,9 +158,9 @@ def replica_of(lm: LoadedModel, token_ids: list[int], hard_max: int = 64) -> Ses
 
 
 def rows_of(state: SessionState) -> Rows:
-    return Rows(
-        state.live_keys(), state.live_values(), state.live_token_ids(), state.position_offset
-    )
+    """The replica's rows as the worker reads them: views of its buffers, forwards writing new
+    tokens' K/V in place after them."""
+    return replica_rows(state)
 
 
 def snapshot_of(state: SessionState, live: bool = False) -> tuple[torch.Tensor, ...]:
@@ -196,6 +200,9 @@ class MiniAuthority:
     corrupt_version: int | None = None
     reachable: bool = True
     calls: list[tuple[str, int]] = field(default_factory=list)
+    follows: list[tuple[str, int]] = field(default_factory=list)
+    follow_delay_s: float = 0.0
+    _changed: threading.Condition = field(default_factory=threading.Condition)
 
     def create(self, lm: LoadedModel, session_id: str, hard_max: int = 64) -> SessionState:
         self.states[session_id] = new_state(lm, session_id, hard_max)
@@ -205,10 +212,23 @@ class MiniAuthority:
     def patch(self, session_id: str, ops: list[Op]) -> int:
         state = self.states[session_id]
         ops_pb = commit(state, ops)
-        self.log[session_id].append(
-            session_pb2.CommittedPatch(version=state.version, digest=state.digest, ops=ops_pb)
-        )
+        with self._changed:
+            self.log[session_id].append(
+                session_pb2.CommittedPatch(version=state.version, digest=state.digest, ops=ops_pb)
+            )
+            self._changed.notify_all()
         return state.version
+
+    def delete(self, session_id: str) -> None:
+        with self._changed:
+            del self.states[session_id], self.log[session_id]
+            self._changed.notify_all()
+
+    def follow(self, session_id: str, from_version: int) -> MiniFollow:
+        """Sync(follow=True): the deltas after from_version, then each patch as it is made;
+        NOT_FOUND once the session is deleted. `follow_delay_s` holds each delta back."""
+        self.follows.append((session_id, from_version))
+        return MiniFollow(self, session_id, from_version)
 
     def sync(
         self, session_id: str, from_version: int
@@ -355,3 +375,39 @@ def append_step(authority, session_id: str, at: At, token_id: int, step) -> At:
         append=session_pb2.AppendOp(position=step.position, token_ids=[token_id], kv=step.input_kv)
     )
     return patch(authority, session_id, at.version, [op])
+
+
+class MiniFollow:
+    """A MiniAuthority follow stream; cancel() ends it (from any thread)."""
+
+    def __init__(self, authority: MiniAuthority, session_id: str, from_version: int):
+        self._a, self._sid, self._next = authority, session_id, from_version + 1
+        self._cancelled = False
+
+    def cancel(self) -> None:
+        with self._a._changed:
+            self._cancelled = True
+            self._a._changed.notify_all()
+
+    def __iter__(self) -> Iterator[cache_authority_pb2.SyncResponse]:
+        a = self._a
+        while True:
+            with a._changed:
+                a._changed.wait_for(
+                    lambda: (
+                        self._cancelled
+                        or self._sid not in a.log
+                        or len(a.log[self._sid]) >= self._next
+                    ),
+                    timeout=30,
+                )
+                if self._cancelled:
+                    return
+                if self._sid not in a.log:
+                    raise WorkerError("NOT_FOUND", f"no session {self._sid}")
+                patch = a.log[self._sid][self._next - 1]
+            time.sleep(a.follow_delay_s)
+            self._next += 1
+            yield cache_authority_pb2.SyncResponse(
+                delta=cache_authority_pb2.PatchDelta(patch=patch, final=True)
+            )

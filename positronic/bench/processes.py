@@ -63,3 +63,12 @@ def sync_bytes(metrics_port: int) -> int:
             if line.startswith("positronic_worker_sync_bytes_total")
         )
     )
+
+
+def worker_sync_bytes(metrics) -> int:
+    """The same counter read from an in-process worker's WorkerMetrics."""
+    total = 0.0
+    for family in metrics.registry.collect():
+        if family.name == "positronic_worker_sync_bytes":
+            total += sum(s.value for s in family.samples if s.name.endswith("_total"))
+    return int(total)

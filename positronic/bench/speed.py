@@ -1,5 +1,11 @@
 """`positronic bench speed`: one generation measured three ways in one run, for halo and full.
 
+Each run reports tokens/s (overall, around tokens 100/1,000/10,000, by tenth), its ratio to HF
+`generate`, the calls on the critical path per iteration (`rpcs_per_iteration`: Tick + Patch;
+the replica's follow stream is off that path), the worker's forward passes per iteration and per
+merging iteration, bytes per iteration (per hop: worker -> driver, driver -> authority,
+authority -> worker), RPC latencies and peak memory.
+
 - hf_generate: Hugging Face `generate` with a growing DynamicCache (the baseline);
 - in_process: the loop with both services in this process, servicers called directly;
 - grpc_split: the loop over loopback gRPC, authority and worker in their own processes.
@@ -71,6 +77,17 @@ def add_speed_arguments(p: argparse.ArgumentParser) -> None:
         default=0,
         help="torch threads in every process (default: 1 for --model, all cores for --shape)",
     )
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="where HF generate and the worker compute: cpu, cuda or cuda:N (default cpu)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "float16", "bfloat16"),
+        default="float32",
+        help="weights and replicas, for HF generate and the worker alike (default float32)",
+    )
     p.add_argument("--json", help="write the results here")
 
 
@@ -111,6 +128,8 @@ def measure(run: dict, workdir: Path) -> dict:
 def plan_runs(args: argparse.Namespace, model_dir: str, threads: int) -> list[dict]:
     base = {"model": model_dir, "tokens": args.tokens, "budget": args.budget, "prompt": PROMPT}
     base["threads"] = threads
+    base["device"] = getattr(args, "device", "cpu")
+    base["dtype"] = getattr(args, "dtype", "float32")
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     for m in modes:
@@ -134,28 +153,33 @@ def with_ratios(runs: list[dict]) -> list[dict]:
 
 
 def table(doc: dict) -> str:
+    nan = float("nan")
     lines = [
-        f"{'mode':<12} {'policy':<6} {'tokens':>6} {'tok/s':>7} {'x HF':>6} {'@1000':>7} "
-        f"{'@10000':>7} {'B/iter':>9} {'peak RSS MiB':>24}",
+        f"{'mode':<12} {'policy':<9} {'tokens':>6} {'tok/s':>7} {'x HF':>6} {'@1000':>7} "
+        f"{'@10000':>7} {'RPC/it':>6} {'fwd/it':>6} {'fwd/mrg':>7} {'B/iter':>9} "
+        f"{'peak RSS MiB':>18}",
     ]
     for r in doc["runs"]:
         if "error" in r:
-            lines.append(f"{r['mode']:<12} {r['policy']:<6} failed: {r['error'][-300:]}")
+            lines.append(f"{r['mode']:<12} {r['policy']:<9} failed: {r['error'][-300:]}")
             continue
         at = r.get("tokens_per_s_at", {})
         rss = "+".join(f"{v / 2**20:.0f}" for v in r["peak_rss_bytes"].values())
         bpi = r.get("bytes_per_iteration")
+        merging = r.get("forwards_per_merging_iteration") if r.get("merging_iterations") else nan
         lines.append(
-            f"{r['mode']:<12} {r['policy']:<6} {r['tokens_generated']:>6} "
+            f"{r['mode']:<12} {r['policy']:<9} {r['tokens_generated']:>6} "
             f"{r['tokens_per_s']:>7.1f} {r.get('ratio_to_hf_generate', 1.0):>6.2f} "
-            f"{at.get('1000', float('nan')):>7.1f} {at.get('10000', float('nan')):>7.1f} "
-            f"{(f'{bpi:,.0f}' if bpi else '-'):>9} {rss:>24}"
+            f"{at.get('1000', nan):>7.1f} {at.get('10000', nan):>7.1f} "
+            f"{r.get('rpcs_per_iteration', nan):>6.2f} "
+            f"{r.get('forwards_per_iteration', nan):>6.2f} "
+            f"{merging:>7.2f} {(f'{bpi:,.0f}' if bpi else '-'):>9} {rss:>18}"
         )
     lines.append("RPC latency p50 / p99 (ms), mean request + response bytes:")
     for r in doc["runs"]:
         for name, s in r.get("rpc_latency", {}).items():
             lines.append(
-                f"  {r['mode']:<11} {r['policy']:<5} {name:<11} {s['calls']:>6} calls "
+                f"  {r['mode']:<11} {r['policy']:<9} {name:<11} {s['calls']:>6} calls "
                 f"{s['p50_ms']:>8.2f} / {s['p99_ms']:>8.2f}   "
                 f"{s['mean_request_bytes']:>9,.0f} + {s['mean_response_bytes']:>9,.0f} B"
             )
@@ -174,6 +198,14 @@ def table(doc: dict) -> str:
             )
         if parts:
             lines.append(f"  {r['mode']} {r['policy']}: driver bytes/iteration: {'; '.join(parts)}")
+        hops = wire.get("per_hop")
+        if hops:
+            lines.append(
+                f"  {r['mode']} {r['policy']}: bytes/iteration per hop: worker->driver "
+                f"{hops['worker_to_driver']:,.0f} B, driver->authority "
+                f"{hops['driver_to_authority']:,.0f} B, "
+                f"authority->worker {hops['authority_to_worker']:,.0f} B"
+            )
         if "stopped" in r:
             lines.append(f"  {r['mode']} {r['policy']}: stopped {r['stopped']}")
     return "\n".join(lines)
@@ -203,6 +235,8 @@ def run_speed(args: argparse.Namespace) -> int:
         "tokens": args.tokens,
         "budget": args.budget,
         "threads": threads,
+        "device": args.device,
+        "dtype": args.dtype,
         "prompt": PROMPT,
         "runs": with_ratios(results),
         "elapsed_s": round(time.perf_counter() - t0, 1),

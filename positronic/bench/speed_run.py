@@ -3,7 +3,8 @@
     python -m positronic.bench.speed_run RUN.json OUT.json
 
 RUN.json: {"mode": "hf_generate" | "in_process" | "grpc_split", "policy", "model", "tokens",
-"budget", "prompt"}. OUT.json gets the measurement (see `speed.py` for the fields).
+"budget", "prompt", "device" (default cpu), "dtype" (default float32)}. OUT.json gets the
+measurement (see `speed.py` for the fields).
 """
 
 from __future__ import annotations
@@ -15,7 +16,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from positronic.bench.processes import free_port, peak_rss_bytes, service, sync_bytes
+from positronic.bench.processes import (
+    free_port,
+    peak_rss_bytes,
+    service,
+    sync_bytes,
+    worker_sync_bytes,
+)
 from positronic.bench.wire import MeasuredStub, RecordingInterceptor, WireRecorder
 from positronic.bench.wire_stats import (
     iteration_bytes,
@@ -40,7 +47,9 @@ def run_hf_generate(run: dict) -> dict:
 
     from positronic.special_tokens import encode_prompt
 
-    model = AutoModelForCausalLM.from_pretrained(run["model"], dtype=torch.float32).eval()
+    device = run.get("device", "cpu")
+    dtype = getattr(torch, run.get("dtype", "float32"))
+    model = AutoModelForCausalLM.from_pretrained(run["model"], dtype=dtype).to(device).eval()
     tok = AutoTokenizer.from_pretrained(run["model"])
     ids = encode_prompt(tok, run["prompt"]).ids
     limit = positions_of(run["model"]) - len(ids)
@@ -56,7 +65,7 @@ def run_hf_generate(run: dict) -> dict:
 
     with torch.inference_mode():
         model.generate(
-            torch.tensor([ids]),
+            torch.tensor([ids], device=device),
             max_new_tokens=n,
             min_new_tokens=n,
             do_sample=False,
@@ -120,6 +129,10 @@ def drive(run: dict, endpoints: Endpoints, recorder: WireRecorder) -> dict:
         "mutating_rpcs": stats.mutating_rpcs,
         "iterations": stats.iterations,
         "consistent": stats.consistent,
+        "rpcs_per_iteration": stats.rpcs_per_iteration,
+        "forwards_per_iteration": stats.forwards_per_iteration,
+        "merging_iterations": stats.merging_iterations,
+        "forwards_per_merging_iteration": stats.forwards_per_merging_iteration,
         "rpc_latency": summarize_latency(recorder.calls),
     }
     if stopped:
@@ -139,19 +152,29 @@ def run_in_process(run: dict) -> dict:
 
     authority = CacheAuthorityServicer(Engine(None, None, Metrics()))
     sync_stub = DirectStub(authority)  # the authority's handlers are coroutines: its own loop
-    synced = [0]
 
     class DirectSync:
+        """The worker's Sync source, pulls and follow streams, without the wire."""
+
         def sync(self, session_id: str, from_version: int):
-            request = cache_authority_pb2.SyncRequest(
-                session_id=session_id, from_version=from_version
+            return sync_stub.Sync(
+                cache_authority_pb2.SyncRequest(session_id=session_id, from_version=from_version)
             )
-            for msg in sync_stub.Sync(request):
-                synced[0] += msg.ByteSize()
-                yield msg
+
+        def follow(self, session_id: str, from_version: int):
+            return sync_stub.Sync(
+                cache_authority_pb2.SyncRequest(
+                    session_id=session_id, from_version=from_version, follow=True
+                )
+            )
 
     worker = start_worker(
-        WorkerConfig(model=run["model"], listen="127.0.0.1:0", device="cpu"),
+        WorkerConfig(
+            model=run["model"],
+            listen="127.0.0.1:0",
+            device=run.get("device", "cpu"),
+            dtype=run.get("dtype", "float32"),
+        ),
         sync_source=DirectSync(),
     )
     try:
@@ -168,10 +191,12 @@ def run_in_process(run: dict) -> dict:
             counter=counter,
         )
         out = drive(run, endpoints, recorder)
+        assert worker.servicer is not None
+        synced = worker_sync_bytes(worker.servicer.metrics)
     finally:
         worker.stop(0.5)
         authority.close()
-    out["wire_bytes"] = iteration_bytes(recorder.iterations, synced[0])
+    out["wire_bytes"] = iteration_bytes(recorder.iterations, synced, recorder.calls)
     out["peak_rss_bytes"] = {"process": peak_rss_bytes()}
     return out
 
@@ -196,7 +221,9 @@ def run_grpc_split(run: dict) -> dict:
                     "--listen",
                     "127.0.0.1:0",
                     "--device",
-                    "cpu",
+                    run.get("device", "cpu"),
+                    "--dtype",
+                    run.get("dtype", "float32"),
                     "--metrics-port",
                     str(metrics_port),
                 ],
@@ -218,7 +245,8 @@ def run_grpc_split(run: dict) -> dict:
                 out = drive(run, endpoints, recorder)
             finally:
                 endpoints.close()
-            out["wire_bytes"] = iteration_bytes(recorder.iterations, sync_bytes(metrics_port))
+            synced = sync_bytes(metrics_port)
+            out["wire_bytes"] = iteration_bytes(recorder.iterations, synced, recorder.calls)
             out["peak_rss_bytes"] = {
                 "driver": peak_rss_bytes(),
                 "authority": peak_rss_bytes(a.pid),

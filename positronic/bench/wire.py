@@ -50,14 +50,15 @@ class WireRecorder:
     def record(
         self, method: str, latency_s: float, req: int, resp: int, *, rows: int = -1, edits: int = 0
     ) -> None:
-        """One finished call. rows: a Step's attended rows; edits: a Patch's merges + evictions."""
+        """One finished call. rows: a Step's or Tick's attended rows; edits: a Patch's merges +
+        evictions, or a Tick's replacements."""
         name = method.rsplit("/", 1)[-1]
         with self._lock:
             self.calls.append(CallRecord(name, latency_s, req, resp))
             self._pending += req + resp
             if rows >= 0:
                 self._rows = rows
-            if name == "Repair":
+            if name == "Repair" or (name == "Tick" and edits > 0):
                 self._edited = True
             if name == "Patch":
                 self._patches += 1
@@ -67,7 +68,7 @@ class WireRecorder:
                         Iteration(self._pending, self._rows, edited, time.perf_counter())
                     )
                 self._pending, self._edited = 0, False
-        if name == "Step" and self.on_step is not None:
+        if name in ("Step", "Tick") and self.on_step is not None:
             self.on_step()
 
 
@@ -76,9 +77,14 @@ def _size(message: Any) -> int:
 
 
 def _rows(response: Any) -> int:
-    """Rows a Step attended: its attention row covers them and the input token."""
+    """Rows a Step or Tick attended: its attention row covers them and the input token."""
     attention = getattr(response, "attention", None)
     return len(attention) - 1 if attention is not None else -1
+
+
+def _merges(response: Any) -> int:
+    """Replacements a Tick built."""
+    return len(getattr(response, "merges", ()))
 
 
 def _edits(messages: list[Any]) -> int:
@@ -141,6 +147,7 @@ class RecordingInterceptor(
             _size(request),
             _size(response),
             rows=_rows(response),
+            edits=_merges(response),
         )
         return outcome
 
@@ -195,6 +202,7 @@ class MeasuredStub:
                 recorder.record(name, latency, sent, sum(map(_size, out)))
                 return iter(out)
             latency = time.perf_counter() - t0
+            edits = edits or _merges(response)
             recorder.record(name, latency, sent, _size(response), rows=_rows(response), edits=edits)
             return response
 

@@ -62,10 +62,27 @@ def rate_by_tenth(stamps: Sequence[float]) -> list[float]:
     return [float((b - a) / (stamps[b] - stamps[a])) for a, b in itertools.pairwise(edges.tolist())]
 
 
-def iteration_bytes(iterations: Sequence[Iteration], sync_bytes: int) -> dict:
+def hop_bytes(calls: Sequence[CallRecord], sync_bytes: int, iterations: int) -> dict[str, float]:
+    """Mean bytes per iteration on each hop a token's K/V crosses: worker -> driver (the
+    responses of the per-token compute calls: Tick, or Step/Repair/ComputeKV), driver ->
+    authority (the Patch requests, the prime's excluded), authority -> worker (the replica's
+    Sync, pulls and follow streams)."""
+    per_token = ("Tick", "Step", "Repair", "ComputeKV")
+    patches = [c.request_bytes for c in calls if c.method == "Patch"][1:]
+    n = max(iterations, 1)
+    return {
+        "worker_to_driver": sum(c.response_bytes for c in calls if c.method in per_token) / n,
+        "driver_to_authority": sum(patches) / n,
+        "authority_to_worker": sync_bytes / n,
+    }
+
+
+def iteration_bytes(
+    iterations: Sequence[Iteration], sync_bytes: int, calls: Sequence[CallRecord] = ()
+) -> dict:
     """Bytes per iteration: the driver's RPCs (measured per iteration) plus the worker's Sync
-    from the authority (a total, spread evenly), and how the driver's part depends on the edits
-    and on the cache size (least squares: bytes = fixed + per_row · rows)."""
+    from the authority (a total, spread evenly), per hop, and how the driver's part depends on
+    the edits and on the cache size (least squares: bytes = fixed + per_row · rows)."""
     if not iterations:
         return {}
     b = np.array([it.bytes for it in iterations], dtype=np.float64)
@@ -78,6 +95,7 @@ def iteration_bytes(iterations: Sequence[Iteration], sync_bytes: int) -> dict:
         "sync_per_iteration": sync_bytes / n,
         "plain_iterations": int((~edited).sum()),
         "edited_iterations": int(edited.sum()),
+        "per_hop": hop_bytes(calls, sync_bytes, n),
     }
     if (~edited).any():
         out["driver_per_plain_iteration"] = float(b[~edited].mean())
