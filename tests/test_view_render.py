@@ -38,7 +38,7 @@ def test_shade_is_brightness_normalised_by_the_snapshot_range():
     assert shades([0.0, 255.0, 127.5]) == ([0.0, 1.0, 0.5], 0.0, 255.0)
     # ... and attention sums on another scale read the same way.
     assert shades([0.1, 0.3, 0.2])[0] == [0.0, 1.0, 0.5]
-    assert shades([7.0, 7.0]) == ([1.0, 1.0], 7.0, 7.0)
+    assert shades([7.0, 7.0]) == ([0.5, 0.5], 7.0, 7.0)
     assert shades([]) == ([], 0.0, 0.0)
 
 

@@ -10,7 +10,7 @@ import urllib.parse
 import pytest
 
 from cache_authority.server import AuthorityConfig, start_authority
-from positronic import cli
+from positronic import cli, rpc
 from positronic.tls import ClientTls, ServerTls
 from positronic.v1 import cache_authority_pb2 as ca
 from positronic.view.main import ViewConfig
@@ -102,7 +102,11 @@ def test_an_authority_that_drops_shows_as_down_and_the_view_reconnects(tmp_path)
         server = start_authority(config)  # same port, same data: the session comes back
         page.wait_for("status", lambda d: d["state"] == "live")
         client = stub(server_channel(port))
-        client.Patch(patch_stream("a", 1, "more", [append_pb(3, [4], 2)]))
+        # wait_for_ready: gRPC shares subchannels across channels of a process, and the one to
+        # this port may still be backing off from the stopped server.
+        client.Patch(
+            patch_stream("a", 1, "more", [append_pb(3, [4], 2)]), wait_for_ready=True, timeout=30
+        )
         back = page.wait_for("session", lambda d: d["version"] == 2)
         assert [t["token"] for t in back["tokens"]] == [1, 2, 3, 4]
     finally:
@@ -113,8 +117,6 @@ def test_an_authority_that_drops_shows_as_down_and_the_view_reconnects(tmp_path)
 
 
 def server_channel(port: int):
-    from positronic import rpc
-
     return rpc.open_channel(f"127.0.0.1:{port}")
 
 

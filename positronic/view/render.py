@@ -14,8 +14,9 @@ authority.
 
 Shade. Policies keep brightness on different scales (halo: [0, 255]; h2o: accumulated attention,
 growing; tova: the newest attention row), so each snapshot is normalised on its own:
-shade = (b - lo) / (hi - lo) with lo, hi the snapshot's smallest and largest brightness (1 for
-every row when they are equal). The page turns shade 0 into no tint and 1 into full amber.
+shade = (b - lo) / (hi - lo) with lo, hi the snapshot's smallest and largest brightness; when
+they are equal (a fresh session, or a policy that keeps no scores, like streaming) every row
+gets the neutral 0.5. The page turns shade 0 into no tint and 1 into full amber.
 
 Merged rows. `MirrorEntry.replaced_text` says what a merged row stands for (all the text it
 replaced, through earlier merges). Where it is empty, the page shows the merged row's direct
@@ -77,8 +78,8 @@ def shades(brightness: Sequence[float]) -> tuple[list[float], float, float]:
     if not brightness:
         return [], 0.0, 0.0
     lo, hi = min(brightness), max(brightness)
-    if hi <= lo:
-        return [1.0] * len(brightness), lo, hi
+    if hi <= lo:  # no spread, no information: a neutral shade
+        return [0.5] * len(brightness), lo, hi
     return [round((b - lo) / (hi - lo), 3) for b in brightness], lo, hi
 
 

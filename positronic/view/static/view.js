@@ -6,6 +6,7 @@
 const $ = (id) => document.getElementById(id);
 const PING_S = 10; // the server pings this often; three missed pings mean it is gone
 const IDLE_S = 3; // no new version for this long: the session is idle
+const MARK_S = 2; // a fresh merge stays outlined, an evicted row struck through, this long
 
 const state = {
   hello: null, // what the stream shows: {session, authority}
@@ -16,6 +17,8 @@ const state = {
   lastVersion: null,
   lastVersionAt: Date.now(),
   marks: new Map(), // seq -> mark, newest kept
+  freshUntil: new Map(), // ledger id of a merged row -> until when it is outlined (ms)
+  ghosts: [], // rows evicted lately: {text, before, until}
 };
 
 function connect() {
@@ -30,6 +33,9 @@ function connect() {
     });
   on("hello", (h) => {
     state.hello = h;
+    state.marks.clear(); // a restarted view server numbers its marks afresh
+    state.freshUntil.clear();
+    state.ghosts = [];
     $("list").hidden = Boolean(h.session);
     $("session").hidden = !h.session;
     document.title = h.session ? `${h.session} · Positronic view` : "Sessions · Positronic view";
@@ -190,9 +196,18 @@ function drawSession(p) {
   }
   drawRate();
 
-  const fresh = new Set(p.fresh);
+  // Marks outlive the refresh that reported them, so that a fast session's are seen.
+  const now = Date.now();
+  for (const ledger of p.fresh) state.freshUntil.set(ledger, now + MARK_S * 1000);
+  for (const g of p.ghosts) state.ghosts.push({ ...g, until: now + MARK_S * 1000 });
+  for (const [ledger, until] of state.freshUntil) if (until < now) state.freshUntil.delete(ledger);
+  const alive = new Set(p.tokens.map((t) => t.ledger));
+  state.ghosts = state.ghosts.filter(
+    (g) => g.until >= now && (g.before == null || alive.has(g.before)),
+  );
+  const fresh = new Set(state.freshUntil.keys());
   const ghostsBefore = new Map(); // ledger id of the next row (or "end") -> ghosts
-  for (const g of p.ghosts) {
+  for (const g of state.ghosts) {
     const key = g.before == null ? "end" : g.before;
     if (!ghostsBefore.has(key)) ghostsBefore.set(key, []);
     ghostsBefore.get(key).push(g);
