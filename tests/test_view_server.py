@@ -140,6 +140,22 @@ def test_the_view_calls_with_the_bearer_token_over_tls(tmp_path):
             wrong.close()
 
 
+def test_with_session_the_front_stream_shows_that_session():
+    with running_authority() as (server, channel):
+        client = stub(channel)
+        client.CreateSession(create_request("only", hard_max=8))
+        client.Patch(patch_stream("only", 0, "prime", [append_pb(0, [1, 2], 1)]))
+        view = ViewThread(ViewConfig(f"127.0.0.1:{server.port}", ANY, session="only"))
+        front = EventStream(view.url)
+        try:
+            assert front.wait_for("hello")["session"] == "only"
+            assert front.wait_for("session", lambda d: d["version"] == 1)["rows"] == 2
+            assert "sessions" not in front.latest
+        finally:
+            front.close()
+            view.close()
+
+
 def _get(url: str, path: str) -> int:
     parts = urllib.parse.urlsplit(url)
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)

@@ -200,14 +200,14 @@ class Hub:
             w.dirty.set()
 
     def _down(self, reason: str) -> None:
-        logger.warning("authority %s: %s; retrying", self.link.address, reason)
-        self._set_status("down", reason)
+        if self._set_status("down", reason):  # logged once, not at every retry
+            logger.warning("authority %s: %s; retrying", self.link.address, reason)
 
-    def _set_status(self, state: str, detail: str) -> None:
+    def _set_status(self, state: str, detail: str) -> bool:
+        """Publish the link's state; False when it is the same news as before."""
         old = self.status.value
-        same = old is not None and old["state"] == state and old["detail"] == detail
-        if same:
-            return
+        if old is not None and old["state"] == state and old["detail"] == detail:
+            return False
         since = old["since_unix_s"] if old is not None and old["state"] == state else time.time()
         self.status.publish(
             {
@@ -217,6 +217,7 @@ class Hub:
                 "since_unix_s": since,
             }
         )
+        return True
 
     # --- refreshing what browsers show ---
 

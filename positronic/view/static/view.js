@@ -6,6 +6,7 @@
 const $ = (id) => document.getElementById(id);
 const PING_S = 10; // the server pings this often; three missed pings mean it is gone
 const IDLE_S = 3; // no new version for this long: the session is idle
+const SESSION_ID = /^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/; // as the authority spells one
 const MARK_S = 2; // a fresh merge stays outlined, an evicted row struck through, this long
 
 const state = {
@@ -16,6 +17,7 @@ const state = {
   lastMessage: Date.now(),
   lastVersion: null,
   lastVersionAt: Date.now(),
+  refused: null, // why the page cannot ask for what its URL names
   marks: new Map(), // seq -> mark, newest kept
   freshUntil: new Map(), // ledger id of a merged row -> until when it is outlined (ms)
   ghosts: [], // rows evicted lately: {text, before, until}
@@ -23,6 +25,12 @@ const state = {
 
 function connect() {
   const wanted = new URLSearchParams(location.search).get("session");
+  if (wanted && !SESSION_ID.test(wanted)) {
+    // The server would refuse the stream (400); say why instead of retrying forever.
+    state.refused = `${JSON.stringify(wanted.slice(0, 64))} is not a session id.`;
+    drawBanner();
+    return;
+  }
   const url = "/events" + (wanted ? "?session=" + encodeURIComponent(wanted) : "");
   const source = new EventSource(url);
   const on = (name, fn) =>
@@ -38,6 +46,7 @@ function connect() {
     state.ghosts = [];
     $("list").hidden = Boolean(h.session);
     $("session").hidden = !h.session;
+    if (h.session) $("sid").textContent = h.session;
     document.title = h.session ? `${h.session} · Positronic view` : "Sessions · Positronic view";
   });
   on("status", (s) => { state.status = s; drawLink(); drawStale(); });
@@ -65,6 +74,7 @@ function drawLink() {
 }
 
 function banner() {
+  if (state.refused) return ["missing", state.refused];
   const silent = Date.now() - state.lastMessage > 3 * PING_S * 1000;
   if (!state.streamOpen || silent) {
     return ["server", "Lost the view server; reconnecting… The page shows the last state it saw."];
