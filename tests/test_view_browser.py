@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import pytest
 
@@ -39,10 +40,9 @@ CHROMIUM_ARGS = [
 WAIT_MS = 45_000
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator:
-    """Chromium from Debian; without it (or Playwright) the test is skipped here and fails in
-    CI, whose .ci/run installs it."""
+def playwright_or_skip():
+    """Playwright's sync API, when it and Debian's chromium are here; else the test is skipped
+    (and fails in CI, whose .ci/run installs both)."""
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
@@ -51,7 +51,37 @@ def browser() -> Iterator:
         if os.environ.get("CI"):
             pytest.fail(f"CI must have {CHROMIUM} and playwright (.ci/run installs both)")
         pytest.skip(f"needs {CHROMIUM} (apt-get install chromium) and playwright")
-    with sync_playwright() as p:
+    return sync_playwright
+
+
+@pytest.fixture
+def stack(tmp_path) -> Iterator[Future[list[Service]]]:
+    """An authority, a worker and `positronic view`, started in the background (each imports
+    torch or aiohttp for seconds) while the browser launches; stopped at the end."""
+    playwright_or_skip()
+
+    def start() -> list[Service]:
+        services.append(authority_process(tmp_path / "data", free_port()))
+        address = services[0].address
+        services.append(worker_process(demo_model_dir(), address))
+        services.append(Service(["view", "--authority", address, "--listen", "127.0.0.1:0"]))
+        return services
+
+    services: list[Service] = []
+    with ThreadPoolExecutor(1) as pool:
+        started = pool.submit(start)
+        try:
+            yield started
+        finally:
+            started.exception()  # wait for it to finish before stopping what it started
+            for service in reversed(services):
+                service.stop()
+
+
+@pytest.fixture
+def browser() -> Iterator:
+    """Debian's chromium, headless."""
+    with playwright_or_skip()() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
         try:
             yield b
@@ -69,19 +99,19 @@ def wait_banner(page, kind: str) -> None:
 
 
 def test_two_browsers_follow_generate_and_show_a_dropped_authority_and_a_deletion(
-    browser, tmp_path
+    stack, browser, tmp_path
 ):
-    port = free_port()
-    authority = authority_process(tmp_path / "data", port)
-    services: list[Service] = [authority]
     generate: subprocess.Popen | None = None
+    services = stack.result(timeout=180)
+    authority, worker, view = services
+    address, url = authority.address, view.address
+    port = int(address.rpartition(":")[2])
     try:
-        address = authority.address
-        services.append(worker_process(demo_model_dir(), address))
-        view = Service(["view", "--authority", address, "--listen", "127.0.0.1:0"])
-        services.append(view)
-        url = view.address
         pages = [browser.new_context().new_page() for _ in range(2)]
+        # A URL that names no valid session id says so (the server would refuse its stream).
+        pages[1].goto(f"{url}?session=..%2Fx")
+        wait_banner(pages[1], "refused")
+        assert "is not a session id" in (pages[1].text_content("#banner") or "")
         pages[0].goto(url)
         pages[0].wait_for_selector("#list:not([hidden])", timeout=WAIT_MS)
 
@@ -96,7 +126,7 @@ def test_two_browsers_follow_generate_and_show_a_dropped_authority_and_a_deletio
                 "--authority",
                 address,
                 "--worker",
-                services[1].address,
+                worker.address,
                 "--max-new-tokens",
                 "5000",  # stopped by the test, so that it surely runs while the pages look
                 "--target-size",
@@ -179,5 +209,3 @@ def test_two_browsers_follow_generate_and_show_a_dropped_authority_and_a_deletio
         if generate is not None and generate.poll() is None:
             generate.kill()
             generate.wait(10)
-        for service in reversed(services):
-            service.stop()

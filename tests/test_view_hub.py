@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 
+import grpc
+
 from positronic.v1 import cache_authority_pb2 as ca
 from positronic.v1 import session_pb2
 from positronic.view.hub import Hub
@@ -21,11 +23,14 @@ class ScriptedLink:
         self.get_calls = 0
         self.release = asyncio.Event()
         self.version = 1
+        self.error: grpc.StatusCode | None = None  # what GetSession fails with, if anything
 
     async def get_session(self, session_id: str) -> ca.GetSessionResponse:
         self.get_calls += 1
         await self.release.wait()
         self.release.clear()
+        if self.error is not None:
+            raise grpc.aio.AioRpcError(self.error, details="x" * 10_000)
         rows = [entry(i, 10 + i, f"▁t{i}", created=1) for i in range(3)]
         return response(self.version, rows)
 
@@ -112,6 +117,36 @@ def test_the_link_status_is_published_with_since_when():
         assert hub.status.value["since_unix_s"] == down["since_unix_s"]
         hub._connected([])
         assert hub.status.value["state"] == "live"
+        await hub.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_session_the_authority_cannot_send_says_why_and_is_read_again():
+    async def scenario():
+        link = ScriptedLink()
+        hub = Hub(link, refresh_hz=50)  # type: ignore[arg-type]
+        hub._connected([session_pb2.SessionInfo(session_id="s", version=1, row_count=3)])
+        async with hub.viewing("s") as w:
+            await until(lambda: link.get_calls == 1, "the first GetSession")
+            link.release.set()
+            await until(lambda: w.topic.seq == 1, "the first snapshot")
+            assert w.topic.value["problem"] is None
+            link.error = grpc.StatusCode.RESOURCE_EXHAUSTED  # e.g. over the message limit
+            hub._commit(commit(2))
+            await until(lambda: link.get_calls == 2, "the second GetSession")
+            link.release.set()
+            await until(lambda: w.topic.seq == 2, "the failure published")
+            problem = w.topic.value["problem"]
+            assert problem.startswith("GetSession failed: RESOURCE_EXHAUSTED: xxx")
+            assert len(problem) < 300  # the authority's message, cut short
+            assert w.topic.value["tokens"]  # the last rows seen stay on the page
+            link.error, link.version = None, 2
+            hub._commit(commit(3))  # the next commit (or RETRY_S) reads it again
+            await until(lambda: link.get_calls == 3, "the third GetSession")
+            link.release.set()
+            await until(lambda: w.topic.seq == 3, "the recovery published")
+            assert w.topic.value["problem"] is None and w.topic.value["version"] == 2
         await hub.close()
 
     asyncio.run(scenario())

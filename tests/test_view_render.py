@@ -6,7 +6,15 @@ from __future__ import annotations
 from positronic.v1 import cache_authority_pb2 as ca
 from positronic.v1 import session_pb2
 from positronic.view.commits import Commit, CommitLog
-from positronic.view.render import PieceBook, diff, piece_texts, render, shades
+from positronic.view.render import (
+    SHOWN_REPLACED_CHARS,
+    SHOWN_REPLACED_IDS,
+    PieceBook,
+    diff,
+    piece_texts,
+    render,
+    shades,
+)
 
 S = session_pb2
 
@@ -115,6 +123,22 @@ def test_a_parent_id_the_view_never_saw_has_no_piece():
     )
     snap = render(response(3, [merged]), PieceBook())
     assert snap.rows[0]["replaced_pieces"] == [None, None]
+
+
+def test_what_a_merged_row_replaced_reaches_the_page_cut_short():
+    merged = entry(
+        9,
+        20,
+        "x",
+        source=S.TOKEN_SOURCE_MERGED,
+        replaced_ledger_ids=list(range(100)),
+        replaced_token_ids=list(range(100)),
+        replaced_text="é" * 30_000,  # 60 KB: the authority takes up to 64 KiB per row
+    )
+    row = render(response(3, [merged]), PieceBook()).rows[0]
+    assert row["replaced_text"] == "é" * SHOWN_REPLACED_CHARS + "…"
+    assert row["replaced_ids"] == list(range(SHOWN_REPLACED_IDS))
+    assert len(row["replaced_pieces"]) == SHOWN_REPLACED_IDS
 
 
 def merged_row(ledger, parents, token_ids, created):

@@ -24,7 +24,7 @@ import grpc
 from positronic.v1 import cache_authority_pb2 as ca
 from positronic.v1 import session_pb2
 from positronic.view.commits import Commit, CommitLog
-from positronic.view.link import AuthorityLink, LinkEvents
+from positronic.view.link import AuthorityLink, LinkEvents, short
 from positronic.view.render import PieceBook, Snapshot, diff, render
 from positronic.view.topic import Topic
 
@@ -34,6 +34,14 @@ KEPT_MARKS = 40  # merges and evictions a page can list
 CATCH_UP_S = 0.5  # how long a refresh waits for the Watch to report the versions it read
 LIST_INTERVAL_S = 0.5  # the session list is published at most twice a second
 MAX_LISTED = 1000  # sessions the list shows
+# A page shows the newest rows of a session; a bigger one (hard_max is bounded only by the
+# authority's memory) would make every refresh of every page a multi-MB redraw.
+MAX_SHOWN_ROWS = 4096
+MAX_SHOWN_GHOSTS = 64  # evicted rows drawn in place per refresh (all are counted)
+# After a refresh the loop pauses at least this many times as long as the refresh took, so a
+# huge session costs the view at most a fifth of its time whatever --refresh-hz says.
+PAUSE_PER_REFRESH = 4.0
+RETRY_S = 5.0  # a refresh that failed (and no commit asks again) is retried after this
 
 
 @dataclass
@@ -62,6 +70,7 @@ class Watched:
     mark_seq: int = 0
     fresh: list[int] = field(default_factory=list)  # merged rows made since the last refresh
     ghosts: list[dict] = field(default_factory=list)  # rows evicted since the last refresh
+    problem: str | None = None  # why the last GetSession failed, while the link is up
 
     def summary(self) -> dict:
         rate = self.commits.tokens_per_s()
@@ -78,6 +87,8 @@ class Watched:
     def payload(self) -> dict:
         snap = self.snapshot
         merged_rows = sum(1 for r in snap.rows if "replaced_text" in r) if snap else 0
+        rows = snap.rows if snap else []
+        shown = rows[-MAX_SHOWN_ROWS:]
         return {
             **self.summary(),
             "position_offset": self.position_offset,
@@ -85,11 +96,13 @@ class Watched:
             "evictions_seen": self.evictions_seen,
             "merged_rows": merged_rows,
             "brightness_range": [snap.lo, snap.hi] if snap else None,
-            "tokens": snap.rows if snap else [],
+            "tokens": shown,
+            "hidden_rows": len(rows) - len(shown),  # the oldest, not sent
             "snapshot_version": snap.version if snap else None,
             "fresh": self.fresh,
-            "ghosts": self.ghosts,
+            "ghosts": self.ghosts[:MAX_SHOWN_GHOSTS],
             "marks": list(self.marks),
+            "problem": self.problem,
         }
 
     def take_info(self, info: session_pb2.SessionInfo) -> None:
@@ -181,7 +194,7 @@ class Hub:
             self._list_stale = True
         self._list_dirty.set()
         if c.deleted:
-            w.state, w.version = "deleted", c.version
+            w.state, w.version, w.problem = "deleted", c.version, None
             logger.info("session %s v%d: deleted", c.session_id, c.version)
             if w.viewers:
                 w.topic.publish(w.payload())
@@ -225,20 +238,29 @@ class Hub:
         while True:
             await w.dirty.wait()
             w.dirty.clear()
+            loop = asyncio.get_running_loop()
+            started = loop.time()
             try:
                 await self._refresh(w)
-            except Exception:  # a bug: say so, and keep the page alive
+            except Exception as e:  # a bug: say so, and keep the page alive
                 logger.exception("session %s v%d: refresh failed", w.session_id, w.version)
-            await asyncio.sleep(self._interval_s)
+                self._problem(w, f"the view failed to show it ({type(e).__name__})")
+            took = loop.time() - started
+            await asyncio.sleep(max(self._interval_s, PAUSE_PER_REFRESH * took))
 
     async def _refresh(self, w: Watched) -> None:
         try:
             resp = await self.link.get_session(w.session_id)
         except grpc.aio.AioRpcError as e:
-            if e.code() == grpc.StatusCode.NOT_FOUND and w.state == "live":
-                w.state = "missing"
-                w.topic.publish(w.payload())
-            # Anything else is the link's to report; it refreshes every shown session when the
+            if e.code() == grpc.StatusCode.NOT_FOUND:
+                if w.state == "live" or w.problem:
+                    w.state, w.problem = "missing", None
+                    w.topic.publish(w.payload())
+            elif e.code() != grpc.StatusCode.UNAVAILABLE:
+                # The link is up but this read fails (too big to send, refused, too slow): the
+                # page says so rather than freezing, and the read is tried again.
+                self._problem(w, f"GetSession failed: {e.code().name}: {short(e.details())}")
+            # UNAVAILABLE is the link's to report; it refreshes every shown session when the
             # authority answers again.
             return
         version = resp.session.version
@@ -255,7 +277,7 @@ class Hub:
             self._mark(w, {"kind": "evict", "version": version, "text": gone["text"]})
         w.fresh = [m["ledger"] for m in marks.merges]
         w.ghosts = marks.evictions
-        w.snapshot, w.state = snap, "live"
+        w.snapshot, w.state, w.problem = snap, "live", None
         w.take_info(resp.session)
         w.topic.publish(w.payload())
         logger.debug("session %s v%d: refreshed", w.session_id, version)
@@ -272,6 +294,12 @@ class Hub:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(w.progressed.wait(), left)
 
+    def _problem(self, w: Watched, problem: str) -> None:
+        logger.warning("session %s: %s", w.session_id, problem)
+        w.problem = problem
+        w.topic.publish(w.payload())
+        asyncio.get_running_loop().call_later(RETRY_S, w.dirty.set)
+
     def _mark(self, w: Watched, mark: dict) -> None:
         w.mark_seq += 1
         w.marks.append({"seq": w.mark_seq, **mark})
@@ -282,22 +310,28 @@ class Hub:
         while True:
             await self._list_dirty.wait()
             self._list_dirty.clear()
-            if self._list_stale:
-                self._list_stale = False
-                with contextlib.suppress(grpc.aio.AioRpcError):
-                    for info in await self.link.list_sessions():
-                        w = self.sessions.get(info.session_id)
-                        if w is not None and w.state == "live":
-                            w.take_info(info)
-            # Sessions a browser asked for that the authority does not hold are not listed.
-            listed = sorted(
-                (w for w in self.sessions.values() if w.state != "missing"),
-                key=lambda w: w.session_id,
-            )
-            self.session_list.publish(
-                {
-                    "sessions": [w.summary() for w in listed[:MAX_LISTED]],
-                    "total": len(listed),
-                }
-            )
+            try:
+                await self._publish_list()
+            except Exception:  # a bug: say so, and keep listing
+                logger.exception("publishing the session list failed")
             await asyncio.sleep(LIST_INTERVAL_S)
+
+    async def _publish_list(self) -> None:
+        if self._list_stale:
+            self._list_stale = False
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                for info in await self.link.list_sessions():
+                    w = self.sessions.get(info.session_id)
+                    if w is not None and w.state == "live":
+                        w.take_info(info)
+        # Sessions a browser asked for that the authority does not hold are not listed.
+        listed = sorted(
+            (w for w in self.sessions.values() if w.state != "missing"),
+            key=lambda w: w.session_id,
+        )
+        self.session_list.publish(
+            {
+                "sessions": [w.summary() for w in listed[:MAX_LISTED]],
+                "total": len(listed),
+            }
+        )

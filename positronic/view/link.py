@@ -85,7 +85,7 @@ class AuthorityLink:
                 await call.initial_metadata()
                 if call.done():  # it failed before subscribing
                     code = await call.code()
-                    raise _Down(f"{code.name}: {_short(await call.details())}")
+                    raise _Down(f"{code.name}: {short(await call.details())}")
                 events.connected(await self.list_sessions())
                 logger.info("watching every session of %s", self.address)
                 backoff = 0.5
@@ -93,9 +93,12 @@ class AuthorityLink:
                     events.commit(commit)
                 raise _Down("the authority ended the Watch stream (shutting down?)")
             except grpc.aio.AioRpcError as e:
-                events.down(f"{e.code().name}: {_short(e.details())}")
+                events.down(f"{e.code().name}: {short(e.details())}")
             except _Down as e:
                 events.down(str(e))
+            except Exception as e:  # a bug in the view: say so, and watch again
+                logger.exception("following %s failed", self.address)
+                events.down(f"the view failed ({type(e).__name__}); watching again")
             finally:
                 call.cancel()
             await sleep(backoff)
@@ -109,6 +112,6 @@ class _Down(Exception):
     pass
 
 
-def _short(text: str | None, limit: int = 200) -> str:
+def short(text: str | None, limit: int = 200) -> str:
     text = text or ""
     return text if len(text) <= limit else text[:limit] + "..."

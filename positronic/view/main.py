@@ -40,6 +40,7 @@ class ViewConfig:
     tls: ClientTls | None = None
     refresh_hz: float = 4.0  # GetSessions per shown session per second, at most
     max_viewers: int = 64  # pages open at once
+    stall_s: float = 30.0  # a page that takes no event for this long is dropped
 
     def __post_init__(self) -> None:
         if not self.authority:
@@ -120,7 +121,7 @@ async def serve(
             loop.add_signal_handler(sig, stop.set)
     hub = Hub(AuthorityLink(config.authority, config.auth_token, config.tls), config.refresh_hz)
     await hub.start()
-    app = make_app(hub, PageConfig(config.session, config.max_viewers))
+    app = make_app(hub, PageConfig(config.session, config.max_viewers, config.stall_s))
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     try:

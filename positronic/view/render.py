@@ -42,6 +42,10 @@ from positronic.v1 import session_pb2
 
 BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 WORD_START = "▁"
+# What one row may add to a page: a merged row's replaced_text can be 64 KiB, and a session
+# thousands of such rows, so the page gets a prefix (the hover says it was cut).
+SHOWN_REPLACED_CHARS = 256
+SHOWN_REPLACED_IDS = 16
 
 SOURCES = {
     session_pb2.TOKEN_SOURCE_STRUCTURAL: "structural",
@@ -71,6 +75,11 @@ def piece_texts(pieces: Sequence[str], structural: Sequence[bool] | None = None)
     if in_bytes:
         texts[-1] += decoder.decode(b"", final=True)
     return texts
+
+
+def clip_text(text: str, limit: int) -> str:
+    """`text`, or its first `limit` characters and an ellipsis."""
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def shades(brightness: Sequence[float]) -> tuple[list[float], float, float]:
@@ -144,9 +153,10 @@ def render(resp: ca.GetSessionResponse, book: PieceBook | None = None) -> Snapsh
             "source": SOURCES.get(m.source, "unspecified"),
         }
         if m.source == session_pb2.TOKEN_SOURCE_MERGED or m.replaced_ledger_ids:
-            row["replaced_text"] = m.replaced_text
-            row["replaced_ids"] = list(m.replaced_token_ids)
-            row["replaced_pieces"] = [book.text(t) for t in m.replaced_token_ids]
+            ids = list(m.replaced_token_ids[:SHOWN_REPLACED_IDS])
+            row["replaced_text"] = clip_text(m.replaced_text, SHOWN_REPLACED_CHARS)
+            row["replaced_ids"] = ids
+            row["replaced_pieces"] = [book.text(t) for t in ids]
             row["merged_at"] = m.created_version
         rows.append(row)
     return Snapshot(
@@ -177,7 +187,7 @@ def diff(
                     "version": m.created_version,
                     "ledger": m.ledger_id,
                     "text": row["text"],
-                    "replaced_text": m.replaced_text,
+                    "replaced_text": row["replaced_text"],
                     "replaced_ids": row["replaced_ids"],
                     "replaced_pieces": row["replaced_pieces"],
                 }

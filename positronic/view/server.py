@@ -24,7 +24,7 @@ from aiohttp import web
 
 from positronic import limits
 from positronic.view.hub import Hub
-from positronic.view.topic import Topic
+from positronic.view.topic import Topic, sse_frame
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +36,7 @@ RETRY_MS = 1000  # how soon a browser's EventSource reconnects after losing the 
 class PageConfig:
     default_session: str | None  # --session: what `/` shows
     max_viewers: int  # event streams open at once; one more is 503
+    stall_s: float = 30.0  # a page that takes longer than this to take one event is dropped
 
 
 HUB = web.AppKey("hub", Hub)
@@ -65,11 +66,6 @@ async def _index(request: web.Request) -> web.FileResponse:
     return web.FileResponse(static_dir() / "index.html", headers={"Cache-Control": "no-cache"})
 
 
-def _frame(event: str, data: str) -> bytes:
-    # JSON escapes every line break inside strings, so one data line carries the object.
-    return f"event: {event}\ndata: {data}\n\n".encode()
-
-
 async def _events(request: web.Request) -> web.StreamResponse:
     app = request.app
     hub, config = app[HUB], app[CONFIG]
@@ -94,22 +90,41 @@ async def _events(request: web.Request) -> web.StreamResponse:
     assert task is not None  # a request handler runs in a task
     app[STREAMS].add(task)
     hello = {"session": session_id or None, "authority": hub.link.address}
+    send = _Sender(resp, config.stall_s)
     try:
-        await resp.write(f"retry: {RETRY_MS}\n\n".encode())
-        await resp.write(_frame("hello", json.dumps(hello)))
+        await send(f"retry: {RETRY_MS}\n\n".encode())
+        await send(sse_frame("hello", json.dumps(hello)))
         if session_id:
             async with hub.viewing(session_id) as watched:
-                await _stream(resp, {"status": hub.status, "session": watched.topic}, app)
+                await _stream(send, {"status": hub.status, "session": watched.topic}, app)
         else:
-            await _stream(resp, {"status": hub.status, "sessions": hub.session_list}, app)
+            await _stream(send, {"status": hub.status, "sessions": hub.session_list}, app)
     except (ConnectionError, asyncio.CancelledError):
         pass  # the browser went away, or the server is stopping
+    except TimeoutError:
+        # A page that stopped reading (a stuck client, a dead network path) holds a slot and
+        # a frame's worth of buffer: drop it. A live browser's EventSource reconnects.
+        logger.info("dropped a page that took no event for %.0f s", config.stall_s)
+        if request.transport is not None:
+            request.transport.abort()
     finally:
         app[STREAMS].discard(task)
     return resp
 
 
-async def _stream(resp: web.StreamResponse, topics: dict[str, Topic], app: web.Application):
+class _Sender:
+    """Writes to one stream; a write that cannot finish within `stall_s` (the page's socket
+    and the transport's buffer are full) raises TimeoutError."""
+
+    def __init__(self, resp: web.StreamResponse, stall_s: float):
+        self._resp = resp
+        self._stall_s = stall_s
+
+    async def __call__(self, data: bytes) -> None:
+        await asyncio.wait_for(self._resp.write(data), self._stall_s)
+
+
+async def _stream(send: _Sender, topics: dict[str, Topic], app: web.Application):
     """Send each topic whenever it changes (the newest value only), and a ping when all are
     quiet, until the browser leaves or the server stops."""
     sent = dict.fromkeys(topics, 0)
@@ -118,11 +133,11 @@ async def _stream(resp: web.StreamResponse, topics: dict[str, Topic], app: web.A
         for name, topic in topics.items():
             if topic.seq != sent[name]:
                 sent[name] = topic.seq
-                await resp.write(_frame(name, topic.json()))
+                await send(topic.frame(name))
         waits = {topic.changed() for topic in topics.values()}
         done, _ = await asyncio.wait(waits, timeout=PING_S, return_when=asyncio.FIRST_COMPLETED)
         if not done:
-            await resp.write(_frame("ping", json.dumps({"unix_s": round(time.time(), 3)})))
+            await send(sse_frame("ping", json.dumps({"unix_s": round(time.time(), 3)})))
 
 
 async def _close_streams(app: web.Application) -> None:

@@ -18,11 +18,13 @@ class Topic:
         self.seq = 0  # 0: nothing published yet
         self._next: asyncio.Future[None] | None = None
         self._json: str | None = None
+        self._frames: dict[str, bytes] = {}
 
     def publish(self, value: Any) -> None:
         self.value = value
         self.seq += 1
         self._json = None
+        self._frames = {}
         if self._next is not None and not self._next.done():
             self._next.set_result(None)
         self._next = None
@@ -39,3 +41,17 @@ class Topic:
         if self._json is None:
             self._json = json.dumps(self.value, ensure_ascii=False, separators=(",", ":"))
         return self._json
+
+    def frame(self, event: str) -> bytes:
+        """The value as one server-sent event named `event`, built once per publish: every
+        stream sends the same bytes object, so a thousand pages do not hold a thousand
+        copies of a big session."""
+        frame = self._frames.get(event)
+        if frame is None:
+            frame = self._frames[event] = sse_frame(event, self.json())
+        return frame
+
+
+def sse_frame(event: str, data: str) -> bytes:
+    # JSON escapes every line break inside strings, so one data line carries the object.
+    return f"event: {event}\ndata: {data}\n\n".encode()

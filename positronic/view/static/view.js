@@ -74,7 +74,7 @@ function drawLink() {
 }
 
 function banner() {
-  if (state.refused) return ["missing", state.refused];
+  if (state.refused) return ["refused", state.refused];
   const silent = Date.now() - state.lastMessage > 3 * PING_S * 1000;
   if (!state.streamOpen || silent) {
     return ["server", "Lost the view server; reconnecting… The page shows the last state it saw."];
@@ -94,6 +94,7 @@ function banner() {
     if (p.state === "missing") {
       return ["missing", `Session ${p.session} is not on the authority; waiting for it to appear.`];
     }
+    if (p.problem) return ["problem", `Cannot show session ${p.session}: ${p.problem}; retrying.`];
   }
   return null;
 }
@@ -225,8 +226,11 @@ function drawSession(p) {
   const nodes = [];
   p.tokens.forEach((t, i) => {
     for (const g of ghostsBefore.get(t.ledger) || []) nodes.push(ghostSpan(g));
-    nodes.push(tokenSpan(t, i, fresh));
+    nodes.push(tokenSpan(t, p.hidden_rows + i, fresh));
   });
+  $("hidden-rows").hidden = !p.hidden_rows;
+  $("hidden-rows").textContent =
+    `… the oldest ${p.hidden_rows} rows are not shown (the page shows the newest ${p.tokens.length}).`;
   for (const g of ghostsBefore.get("end") || []) nodes.push(ghostSpan(g));
   const text = $("text");
   text.replaceChildren(...nodes);
