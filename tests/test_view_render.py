@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from positronic.v1 import cache_authority_pb2 as ca
 from positronic.v1 import session_pb2
-from positronic.view.commits import Commit, CommitLog
+from positronic.view.commits import KEPT_COMMITS, Commit, CommitLog
 from positronic.view.render import (
     SHOWN_REPLACED_CHARS,
     SHOWN_REPLACED_IDS,
@@ -212,6 +212,19 @@ def test_tokens_per_second_leaves_out_the_prime_and_counts_a_window():
     log.add(Commit(13, 1, 0, 0, 60_000_000_000))
     log.add(Commit(14, 1, 0, 0, 62_000_000_000))
     assert log.tokens_per_s() == 0.5
+
+
+def test_a_log_keeps_only_the_last_two_rate_windows_of_commits():
+    log = CommitLog()
+    for v in range(1, 101):  # one commit a second for 100 s
+        log.add(Commit(v, 1, 0, 1, v * 1_000_000_000))
+    assert len(log) == 11  # the commits of the last 10 s
+    assert log.evicted_between(95, 100) == 5
+    assert log.evicted_between(50, 100) == -1  # no longer known
+    fast = CommitLog()
+    for v in range(1, 10_001):  # 10,000 commits within one second
+        fast.add(Commit(v, 1, 0, 0, v * 100_000))
+    assert len(fast) == KEPT_COMMITS
 
 
 def test_evicted_between_is_unknown_when_a_version_is_missing():

@@ -8,7 +8,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 RATE_WINDOW_NS = 5_000_000_000  # tokens per second over the last 5 s of commits
-KEPT_COMMITS = 512  # per session; bounds the memory of a view of a fast session
+# Commits are kept for two rate windows (the eviction counts between two refreshes need no
+# more) and at most KEPT_COMMITS of them: the view keeps a log for every session on the
+# authority, shown or not, so each must stay small.
+KEPT_NS = 2 * RATE_WINDOW_NS
+KEPT_COMMITS = 256
 
 
 @dataclass(frozen=True)
@@ -30,6 +34,11 @@ class CommitLog:
         if self._commits and commit.version <= self._commits[-1].version:
             self._commits.clear()  # a new session under the same id, or a restarted history
         self._commits.append(commit)
+        while self._commits[0].unix_ns < commit.unix_ns - KEPT_NS:
+            self._commits.popleft()
+
+    def __len__(self) -> int:
+        return len(self._commits)
 
     def clear(self) -> None:
         self._commits.clear()
