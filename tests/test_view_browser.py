@@ -64,7 +64,8 @@ def stack(tmp_path) -> Iterator[Future[list[Service]]]:
         services.append(authority_process(tmp_path / "data", free_port()))
         address = services[0].address
         services.append(worker_process(demo_model_dir(), address))
-        services.append(Service(["view", "--authority", address, "--listen", "127.0.0.1:0"]))
+        view = ["view", "--authority", address, "--listen", "127.0.0.1:0", "--max-viewers", "2"]
+        services.append(Service(view))
         return services
 
     services: list[Service] = []
@@ -75,7 +76,7 @@ def stack(tmp_path) -> Iterator[Future[list[Service]]]:
         finally:
             started.exception()  # wait for it to finish before stopping what it started
             for service in reversed(services):
-                service.stop()
+                service.kill()  # no grace: nothing is checked after this
 
 
 @pytest.fixture
@@ -107,14 +108,7 @@ def test_two_browsers_follow_generate_and_show_a_dropped_authority_and_a_deletio
     address, url = authority.address, view.address
     port = int(address.rpartition(":")[2])
     try:
-        pages = [browser.new_context().new_page() for _ in range(2)]
-        # A URL that names no valid session id says so (the server would refuse its stream).
-        pages[1].goto(f"{url}?session=..%2Fx")
-        wait_banner(pages[1], "refused")
-        assert "is not a session id" in (pages[1].text_content("#banner") or "")
-        pages[0].goto(url)
-        pages[0].wait_for_selector("#list:not([hidden])", timeout=WAIT_MS)
-
+        # Started first: it imports torch for seconds while the pages load.
         generate = subprocess.Popen(
             [
                 sys.executable,
@@ -140,6 +134,13 @@ def test_two_browsers_follow_generate_and_show_a_dropped_authority_and_a_deletio
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
+        pages = [browser.new_context().new_page() for _ in range(2)]
+        # A URL that names no valid session id says so (the server would refuse its stream).
+        pages[1].goto(f"{url}?session=..%2Fx")
+        wait_banner(pages[1], "refused")
+        assert "is not a session id" in (pages[1].text_content("#banner") or "")
+        pages[0].goto(url)
+        pages[0].wait_for_selector("#list:not([hidden])", timeout=WAIT_MS)
 
         # The list shows the new session; one page picks it there, the other opens its URL.
         # A locator, not an element handle: the list is redrawn twice a second.
@@ -181,9 +182,16 @@ def test_two_browsers_follow_generate_and_show_a_dropped_authority_and_a_deletio
             assert page.text_content("#rows") == str(held.session.row_count)
             assert page.is_hidden("#banner")
 
-        # The authority stops: a banner, not a frozen page. It comes back (same port, same
-        # data): the banner goes and the session is shown again.
-        authority.stop()
+        # A third page is one over --max-viewers: it says that the server refused it, and why.
+        third = browser.new_context().new_page()
+        third.goto(url)
+        wait_banner(third, "turned-away")
+        assert "503: this view serves at most 2 pages" in (third.text_content("#banner") or "")
+        third.context.close()
+
+        # The authority goes away (killed, as a crash would): a banner, not a frozen page. It
+        # comes back (same port, same data): the banner goes and the session is shown again.
+        authority.kill()
         for page in pages:
             wait_banner(page, "authority")
         services[0] = authority = authority_process(tmp_path / "data", port)

@@ -18,6 +18,7 @@ const state = {
   lastVersion: null,
   lastVersionAt: Date.now(),
   refused: null, // why the page cannot ask for what its URL names
+  turnedAway: null, // why the view server last refused the stream ("503: ...")
   marks: new Map(), // seq -> mark, newest kept
   freshUntil: new Map(), // ledger id of a merged row -> until when it is outlined (ms)
   ghosts: [], // rows evicted lately: {text, before, until}
@@ -53,13 +54,34 @@ function connect() {
   on("session", drawSession);
   on("sessions", drawList);
   on("ping", () => {});
-  source.onopen = () => { state.streamOpen = true; state.lastMessage = Date.now(); drawBanner(); };
+  source.onopen = () => {
+    state.streamOpen = true;
+    state.turnedAway = null;
+    state.lastMessage = Date.now();
+    drawBanner();
+  };
   source.onerror = () => {
     state.streamOpen = false;
     drawBanner();
-    // A refused stream (an HTTP error) is not retried by EventSource itself.
-    if (source.readyState === EventSource.CLOSED) setTimeout(connect, 3000);
+    // A refused stream (an HTTP error) is not retried by EventSource itself, nor does it say
+    // why: ask once more by fetch, which reads the answer, then try again.
+    if (source.readyState === EventSource.CLOSED) {
+      explainRefusal(url).finally(() => setTimeout(connect, 3000));
+    }
   };
+}
+
+async function explainRefusal(url) {
+  const abort = new AbortController();
+  try {
+    const r = await fetch(url, { signal: abort.signal });
+    state.turnedAway = r.ok ? null : `${r.status}: ${(await r.text()).slice(0, 200)}`;
+  } catch (e) {
+    state.turnedAway = null; // the server is gone: the banner already says so
+  } finally {
+    abort.abort(); // a stream that did open is not kept
+  }
+  drawBanner();
 }
 
 function clock(unixS) {
@@ -76,8 +98,13 @@ function drawLink() {
 function banner() {
   if (state.refused) return ["refused", state.refused];
   const silent = Date.now() - state.lastMessage > 3 * PING_S * 1000;
+  if (!state.streamOpen && state.turnedAway) {
+    const why = state.turnedAway;
+    return ["turned-away", `The view server refused this page (${why}); trying again…`];
+  }
   if (!state.streamOpen || silent) {
-    return ["server", "Lost the view server; reconnecting… The page shows the last state it saw."];
+    return ["server",
+      "Lost the view server; reconnecting… The page shows the last state it saw."];
   }
   const s = state.status;
   if (s && s.state === "down") {
@@ -230,7 +257,8 @@ function drawSession(p) {
   });
   $("hidden-rows").hidden = !p.hidden_rows;
   $("hidden-rows").textContent =
-    `… the oldest ${p.hidden_rows} rows are not shown (the page shows the newest ${p.tokens.length}).`;
+    `… the oldest ${p.hidden_rows} rows are not shown ` +
+    `(the page shows the newest ${p.tokens.length}).`;
   for (const g of ghostsBefore.get("end") || []) nodes.push(ghostSpan(g));
   const text = $("text");
   text.replaceChildren(...nodes);
