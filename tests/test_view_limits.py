@@ -217,3 +217,22 @@ def test_a_bug_in_handling_the_watch_is_reported_and_the_watch_opened_again():
     with running_authority() as (server, _):
         seen = asyncio.run(scenario(server.port))
     assert seen == ["connected", "the view failed (RuntimeError); watching again", "connected"]
+
+
+def test_pages_that_leave_before_their_stream_starts_are_no_error(caplog):
+    with running_authority() as (server, _):
+        view = ViewThread(ViewConfig(f"127.0.0.1:{server.port}", ANY))
+        parts = urllib.parse.urlsplit(view.url)
+        try:
+            for _ in range(20):  # a browser navigating away at once, as a click on the list does
+                with socket.create_connection((parts.hostname, parts.port)) as gone:
+                    gone.sendall(b"GET /events HTTP/1.1\r\nHost: view\r\n\r\n")
+                    gone.setsockopt(
+                        socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+                    )
+            page = EventStream(view.url)  # still serving
+            page.wait_for("sessions")
+            page.close()
+        finally:
+            view.close()
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]

@@ -85,13 +85,13 @@ async def _events(request: web.Request) -> web.StreamResponse:
             "X-Accel-Buffering": "no",
         }
     )
-    await resp.prepare(request)
     task = asyncio.current_task()
     assert task is not None  # a request handler runs in a task
     app[STREAMS].add(task)
     hello = {"session": session_id or None, "authority": hub.link.address}
     send = _Sender(resp, config.stall_s)
     try:
+        await resp.prepare(request)  # the browser may be gone already (it navigated away)
         await send(f"retry: {RETRY_MS}\n\n".encode())
         await send(sse_frame("hello", json.dumps(hello)))
         if session_id:
