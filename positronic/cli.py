@@ -1,4 +1,4 @@
-"""The `positronic` command: tokenize, authority, worker, generate, inspect, health, bench."""
+"""The `positronic` command: tokenize, authority, worker, generate, inspect, view, health, bench."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "worker": ("model_worker.main", "run a model worker (read-only forward passes)"),
     "generate": ("positronic.generate_cmd", "generate text with a bounded cache"),
     "inspect": ("positronic.inspect_cmd", "show a session's mirror as a table"),
+    "view": ("positronic.view.main", "a live web page of a session (or of every session)"),
     "health": ("positronic.health_cmd", "exit 0 when a server answers gRPC health SERVING"),
     "bench": ("positronic.bench.cli", "quality and speed benchmarks"),
 }
