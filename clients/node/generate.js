@@ -48,7 +48,8 @@ function number(values, name, integer) {
   const text = values[name];
   const value = Number(text);
   if (text.trim() === "" || !Number.isFinite(value) || (integer && !Number.isInteger(value))) {
-    throw new UsageError(`--${name}: not ${integer ? "an integer" : "a number"}: ${text.slice(0, 64)}`);
+    const kind = integer ? "an integer" : "a number";
+    throw new UsageError(`--${name}: not ${kind}: ${text.slice(0, 64)}`);
   }
   return value;
 }
@@ -60,7 +61,9 @@ function parse(argv) {
   if ((values.prompt === undefined) === (values["prompt-file"] === undefined)) {
     throw new UsageError("give one of --prompt and --prompt-file");
   }
-  if (!POLICY_NAMES.includes(values.policy)) throw new UsageError(`--policy: one of ${POLICY_NAMES}`);
+  if (!POLICY_NAMES.includes(values.policy)) {
+    throw new UsageError(`--policy: one of ${POLICY_NAMES}`);
+  }
   if (!(values["attention-reduction"] in REDUCTIONS)) {
     throw new UsageError(`--attention-reduction: one of ${Object.keys(REDUCTIONS)}`);
   }

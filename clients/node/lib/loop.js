@@ -228,7 +228,8 @@ class Loop {
     pairs.forEach((p, k) => {
       const merge = tick.merges[k];
       if (merge.merged) {
-        merges.push({ position: p, merge, tokenId: merge.token_id, score: policy.mergedScore(allScores, p) });
+        const score = policy.mergedScore(allScores, p);
+        merges.push({ position: p, merge, tokenId: merge.token_id, score });
       } else {
         // No single token fits: the pair's dimmer row goes instead.
         evictions.push(allScores[p] <= allScores[p + 1] ? p : p + 1);
@@ -275,7 +276,8 @@ class Loop {
       digest: resp.digest,
     });
     if (this.view.tokenIds.length !== resp.row_count) {
-      throw new Error(`driver expects ${this.view.tokenIds.length} rows, authority has ${resp.row_count}`);
+      const rows = this.view.tokenIds.length;
+      throw new Error(`driver expects ${rows} rows, authority has ${resp.row_count}`);
     }
     this.stats.merges += merges.length;
     this.stats.evictions += evictions.length;

@@ -49,7 +49,11 @@ function opBytes(op) {
 
 // The messages of one Patch: the header on each, ops batched, end_of_patch on the last.
 function patchMessages(sessionId, expectedVersion, requestId, ops) {
-  const header = { session_id: sessionId, expected_version: expectedVersion, request_id: requestId };
+  const header = {
+    session_id: sessionId,
+    expected_version: expectedVersion,
+    request_id: requestId,
+  };
   const messages = [];
   let batch = [];
   let size = 0;
