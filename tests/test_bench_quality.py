@@ -64,6 +64,18 @@ def test_tiny_quality_run_writes_the_documented_json(
     halo, streaming = doc["policies"]["halo"], doc["policies"]["streaming"]
     assert halo["merges"] > 0 and streaming["evictions"] > 0 and streaming["merges"] == 0
     assert halo["vs_best_eviction"]["baseline"] == "streaming"
+    # Long-range recall and the gap closed, as docs/benchmarks.md documents them.
+    far = doc["reference"]["far_recall_tokens"]
+    assert far > 0 and doc["reference"]["far_recall_tokens_in_full_cache_part"] == far
+    for p in (halo, streaming):
+        assert p["far_recall"]["tokens"] == far and p["far_recall"]["perplexity"] > 1.0
+    lo, hi = halo["gap_closed"]["ci95"]
+    assert lo <= halo["gap_closed"]["value"] <= hi
+    fr = halo["far_recall"]
+    lo, hi = fr["vs_best_eviction"]["ratio_ci95"]
+    assert lo <= fr["vs_best_eviction"]["ratio"] <= hi
+    assert set(fr["gap_closed"]) == {"value", "ci95"}
+    assert "gap_closed" not in streaming and "vs_best_eviction" not in streaming["far_recall"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
     assert "sliding window (reference)" in printed and "halo" in printed
