@@ -57,13 +57,27 @@ def test_streaming_evicts_oldest_after_the_sinks():
 
 
 def test_h2o_accumulates_attention():
-    policy = make_policy("h2o", recent_window=2)
+    policy = make_policy("h2o", recent_window=2, recent_fraction=0.0)
     scores = torch.tensor([0.0, 0.3, 0.1, 0.5])
     new, own = policy.update(scores, torch.tensor([0.4, 0.1, 0.05, 0.05, 0.4]))
     assert new.tolist() == pytest.approx([0.4, 0.4, 0.15, 0.55])
     assert own == pytest.approx(0.4)
     plan = policy.plan(torch.cat([new, torch.tensor([own])]), structural(5), excess=1)
     assert plan.evictions == [2]  # lowest accumulated among rows 1, 2 (3, 4 recent; 0 BOS)
+
+
+def test_h2o_splits_the_budget_between_heavy_hitters_and_recent_rows():
+    """The paper's split: the recent window is half the budget, whatever the budget."""
+    policy = make_policy("h2o")
+    for budget in (8, 12):
+        scores = torch.zeros(budget + 1)  # budget rows + the new one: excess 1
+        scores[1:] = torch.linspace(10.0, 0.0, budget)  # the newest rows are the lightest
+        plan = policy.plan(scores, structural(budget + 1), excess=1)
+        # Rows [budget + 1 - budget/2, budget] are the recent half: the lightest outside it.
+        assert plan.evictions == [budget - budget // 2]
+    assert make_policy("h2o", recent_fraction=0.0, recent_window=3).window(64) == 3
+    with pytest.raises(ValueError):
+        make_policy("h2o", recent_fraction=1.0)
 
 
 def test_tova_uses_only_the_newest_attention():

@@ -1,6 +1,12 @@
 """TOVA (Oren et al., 2024, "Transformers are Multi-State RNNs"): evict the row to which the
 newest token pays the least attention (mean over heads); no accumulation, no recent window
-beyond the token being appended."""
+beyond the token being appended.
+
+This is the layer-reduced, single-row variant: the paper decides per layer (each layer keeps its
+own tokens); here a row holds one token in every layer (the mirror's invariant), so the score is
+the newest token's attention row reduced over layers (the loop's `attention_reduction`: the last
+layer by default) and an evicted row leaves every layer at once.
+"""
 
 from __future__ import annotations
 
