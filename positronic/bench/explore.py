@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from positronic.bench import quality, reference
+from positronic.bench import quality, reference, stats
 from positronic.bench.explore_run import Candidate, SimRun, parse_candidate, simulate
 from positronic.bench.runner import StreamRun
 from positronic.bench.streams import Stream, streams_from_file
@@ -133,6 +133,7 @@ def search(args: argparse.Namespace) -> dict:
     for budget in [int(b) for b in args.budgets.split(",")]:
         refs = cached_references(args.model, streams, budget, cache_dir)
         done = cached_runs(lm, cands, streams, budget, cache_dir)
+        far = quality.far_masks(streams, budget)
         runs, forwards = [], {}
         for cand in cands:
             sims = [done[cand.text, i] for i in range(len(streams))]
@@ -153,9 +154,80 @@ def search(args: argparse.Namespace) -> dict:
         )
         for label, extra in forwards.items():
             doc["policies"][label]["cost"] = extra
+            if args.versus and label != args.versus:
+                doc["policies"][label]["versus"] = _versus(runs, label, args.versus, far)
+            nll = np.asarray([r.nll for r in runs if r.label == label])  # [streams, T]
+            doc["policies"][label]["perplexity_by_tenth"] = [
+                float(np.exp(part.mean())) for part in np.array_split(nll, 10, axis=1)
+            ]
         docs[str(budget)] = doc
         print(quality.table(doc))
     return docs
+
+
+def _versus(runs: list[StreamRun], label: str, other: str, far) -> dict:
+    """Paired ratios of `label` to `other` over every token and over the far-recall tokens."""
+    mine, theirs = quality.nll_of(runs, label), quality.nll_of(runs, other)
+    plain = stats.ratio_ci(mine, theirs)
+    far_r = stats.ratio_ci(mine, theirs, masks=far)
+    return {
+        "baseline": other,
+        "ratio": plain.ratio,
+        "ratio_ci95": [plain.lo, plain.hi],
+        "far_ratio": far_r.ratio,
+        "far_ratio_ci95": [far_r.lo, far_r.hi],
+    }
+
+
+def _ci_text(v: dict | None, key: str = "ratio", ci: str = "ratio_ci95", fmt=".4f") -> str:
+    if not v:
+        return ""
+    lo, hi = v[ci]
+    return f"{v[key]:{fmt}} [{lo:{fmt}}, {hi:{fmt}}]"
+
+
+def markdown(doc: dict) -> str:
+    """One budget's results as the table docs/quality-search.md publishes."""
+    ref = doc["reference"]
+    best = next(
+        (
+            p["vs_best_eviction"]["baseline"]
+            for p in doc["policies"].values()
+            if "vs_best_eviction" in p
+        ),
+        "",
+    )
+    n = len(doc["streams"])
+    full = ref["full_cache"]
+    far_part = ref["far_recall_tokens_in_full_cache_part"]
+    lines = [
+        f"Budget {doc['budget']}: {n} streams from story {doc['streams'][0]['first_story']}, "
+        f"{ref['scored_tokens']} scored tokens, {ref['far_recall_tokens']} far-recall tokens "
+        f"({far_part} where the full cache fits); sliding window {ref['perplexity']:.3f}, "
+        f"full cache {full['perplexity']:.3f} (first {full['scored_tokens'] // n + 2} tokens of "
+        f"each stream). Best eviction: `{best}`.",
+        "",
+        "| candidate | ppl | × best eviction [95% CI] | gap closed | far ppl | far × best eviction "
+        "| far gap closed | fwd/merge |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for label, p in doc["policies"].items():
+        fr = p["far_recall"]
+        cost = p.get("cost", {})
+        fwd = f"{cost['per_merge']:.1f}" if p["merges"] else ""
+        lines.append(
+            f"| `{label}` | {p['perplexity']:.3f} | {_ci_text(p.get('vs_best_eviction'))} | "
+            f"{_ci_text(p.get('gap_closed'), 'value', 'ci95', '+.3f')} | {fr['perplexity']:.3f} | "
+            f"{_ci_text(fr.get('vs_best_eviction'))} | "
+            f"{_ci_text(fr.get('gap_closed'), 'value', 'ci95', '+.3f')} | {fwd} |"
+        )
+    versus = [(k, p["versus"]) for k, p in doc["policies"].items() if "versus" in p]
+    if versus:
+        lines += ["", f"Paired with `{versus[0][1]['baseline']}` (plain; far recall):", ""]
+        for label, v in versus:
+            far = _ci_text(v, "far_ratio", "far_ratio_ci95")
+            lines.append(f"- `{label}`: ×{_ci_text(v)}; far ×{far}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -172,11 +244,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--cache-dir", default="out/explore")
     p.add_argument("--json", help="write {budget: bench-quality document} here")
+    p.add_argument("--markdown", help="write the tables (one per budget) here")
+    p.add_argument("--versus", help="also compare every candidate with this one (paired)")
     args = p.parse_args(argv)
     docs = search(args)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(docs, indent=2) + "\n", encoding="utf-8")
+    if args.markdown:
+        tables = "\n\n".join(markdown(d) for d in docs.values())
+        Path(args.markdown).write_text(tables + "\n", encoding="utf-8")
     return 0
 
 

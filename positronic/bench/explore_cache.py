@@ -72,12 +72,21 @@ class BatchCache:
     """B sessions' rows in preallocated buffers [L, B, H, capacity, D]; row count S shared."""
 
     def __init__(
-        self, lm: LoadedModel, batch: int, capacity: int, stream_tokens: int, bias: bool = False
+        self,
+        lm: LoadedModel,
+        batch: int,
+        capacity: int,
+        stream_tokens: int,
+        bias_caps: list[float] | None = None,
     ):
         g = lm.geometry
         self.table = RotationTable(g.rope, stream_tokens + capacity)
         shape = (g.num_layers, batch, g.num_kv_heads, capacity, g.head_dim)
-        self.lm, self.batch, self.bias = lm, batch, bias
+        self.lm, self.batch = lm, batch
+        # Per session: the largest additive bias log(count) may reach; 0 = no bias. With no
+        # session biased, the forward runs without a mask (exactly the worker's Step).
+        caps = torch.tensor(bias_caps or [0.0] * batch, dtype=torch.float32)
+        self.bias_caps = caps if bool((caps > 0).any()) else None
         self.canonical = torch.zeros(shape, dtype=g.dtype)
         self.keys = torch.zeros(shape, dtype=g.dtype)
         self.values = torch.zeros(shape, dtype=g.dtype)
@@ -104,9 +113,10 @@ class BatchCache:
         ids = torch.tensor(tokens, dtype=torch.long)[:, None]
         pos = torch.full((b, 1), n, dtype=torch.long)
         mask = None
-        if self.bias:
+        if self.bias_caps is not None:
             mask = torch.zeros(b, 1, 1, n + 1, dtype=lm.dtype)
-            mask[:, 0, 0, :n] = self.count[:, :n].clamp(min=1.0).log().to(lm.dtype)
+            bias = torch.minimum(self.count[:, :n].clamp(min=1.0).log(), self.bias_caps[:, None])
+            mask[:, 0, 0, :n] = bias.to(lm.dtype)
         with torch.inference_mode():
             out = lm.model(
                 input_ids=ids,

@@ -29,10 +29,10 @@ from positronic.bench.specs import PolicySpec, parse_spec
 from positronic.policies import Plan, Policy
 from positronic.selection import select_balanced_pairs, select_redundant_pairs
 
-REPAIRERS = ("lm", "pair", "kv")
+REPAIRERS = ("lm", "pair", "kv", "evict")  # evict: the pair's dimmer row goes (no merge)
 SELECTIONS = ("policy", "redundant", "balanced")
 _KEYS = {"repair", "weights", "key", "pool", "cont", "kvw", "prior", "select", "cap", "lag"}
-_KEYS |= {"bias"}
+_KEYS |= {"bias", "biascap"}
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,12 @@ class Candidate:
     select: str = "policy"
     cap: float = math.inf  # balanced: most tokens one merged row may represent
     lag: bool = False
-    bias: bool = False
+    bias: bool = False  # add log(tokens represented) to every attention logit of a row...
+    biascap: float = math.inf  # ...up to this
+
+    @property
+    def bias_cap(self) -> float:
+        return self.biascap if self.bias else 0.0
 
     @property
     def merges(self) -> bool:
@@ -71,7 +76,7 @@ def parse_candidate(text: str) -> Candidate:
     for key, value in fields.items():
         if key in ("pool",):
             typed[key] = int(value)
-        elif key in ("kvw", "cap"):
+        elif key in ("kvw", "cap", "biascap"):
             typed[key] = float(value)
         elif key in ("prior", "lag", "bias"):
             typed[key] = value in ("1", "true", "yes")
@@ -93,6 +98,7 @@ class SimRun:
     forwards: int = 0  # forward passes beyond the step, over the whole stream
     merged_rows_at_end: int = 0
     max_count_at_end: float = 1.0  # the most tokens one row stood for at the end
+    merges_at: list[int] = field(default_factory=list)  # merges whose pair started at row i
 
 
 def _plan(cand: Candidate, policy: Policy, cache: BatchCache, b: int, scores, excess: int) -> Plan:
@@ -146,7 +152,8 @@ def simulate(lm: LoadedModel, jobs: list[tuple[Candidate, list[int]]], budget: i
             raise ValueError(f"{cand.text} protects {protected} rows of a budget of {budget}")
         sessions.append(_Session(cand, ids, policy, torch.tensor([policy.initial_score()])))
     length = lengths.pop()
-    cache = BatchCache(lm, len(jobs), budget + 1, length, bias=jobs[0][0].bias)
+    caps = [c.bias_cap for c, _ in jobs]
+    cache = BatchCache(lm, len(jobs), budget + 1, length, bias_caps=caps)
     lm_repairer = LMRepairer(lm)
     banned = torch.tensor(sorted(banned_ids(lm)), dtype=torch.long)
     bos = [ids[0] for _, ids in jobs]
@@ -191,7 +198,9 @@ def _tick(cache: BatchCache, b: int, sess: _Session, step, budget: int, lm_repai
     evictions = list(plan.evictions)
     for p in plan.merges:
         r: rep.Replacement | None
-        if cand.repair == "lm":
+        if cand.repair == "evict":
+            r = None
+        elif cand.repair == "lm":
             r = rep.repair_lm(lm_repairer, cache, b, p, cand.policy.candidates)
         elif cand.repair == "kv":
             r = rep.repair_kv(cache, b, step, p, cand.weights, cand.key)
@@ -202,6 +211,9 @@ def _tick(cache: BatchCache, b: int, sess: _Session, step, budget: int, lm_repai
             evictions.append(p if fresh[p] <= fresh[p + 1] else p + 1)
             continue
         merges[p] = (r.token_id, r.keys, r.values)
+        if len(run.merges_at) < budget:
+            run.merges_at.extend([0] * (budget - len(run.merges_at)))
+        run.merges_at[p] += 1
         merged_scores[p] = policy.merged_score(fresh, p)
         run.forwards += r.forwards
     values = new_scores.tolist()
