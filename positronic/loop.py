@@ -81,6 +81,10 @@ class LoopConfig:
                 f"policy {self.policy.name} protects {protected} rows (recent window, sinks, BOS);"
                 f" target_rows {self.target_rows} leaves nothing to compact"
             )
+        repair = self.policy.repair
+        if self.policy.merges and repair is not None and repair.repairer == "kv_merge":
+            # Repair + ComputeKV cannot build a K/V merge; the worker's Tick (fast tick) can.
+            raise ValueError(f"policy {self.policy.name} merges in K/V space: needs the Tick RPC")
         if self.attention_reduction not in REDUCTIONS:
             raise ValueError(f"attention_reduction must be one of {', '.join(REDUCTIONS)}")
 

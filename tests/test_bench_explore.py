@@ -106,3 +106,17 @@ def test_candidates_are_validated():
     for bad in ("halo|repair=magic", "halo|weights=loud", "halo|colour=1", "nope", "halo|pool"):
         with pytest.raises(ValueError):
             parse_candidate(bad)
+
+
+def test_presets_are_what_the_search_measured(lm, stream):
+    """`halo-kv` is the search's winner spelled out; `halo-evict` its eviction twin (an
+    eviction-only policy plans after the step, from fresh scores: no lag)."""
+    texts = [
+        "halo-kv|lag=1",
+        "halo-user:gain=30|repair=kv|weights=attention|key=heavier|lag=1",
+        "halo-evict|lag=1",
+        "halo-user:gain=30|repair=evict",
+    ]
+    runs = simulate(lm, [(parse_candidate(t), stream) for t in texts], 16)
+    assert runs[0].nll == runs[1].nll and runs[0].merges > 0
+    assert runs[2].nll == runs[3].nll and runs[2].merges == 0 and runs[2].evictions > 0

@@ -109,3 +109,30 @@ def test_view_edits_match_the_patch_semantics():
     assert out.structural == [True, False, False, False, False]
     assert out.scores.tolist() == [1.0, 7.0, 4.0, 6.0, 255.0]
     assert out.version == 5
+
+
+def test_halo_presets_and_their_repair():
+    from positronic.policies import POLICIES, RepairSpec
+
+    kv = make_policy("halo-kv")
+    assert kv.merges and kv.sinks == 0 and kv.params.gain == 30.0  # type: ignore[attr-defined]
+    assert kv.repair == RepairSpec("kv_merge", kv_weights="attention", kv_key="heavier")
+    assert make_policy("halo-kv-age").repair.kv_key == "mean"  # type: ignore[union-attr]
+    assert make_policy("halo-user").repair.repairer == "default"  # type: ignore[union-attr]
+    evict = make_policy("halo-evict")
+    assert not evict.merges and evict.repair is None
+    for name in POLICIES:  # ListPolicies can describe every preset
+        p = make_policy(name)
+        assert p.description and all(isinstance(v, float) for v in p.parameters().values())
+    with pytest.raises(ValueError):
+        RepairSpec("magic")
+    with pytest.raises(ValueError):
+        RepairSpec("kv_merge", kv_key="lighter")
+
+
+def test_halo_evict_drops_the_dimmer_row_of_the_pair_halo_kv_would_merge():
+    kv, evict = make_policy("halo-kv", recent_window=2), make_policy("halo-evict", recent_window=2)
+    scores = torch.tensor([255.0, 90.0, 40.0, 60.0, 200.0, 255.0])
+    assert kv.plan(scores, structural(6), excess=1).merges == [2]  # (2, 3): max 60, the lowest
+    plan = evict.plan(scores, structural(6), excess=1)
+    assert plan.evictions == [2] and plan.merges == []  # row 2 (40) is the pair's dimmer

@@ -186,6 +186,10 @@ def _ci_text(v: dict | None, key: str = "ratio", ci: str = "ratio_ci95", fmt=".4
     return f"{v[key]:{fmt}} [{lo:{fmt}}, {hi:{fmt}}]"
 
 
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")  # a pipe inside a table cell, even in code, splits it
+
+
 def markdown(doc: dict) -> str:
     """One budget's results as the table docs/quality-search.md publishes."""
     ref = doc["reference"]
@@ -216,7 +220,7 @@ def markdown(doc: dict) -> str:
         cost = p.get("cost", {})
         fwd = f"{cost['per_merge']:.1f}" if p["merges"] else ""
         lines.append(
-            f"| `{label}` | {p['perplexity']:.3f} | {_ci_text(p.get('vs_best_eviction'))} | "
+            f"| `{_cell(label)}` | {p['perplexity']:.3f} | {_ci_text(p.get('vs_best_eviction'))} | "
             f"{_ci_text(p.get('gap_closed'), 'value', 'ci95', '+.3f')} | {fr['perplexity']:.3f} | "
             f"{_ci_text(fr.get('vs_best_eviction'))} | "
             f"{_ci_text(fr.get('gap_closed'), 'value', 'ci95', '+.3f')} | {fwd} |"

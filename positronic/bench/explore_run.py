@@ -82,7 +82,11 @@ def parse_candidate(text: str) -> Candidate:
             typed[key] = value in ("1", "true", "yes")
         else:
             typed[key] = value
-    cand = Candidate(text.strip(), parse_spec(spec), **typed)
+    policy = parse_spec(spec)
+    preset = policy.make().repair  # a preset's own repairer, unless the text overrides it
+    if preset is not None and preset.repairer == "kv_merge":
+        typed = {"repair": "kv", "weights": preset.kv_weights, "key": preset.kv_key} | typed
+    cand = Candidate(text.strip(), policy, **typed)
     if cand.repair not in REPAIRERS or cand.select not in SELECTIONS:
         raise ValueError(f"{text!r}: repair in {REPAIRERS}, select in {SELECTIONS}")
     if cand.weights not in rep.WEIGHTS or cand.key not in rep.KEYS:

@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
-from positronic.policies.base import Plan, Policy
+from positronic.policies.base import Plan, Policy, RepairSpec
 from positronic.policies.full_policy import FullPolicy
 from positronic.policies.h2o_policy import H2OPolicy
-from positronic.policies.halo_policy import HaloPolicy, HaloUserPolicy
+from positronic.policies.halo_policy import (
+    HaloEvictPolicy,
+    HaloKVAgePolicy,
+    HaloKVPolicy,
+    HaloPolicy,
+    HaloUserPolicy,
+)
 from positronic.policies.streaming_policy import StreamingPolicy
 from positronic.policies.tova_policy import TovaPolicy
 
 POLICIES: dict[str, type[Policy]] = {
     "halo": HaloPolicy,
     "halo-user": HaloUserPolicy,
+    "halo-kv": HaloKVPolicy,
+    "halo-kv-age": HaloKVAgePolicy,
+    "halo-evict": HaloEvictPolicy,
     "streaming": StreamingPolicy,
     "h2o": H2OPolicy,
     "tova": TovaPolicy,
@@ -27,4 +36,4 @@ def make_policy(name: str, **overrides) -> Policy:
     return cls(**overrides)
 
 
-__all__ = ["POLICIES", "Plan", "Policy", "make_policy"]
+__all__ = ["POLICIES", "Plan", "Policy", "RepairSpec", "make_policy"]

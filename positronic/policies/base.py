@@ -7,11 +7,43 @@ plan into ReplacePair / Evict ops of the tick's single Patch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 
 from positronic.selection import protected_mask
+
+REPAIRERS = ("default", "lm", "mlm", "kv_merge")  # default: the worker's --repair
+KV_WEIGHTS = ("attention", "equal")
+KV_KEYS = ("mean", "heavier")
+
+
+@dataclass(frozen=True)
+class RepairSpec:
+    """How a merging policy's pairs are replaced: what the loop asks the worker's Tick for
+    (TickRequest.repair / model_worker.proto RepairParams), and what ListPolicies reports.
+
+    `default` is the worker's configured repairer (its --repair: `lm` or `mlm`). `lm` and `mlm`
+    put one token in the pair's place and compute its K/V at the pair's first
+    row; `kv_merge` combines the pair's own K/V into one row with no forward pass: value = the
+    weighted mean of the two values, key = the weighted mean of both keys rotated to the merged
+    row's position (`mean`) or the heavier row's key (`heavier`); weights = the attention the
+    Tick's input token pays each row (`attention`) or `equal`. The mirror keeps the heavier
+    row's token and the pair's text.
+    """
+
+    repairer: str = "default"
+    candidates: int = 5  # lm / mlm: replacements ranked per pair (the loop takes the best)
+    kv_weights: str = "attention"
+    kv_key: str = "mean"
+
+    def __post_init__(self) -> None:
+        if self.repairer not in REPAIRERS:
+            raise ValueError(f"repairer must be one of {', '.join(REPAIRERS)}")
+        if self.kv_weights not in KV_WEIGHTS or self.kv_key not in KV_KEYS:
+            raise ValueError(f"kv_weights in {KV_WEIGHTS}, kv_key in {KV_KEYS}")
+        if self.candidates < 1:
+            raise ValueError("candidates must be at least 1")
 
 
 @dataclass(frozen=True)
@@ -30,6 +62,8 @@ class Policy:
     recent_window: int = 1  # newest rows no plan may touch (>= 1: the new token is not cached yet)
     keeps_scores: bool = True  # whether the loop sends SetBrightness each tick
     merges: bool = False  # whether plan() proposes merges (which need a repairer)
+    repair: RepairSpec | None = None  # how merges are repaired (merging policies only)
+    description: str = "no compaction"
 
     def __post_init__(self) -> None:
         if self.recent_window < 1:
@@ -56,3 +90,20 @@ class Policy:
 
     def protected(self, structural: torch.Tensor) -> torch.Tensor:
         return protected_mask(structural, self.recent_window)
+
+    def parameters(self) -> dict[str, float]:
+        """Every numeric parameter, flattened (brightness params as `brightness.seed`...): what
+        ListPolicies reports so that a client can reproduce the preset."""
+        out: dict[str, float] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or f.name in ("repair",):
+                continue
+            if isinstance(value, int | float):
+                out[f.name] = float(value)
+            elif hasattr(value, "__dataclass_fields__"):
+                for g in fields(value):
+                    v = getattr(value, g.name)
+                    if isinstance(v, int | float) and not isinstance(v, bool):
+                        out[f"{f.name}.{g.name}"] = float(v)
+        return out

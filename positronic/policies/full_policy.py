@@ -11,4 +11,5 @@ from positronic.policies.base import Policy
 @dataclass
 class FullPolicy(Policy):
     name: str = "full"
+    description: str = "no compaction: stops at the model's positions or the hard maximum"
     keeps_scores: bool = False

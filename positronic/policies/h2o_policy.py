@@ -25,6 +25,10 @@ from positronic.selection import protected_mask, select_evictions
 @dataclass
 class H2OPolicy(Policy):
     name: str = "h2o"
+    description: str = (
+        "H2O (Zhang et al., 2023), layer-reduced: heavy hitters by accumulated attention + a "
+        "recent window, half the budget each"
+    )
     recent_fraction: float = 0.5  # share of the budget kept as the recent window (paper: half)
 
     def __post_init__(self) -> None:

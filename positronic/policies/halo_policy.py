@@ -1,10 +1,20 @@
 """Halo Weave (the user's design): brightness decays each tick and grows with the attention the
-newest token pays a row; the adjacent pair with the lowest max-brightness is merged into one
-token chosen by a repairer. Eviction of the dimmest row is the fallback when no pair can merge.
+newest token pays a row; the adjacent pair with the lowest max-brightness is merged into one row
+by a repairer. Eviction of the dimmest row is the fallback when no pair can merge.
 
-Two presets (measured in docs/benchmarks.md): `halo`, tuned — brightness is age alone (gain 0)
-and the first 4 rows are protected like StreamingLLM's sinks; `halo-user`, the user's formula
-exactly (seed 255, decay 2, gain 10, no sinks).
+Presets (measured in docs/benchmarks.md and docs/quality-search.md):
+- `halo`: brightness is age alone (gain 0), the first 4 rows protected like StreamingLLM's
+  sinks, the worker's repairer (lm): it merges the oldest pair after the sinks.
+- `halo-user`: the user's formula exactly (seed 255, decay 2, gain 10, no sinks), the worker's
+  repairer.
+- `halo-kv`: the best merging configuration of the search — the user's formula with a larger
+  attention gain (30), no sinks, and K/V-space merges (no forward pass: values averaged by the
+  attention the newest token pays the two rows, the more-attended row's key; CaM / D2O /
+  KVMerger's family). Needs the worker's Tick (KV_MERGE).
+- `halo-kv-age`: the oldest pair after BOS merged in K/V space, so one row keeps a running
+  summary of everything older than the cache (it did not pay: docs/quality-search.md).
+- `halo-evict`: `halo-kv`'s selection, evicting the pair's dimmer row instead of merging — the
+  eviction twin that tells whether the merge itself adds anything.
 """
 
 from __future__ import annotations
@@ -14,17 +24,19 @@ from dataclasses import dataclass, field
 import torch
 
 from positronic.brightness import AGE_ONLY, USER_DEFAULTS, BrightnessParams, update_brightness
-from positronic.policies.base import Plan, Policy
+from positronic.policies.base import Plan, Policy, RepairSpec
 from positronic.selection import select_evictions, select_pairs
 
 
 @dataclass
 class HaloPolicy(Policy):
     name: str = "halo"
+    description: str = "Halo Weave, tuned: the oldest pair after 4 sinks, the worker's repairer"
     params: BrightnessParams = field(default_factory=lambda: AGE_ONLY)
     recent_window: int = 8
     sinks: int = 4  # oldest rows never compacted besides structural ones (StreamingLLM's sinks)
-    merges: bool = True
+    merges: bool = True  # False: the chosen pair's dimmer row is evicted instead (eviction twin)
+    repair: RepairSpec | None = field(default_factory=RepairSpec)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -43,6 +55,9 @@ class HaloPolicy(Policy):
         protected = self.protected(structural)
         protected[: self.sinks] = True
         pairs = select_pairs(scores, protected, excess)
+        if not self.merges:  # the eviction twin: each chosen pair loses its dimmer row
+            dimmer = [p if scores[p] <= scores[p + 1] else p + 1 for p in pairs]
+            return Plan(evictions=sorted(dimmer))
         evictions: list[int] = []
         if len(pairs) < excess:  # not enough mergeable pairs: evict the dimmest rest
             taken = protected.clone()
@@ -58,5 +73,46 @@ class HaloUserPolicy(HaloPolicy):
     structural rows and the recent window protected."""
 
     name: str = "halo-user"
+    description: str = "Halo Weave, the user's formula exactly, the worker's repairer"
     params: BrightnessParams = field(default_factory=lambda: USER_DEFAULTS)
     sinks: int = 0
+
+
+# The search's best merging configuration (docs/quality-search.md): the user's formula with an
+# attention gain of 30 and no sinks.
+KV_PARAMS = BrightnessParams(gain=30.0)
+
+
+@dataclass
+class HaloKVPolicy(HaloPolicy):
+    name: str = "halo-kv"
+    description: str = (
+        "Halo Weave with K/V merges: the user's formula at gain 30, no sinks; values averaged by "
+        "this tick's attention, the more-attended row's key (no forward pass)"
+    )
+    params: BrightnessParams = field(default_factory=lambda: KV_PARAMS)
+    sinks: int = 0
+    repair: RepairSpec | None = field(
+        default_factory=lambda: RepairSpec("kv_merge", kv_weights="attention", kv_key="heavier")
+    )
+
+
+@dataclass
+class HaloKVAgePolicy(HaloPolicy):
+    name: str = "halo-kv-age"
+    description: str = (
+        "the oldest pair after BOS merged in K/V space (a running summary row); attention "
+        "weights, mean key"
+    )
+    sinks: int = 0
+    repair: RepairSpec | None = field(
+        default_factory=lambda: RepairSpec("kv_merge", kv_weights="attention", kv_key="mean")
+    )
+
+
+@dataclass
+class HaloEvictPolicy(HaloKVPolicy):
+    name: str = "halo-evict"
+    description: str = "halo-kv's selection, evicting the pair's dimmer row instead of merging"
+    merges: bool = False
+    repair: RepairSpec | None = None

@@ -15,6 +15,7 @@ from positronic.selection import select_evictions
 @dataclass
 class StreamingPolicy(Policy):
     name: str = "streaming"
+    description: str = "StreamingLLM (Xiao et al., 2023): attention sinks + a recent window"
     sinks: int = 4
     keeps_scores: bool = False  # age is the row index: no scores to keep
 

@@ -21,6 +21,9 @@ from positronic.selection import select_evictions
 @dataclass
 class TovaPolicy(Policy):
     name: str = "tova"
+    description: str = (
+        "TOVA (Oren et al., 2024), layer-reduced: evict the row the newest token attends least"
+    )
     recent_window: int = 1
 
     def update(self, scores: torch.Tensor, attention: torch.Tensor) -> tuple[torch.Tensor, float]:
