@@ -33,13 +33,13 @@ def stream(stories260k_dir, tinystories_path) -> list[int]:
 
 def test_simulator_matches_the_real_loop(lm, stream, stories260k_dir):
     """Per-token NLLs of the simulator equal `bench quality`'s loop through the services, for
-    an eviction policy, the lm-repairing halo and the attention-driven halo-user (a row that
+    an eviction policy, the lm-repairing halo-lm and the attention-driven halo-user (a row that
     moves after an edit, including the input token's new row, is re-rotated as the authority
     does)."""
     from positronic.bench.runner import Job, local_services, run_job
     from positronic.bench.specs import parse_spec
 
-    names = ["streaming", "halo", "halo-user"]
+    names = ["streaming", "halo-lm", "halo-user"]
     budget = 16
     sims = simulate(lm, [(parse_candidate(n), stream) for n in names], budget)
     with local_services(str(stories260k_dir), None) as endpoints:
@@ -71,7 +71,9 @@ def _cache_with_rows(lm, keys: torch.Tensor, values: torch.Tensor) -> BatchCache
     """One session whose rows hold `keys` (canonical, at their index) and `values` [L,H,S,D]."""
     cache = BatchCache(lm, 1, keys.shape[2], 16)
     for i in range(keys.shape[2]):
-        step = StepResult(torch.zeros(1), keys[:, :, i : i + 1], values[:, :, i : i + 1], *[None] * 3)
+        step = StepResult(
+            torch.zeros(1), keys[:, :, i : i + 1], values[:, :, i : i + 1], *[None] * 3
+        )
         cache.append([10 + i], [step], i)  # type: ignore[list-item]
     return cache
 
@@ -109,14 +111,31 @@ def test_candidates_are_validated():
 
 
 def test_presets_are_what_the_search_measured(lm, stream):
-    """`halo-kv` is the search's winner spelled out; `halo-evict` its eviction twin (an
-    eviction-only policy plans after the step, from fresh scores: no lag)."""
+    """`halo` (= `halo-kv`) is the search's winner spelled out; `halo-evict` its eviction twin
+    (an eviction-only policy plans after the step, from fresh scores: no lag); `halo-lm` the old
+    default (age, 4 sinks, lm)."""
     texts = [
-        "halo-kv|lag=1",
+        "halo|lag=1",
         "halo-user:gain=30|repair=kv|weights=attention|key=heavier|lag=1",
         "halo-evict|lag=1",
         "halo-user:gain=30|repair=evict",
+        "halo-kv|lag=1",
+        "halo-lm",
+        "halo-user:gain=0:sinks=4",
     ]
     runs = simulate(lm, [(parse_candidate(t), stream) for t in texts], 16)
-    assert runs[0].nll == runs[1].nll and runs[0].merges > 0
+    assert runs[0].nll == runs[1].nll == runs[4].nll and runs[0].merges > 0
     assert runs[2].nll == runs[3].nll and runs[2].merges == 0 and runs[2].evictions > 0
+    # The lm repairer's batched forward rounds by batch slot: equal to float precision.
+    np.testing.assert_allclose(runs[5].nll, runs[6].nll, atol=1e-5)
+    assert runs[5].merges == runs[6].merges > 0 and runs[5].forwards > 0
+
+
+def test_a_renamed_preset_is_not_answered_from_the_cache():
+    """Runs are cached by what they run: `halo` and `halo-lm` differ, `halo` and its spelled-out
+    configuration differ only in the policy's class."""
+    from positronic.bench.explore import resolved
+
+    halo, lm_ = resolved(parse_candidate("halo")), resolved(parse_candidate("halo-lm"))
+    assert halo != lm_ and halo["repair"] == "kv" and lm_["repair"] == "lm"
+    assert resolved(parse_candidate("halo|lag=1")) != halo

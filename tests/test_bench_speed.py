@@ -55,11 +55,12 @@ def test_rate_windows_and_latency():
 
 
 def test_plan_and_ratios():
-    args = argparse.Namespace(tokens=50, budget=16, modes="hf_generate,grpc_split", policies="halo")
+    modes = "hf_generate,grpc_split"
+    args = argparse.Namespace(tokens=50, budget=16, modes=modes, policies="halo-lm")
     runs = speed.plan_runs(args, "/m", threads=1)
     assert [(r["mode"], r["policy"]) for r in runs] == [
         ("hf_generate", "none"),
-        ("grpc_split", "halo"),
+        ("grpc_split", "halo-lm"),
     ]
     out = speed.with_ratios(
         [
@@ -75,7 +76,7 @@ def test_in_process_measurement(stories260k_dir):
 
     run = {
         "mode": "in_process",
-        "policy": "halo",
+        "policy": "halo-lm",
         "model": str(stories260k_dir),
         "tokens": 40,
         "budget": 16,

@@ -114,9 +114,14 @@ def test_view_edits_match_the_patch_semantics():
 def test_halo_presets_and_their_repair():
     from positronic.policies import POLICIES, RepairSpec
 
-    kv = make_policy("halo-kv")
+    kv = make_policy("halo")  # the default is the search's best merge the services can run
     assert kv.merges and kv.sinks == 0 and kv.params.gain == 30.0  # type: ignore[attr-defined]
     assert kv.repair == RepairSpec("kv_merge", kv_weights="attention", kv_key="heavier")
+    same = make_policy("halo-kv")
+    assert same.parameters() == kv.parameters() and same.repair == kv.repair
+    old = make_policy("halo-lm")  # the previous default: age, 4 sinks, the worker's repairer
+    assert old.params.gain == 0.0 and old.sinks == 4  # type: ignore[attr-defined]
+    assert old.repair == RepairSpec()
     assert make_policy("halo-kv-age").repair.kv_key == "mean"  # type: ignore[union-attr]
     assert make_policy("halo-user").repair.repairer == "default"  # type: ignore[union-attr]
     evict = make_policy("halo-evict")

@@ -22,6 +22,7 @@ import hashlib
 import json
 import sys
 import time
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import numpy as np
@@ -63,8 +64,26 @@ def cached_references(model_dir: str, streams: list[Stream], budget: int, cache_
     return refs
 
 
+def resolved(cand: Candidate) -> dict:
+    """What a candidate runs, whatever its text calls it: a preset renamed or retuned (as `halo`
+    was) must not be answered from a run cached under its old meaning."""
+    policy = cand.policy.make()
+    settings = {
+        f.name: getattr(cand, f.name) for f in fields(cand) if f.name not in ("text", "policy")
+    }
+    return {
+        "policy": type(policy).__name__,
+        "parameters": policy.parameters(),
+        "merges": policy.merges,
+        "repair_spec": asdict(policy.repair) if policy.repair else None,
+        "reduction": cand.policy.reduction,
+        "candidates": cand.policy.candidates,
+        **settings,
+    }
+
+
 def _run_path(cache_dir: Path, cand: Candidate, stream: Stream, budget: int) -> Path:
-    return cache_dir / f"run-{_key(cand.text, budget, _stream_key(stream))}.json"
+    return cache_dir / f"run-{_key(resolved(cand), budget, _stream_key(stream))}.json"
 
 
 def cached_runs(

@@ -23,6 +23,7 @@ from positronic.bench import reference, stats
 from positronic.bench.runner import Job, StreamRun, run_jobs
 from positronic.bench.specs import PolicySpec
 from positronic.bench.streams import Stream
+from positronic.loop import LoopConfig
 
 POSITION_BINS = 10  # merge positions are reported as a histogram over tenths of the budget
 
@@ -201,6 +202,21 @@ def _compare_with_best_eviction(
             fr["gap_closed"] = _gap(mine_part, best_part, refs.full, far_part, ci_kw)
 
 
+def check_runnable(specs: Sequence[PolicySpec], budget: int) -> None:
+    """Refuse, before any service starts, what the loop would refuse: a budget that the
+    policy's protected rows fill, a K/V-merge preset on a loop without the worker's Tick."""
+    for spec in specs:
+        try:
+            LoopConfig(
+                policy=spec.make(),
+                target_rows=budget,
+                attention_reduction=spec.reduction,
+                repair_candidates=spec.candidates,
+            )
+        except ValueError as e:
+            raise ValueError(f"{spec.label[:80]}: {e}") from None
+
+
 def evaluate(
     *,
     model_dir: str,
@@ -218,7 +234,7 @@ def evaluate(
     del model
     jobs = [
         Job(spec, i, s.token_ids, budget)
-        for spec in sorted(specs, key=lambda s: s.name != "halo")
+        for spec in sorted(specs, key=lambda s: not s.make().merges)
         for i, s in enumerate(streams)
     ]
     runs = list(
