@@ -9,10 +9,12 @@ by what determines them, so a search can grow one candidate at a time.
 
     python -m positronic.bench.explore --model ../shared/models/stories260K \\
         --text-file ../shared/data/tinystories_dev.txt --first-story 0 --budgets 64,96 \\
-        --candidates "streaming,halo,halo|repair=kv|weights=equal" --json out/search.json
+        --candidates "streaming,halo|lag=1,halo|weights=equal|lag=1" --json out/search.json
 
 The simulator is validated against the real loop (docs/quality-search.md): for `streaming` and
-`halo` its per-token NLLs equal `bench quality --nll-file`'s to float precision.
+`halo-lm` its per-token NLLs equal `bench quality --nll-file`'s to float precision. (`halo`, a
+K/V merge, needs the worker's Tick in the real loop; its simulation uses the same pure policy
+code and the K/V arithmetic tested in tests/test_bench_explore.py.)
 """
 
 from __future__ import annotations
