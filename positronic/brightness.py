@@ -26,9 +26,10 @@ class BrightnessParams:
 
 
 USER_DEFAULTS = BrightnessParams()
-# The `halo` default, tuned on TinyStories with stories260K (docs/benchmarks.md): any attention
-# gain made merging worse there (that model's attention is diffuse and has no sinks), so the
-# brightness of a row is its age and merges take the oldest pair after the protected sinks.
+# `halo-lm` (the default before the merging search), tuned on TinyStories with stories260K
+# (docs/benchmarks.md): any attention gain made merging with the lm repairer worse there (that
+# model's attention is diffuse and has no sinks), so the brightness of a row is its age and
+# merges take the oldest pair after the protected sinks.
 AGE_ONLY = BrightnessParams(gain=0.0)
 
 

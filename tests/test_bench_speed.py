@@ -89,14 +89,14 @@ def test_plan_and_ratios():
         tokens=50,
         budget=16,
         modes="hf_generate,grpc_split",
-        policies="halo",
+        policies="halo-lm",
         device="cuda:1",
         dtype="bfloat16",
     )
     runs = speed.plan_runs(args, "/m", threads=1)
     assert [(r["mode"], r["policy"]) for r in runs] == [
         ("hf_generate", "none"),
-        ("grpc_split", "halo"),
+        ("grpc_split", "halo-lm"),
     ]
     assert {(r["device"], r["dtype"]) for r in runs} == {("cuda:1", "bfloat16")}
     out = speed.with_ratios(
@@ -113,7 +113,7 @@ def test_in_process_measurement(stories260k_dir):
 
     run = {
         "mode": "in_process",
-        "policy": "halo",
+        "policy": "halo-lm",
         "model": str(stories260k_dir),
         "tokens": 40,
         "budget": 16,

@@ -74,3 +74,34 @@ def test_select_evictions():
     assert select_evictions(s, prot, 1) == [4]
     assert select_evictions(s, prot, 3) == [2, 3, 4]
     assert select_evictions(s, prot, 0) == []
+
+
+def test_balanced_pairs_merge_the_fewest_tokens_first():
+    from positronic.selection import select_balanced_pairs
+
+    counts = torch.tensor([1.0, 4.0, 4.0, 2.0, 1.0, 1.0, 1.0, 1.0])
+    protected = protected_mask(torch.tensor([True] + [False] * 7), 2)
+    # Pairs (1,2)=8 (2,3)=6 (3,4)=3 (4,5)=2; (5,6) and later touch the recent window.
+    assert select_balanced_pairs(counts, protected, 1) == [4]
+    assert select_balanced_pairs(counts, protected, 2) == [2, 4]  # (3,4) overlaps (4,5)
+    assert select_balanced_pairs(counts, protected, 1, cap=1.0) == []  # every pair is over cap
+    assert select_balanced_pairs(counts, protected, 3, cap=6.0) == [2, 4]
+
+
+def test_redundant_pairs_are_the_most_alike_at_one_position():
+    """Rows 2 and 3 hold the same token's K/V computed at positions 2 and 3: once row 3's key
+    is rotated back one position they are identical, so that pair is the most alike."""
+    from positronic.rope import Rope, rotate_keys
+    from positronic.selection import select_redundant_pairs
+
+    torch.manual_seed(0)
+    rope = Rope.from_theta(8)
+    canonical = torch.randn(2, 2, 6, 8)  # [L, H, S, D] at position 0
+    canonical[:, :, 3] = canonical[:, :, 2]
+    values = torch.randn(2, 2, 6, 8)
+    values[:, :, 3] = values[:, :, 2]
+    keys = rotate_keys(canonical, torch.arange(6), rope)  # each row at its index
+    protected = torch.zeros(6, dtype=torch.bool)
+    assert select_redundant_pairs(keys, values, protected, 1, rope) == [2]
+    protected[3] = True
+    assert select_redundant_pairs(keys, values, protected, 1, rope) != [2]

@@ -60,7 +60,7 @@ class Counted:
         )
 
 
-def generate(services, policy="halo", tokens=120, target=24, seed=1, on_text=None, **kw):
+def generate(services, policy="halo-lm", tokens=120, target=24, seed=1, on_text=None, **kw):
     c = Counted(services)
     config = LoopConfig(
         policy=make_policy(policy, **kw.pop("policy_kw", {})),
@@ -177,7 +177,7 @@ def test_a_recreated_session_id_is_not_served_from_the_old_replica(services):
     def run(prompt: str, session_id: str):
         c = Counted(services)
         config = LoopConfig(
-            policy=make_policy("halo"),
+            policy=make_policy("halo-lm"),
             target_rows=20,
             max_new_tokens=30,
             seed=11,

@@ -24,6 +24,8 @@ ARGS = [
     "24",
     "--seed",
     "3",
+    "--policy",
+    "halo",
 ]
 
 
@@ -80,7 +82,7 @@ def test_worker_killed_mid_generation_restarts_and_generation_completes(stories2
     def run(progress=None):
         endpoints = Endpoints.connect(authority.address, address)
         config = LoopConfig(
-            policy=make_policy("halo"),
+            policy=make_policy("halo-lm"),
             target_rows=24,
             max_new_tokens=80,
             seed=5,

@@ -57,13 +57,27 @@ def test_streaming_evicts_oldest_after_the_sinks():
 
 
 def test_h2o_accumulates_attention():
-    policy = make_policy("h2o", recent_window=2)
+    policy = make_policy("h2o", recent_window=2, recent_fraction=0.0)
     scores = torch.tensor([0.0, 0.3, 0.1, 0.5])
     new, own = policy.update(scores, torch.tensor([0.4, 0.1, 0.05, 0.05, 0.4]))
     assert new.tolist() == pytest.approx([0.4, 0.4, 0.15, 0.55])
     assert own == pytest.approx(0.4)
     plan = policy.plan(torch.cat([new, torch.tensor([own])]), structural(5), excess=1)
     assert plan.evictions == [2]  # lowest accumulated among rows 1, 2 (3, 4 recent; 0 BOS)
+
+
+def test_h2o_splits_the_budget_between_heavy_hitters_and_recent_rows():
+    """The paper's split: the recent window is half the budget, whatever the budget."""
+    policy = make_policy("h2o")
+    for budget in (8, 12):
+        scores = torch.zeros(budget + 1)  # budget rows + the new one: excess 1
+        scores[1:] = torch.linspace(10.0, 0.0, budget)  # the newest rows are the lightest
+        plan = policy.plan(scores, structural(budget + 1), excess=1)
+        # Rows [budget + 1 - budget/2, budget] are the recent half: the lightest outside it.
+        assert plan.evictions == [budget - budget // 2]
+    assert make_policy("h2o", recent_fraction=0.0, recent_window=3).window(64) == 3
+    with pytest.raises(ValueError):
+        make_policy("h2o", recent_fraction=1.0)
 
 
 def test_tova_uses_only_the_newest_attention():
@@ -95,3 +109,35 @@ def test_view_edits_match_the_patch_semantics():
     assert out.structural == [True, False, False, False, False]
     assert out.scores.tolist() == [1.0, 7.0, 4.0, 6.0, 255.0]
     assert out.version == 5
+
+
+def test_halo_presets_and_their_repair():
+    from positronic.policies import POLICIES, RepairSpec
+
+    kv = make_policy("halo")  # the default is the search's best merge the services can run
+    assert kv.merges and kv.sinks == 0 and kv.params.gain == 30.0  # type: ignore[attr-defined]
+    assert kv.repair == RepairSpec("kv_merge", kv_weights="attention", kv_key="heavier")
+    same = make_policy("halo-kv")
+    assert same.parameters() == kv.parameters() and same.repair == kv.repair
+    old = make_policy("halo-lm")  # the previous default: age, 4 sinks, the worker's repairer
+    assert old.params.gain == 0.0 and old.sinks == 4  # type: ignore[attr-defined]
+    assert old.repair == RepairSpec()
+    assert make_policy("halo-kv-age").repair.kv_key == "mean"  # type: ignore[union-attr]
+    assert make_policy("halo-user").repair.repairer == "default"  # type: ignore[union-attr]
+    evict = make_policy("halo-evict")
+    assert not evict.merges and evict.repair is None
+    for name in POLICIES:  # ListPolicies can describe every preset
+        p = make_policy(name)
+        assert p.description and all(isinstance(v, float) for v in p.parameters().values())
+    with pytest.raises(ValueError):
+        RepairSpec("magic")
+    with pytest.raises(ValueError):
+        RepairSpec("kv_merge", kv_key="lighter")
+
+
+def test_halo_evict_drops_the_dimmer_row_of_the_pair_halo_kv_would_merge():
+    kv, evict = make_policy("halo-kv", recent_window=2), make_policy("halo-evict", recent_window=2)
+    scores = torch.tensor([255.0, 90.0, 40.0, 60.0, 200.0, 255.0])
+    assert kv.plan(scores, structural(6), excess=1).merges == [2]  # (2, 3): max 60, the lowest
+    plan = evict.plan(scores, structural(6), excess=1)
+    assert plan.evictions == [2] and plan.merges == []  # row 2 (40) is the pair's dimmer

@@ -88,6 +88,7 @@ def run_quality(args: argparse.Namespace) -> int:
         specs = parse_specs(args.policies)
         if args.budget < 2:
             raise ValueError("--budget must be at least 2")
+        quality.check_runnable(specs, args.budget)
         tokenizer = AutoTokenizer.from_pretrained(args.model)
         streams = streams_from_file(
             tokenizer, args.text_file, args.streams, args.stream_tokens, args.first_story

@@ -3,7 +3,12 @@ every policy at one budget, against references computed directly with the model.
 
 Per policy: perplexity over every scored token of every stream, its ratio to the sliding-window
 reference with a paired block-bootstrap 95% interval (stats.py), merges, evictions, and where
-the merges landed. `summarize` is pure: runs and reference NLLs in, the JSON document out.
+the merges landed; the perplexity over the far-recall tokens alone (tokens whose latest earlier
+occurrence in the same story is more than `budget` tokens back, `stats.far_recall_mask`). Each
+merging policy is also compared with the best eviction policy of the run: the paired ratio, and
+the share of the gap between that policy and the full cache it closes (over every token and over
+the far-recall tokens, on the part of each stream that fits the model's positions).
+`summarize` is pure: runs and reference NLLs in, the JSON document out.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from positronic.bench import reference, stats
 from positronic.bench.runner import Job, StreamRun, run_jobs
 from positronic.bench.specs import PolicySpec
 from positronic.bench.streams import Stream
+from positronic.loop import LoopConfig
 
 POSITION_BINS = 10  # merge positions are reported as a histogram over tenths of the budget
 
@@ -43,9 +49,20 @@ def _ci(policy: list[list[float]], ref: list[list[float]], **kw) -> dict:
     return {"ratio": r.ratio, "ratio_ci95": [r.lo, r.hi], "method": r.method}
 
 
-def summarize_policy(runs: list[StreamRun], refs: References, budget: int, **ci_kw) -> dict:
+def far_masks(streams: Sequence[Stream], budget: int) -> list[np.ndarray]:
+    """Per stream, which scored tokens (token_ids[2:]) are far recalls at this budget."""
+    return [
+        stats.far_recall_mask(s.token_ids, budget, s.token_ids[0], reference.FIRST_SCORED)
+        for s in streams
+    ]
+
+
+def summarize_policy(
+    runs: list[StreamRun], refs: References, budget: int, far: list[np.ndarray], **ci_kw
+) -> dict:
     runs = sorted(runs, key=lambda r: r.stream)
     nll = [r.nll for r in runs]
+    far_nll = np.concatenate([np.asarray(n)[m] for n, m in zip(nll, far, strict=True)])
     vs_window = _ci(nll, refs.window, **ci_kw)
     prefix = [len(f) for f in refs.full]
     vs_full = _ci([n[:k] for n, k in zip(nll, prefix, strict=True)], refs.full, **ci_kw)
@@ -71,6 +88,10 @@ def summarize_policy(runs: list[StreamRun], refs: References, budget: int, **ci_
             ),
             "ratio": vs_full["ratio"],
             "ratio_ci95": vs_full["ratio_ci95"],
+        },
+        "far_recall": {
+            "perplexity": stats.perplexity(far_nll) if far_nll.size else float("nan"),
+            "tokens": int(far_nll.size),
         },
         "merge_position_histogram": [int(x) for x in hist],
         "merged_rows_at_end": merged_rows,
@@ -101,11 +122,12 @@ def summarize(
         f"positions: the full cache is scored on each stream's first {refs.max_positions} "
         "tokens only, and so is every policy's `full_cache_part`"
     )
+    far = far_masks(streams, budget)
     policies = {}
     for label in labels:
         mine = [r for r in runs if r.label == label]
-        policies[label] = summarize_policy(mine, refs, budget, **ci_kw)
-    _compare_with_best_eviction(policies, runs, ci_kw)
+        policies[label] = summarize_policy(mine, refs, budget, far, **ci_kw)
+    _compare_with_best_eviction(policies, runs, refs, far, ci_kw)
     ci_method = next(iter(policies.values()))["ratio_ci95_method"]
     return {
         "budget": budget,
@@ -114,6 +136,12 @@ def summarize(
             "context": f"BOS + the {budget} tokens before each scored token",
             "perplexity": stats.perplexity(np.concatenate(refs.window)),
             "scored_tokens": scored,
+            "far_recall_tokens": int(sum(m.sum() for m in far)),
+            "far_recall_tokens_in_full_cache_part": int(
+                sum(m[: len(f)].sum() for m, f in zip(far, refs.full, strict=True))
+            ),
+            "far_recall_definition": "predicted tokens whose latest earlier occurrence in the "
+            f"same story is more than {budget} tokens back",
             "full_cache": {
                 "fits": refs.full_fits,
                 "perplexity": stats.perplexity(np.concatenate(refs.full)),
@@ -135,21 +163,58 @@ def nll_of(runs: list[StreamRun], label: str) -> list[list[float]]:
     return [r.nll for r in sorted(runs, key=lambda r: r.stream) if r.label == label]
 
 
-def _compare_with_best_eviction(policies: dict, runs: list[StreamRun], ci_kw: dict) -> None:
+def _gap(policy, best, full, masks, ci_kw) -> dict:
+    g = stats.gap_closed_ci(policy, best, full, masks=masks, **ci_kw)
+    return {"value": g.value, "ci95": [g.lo, g.hi]}
+
+
+def _compare_with_best_eviction(
+    policies: dict, runs: list[StreamRun], refs: References, far: list[np.ndarray], ci_kw: dict
+) -> None:
     """Each merging policy against the evicting policy with the lowest perplexity, paired
-    token by token (the question the benchmark asks: does merging beat eviction?)."""
+    token by token (the question the benchmark asks: does merging beat eviction?), and the
+    share of that policy's gap to the full cache it closes (on the part that fits)."""
     evicting = [k for k, p in policies.items() if p["merges"] == 0 and p["evictions"] > 0]
     if not evicting:
         return
     best = min(evicting, key=lambda k: policies[k]["perplexity"])
+    best_nll = nll_of(runs, best)
+    prefix = [len(f) for f in refs.full]
+    far_part = [m[:k] for m, k in zip(far, prefix, strict=True)]
+    best_part = [n[:k] for n, k in zip(best_nll, prefix, strict=True)]
     for label, p in policies.items():
-        if p["merges"] > 0:
-            c = _ci(nll_of(runs, label), nll_of(runs, best), **ci_kw)
-            p["vs_best_eviction"] = {
-                "baseline": best,
-                "ratio": c["ratio"],
-                "ratio_ci95": c["ratio_ci95"],
-            }
+        if p["merges"] == 0:
+            continue
+        mine = nll_of(runs, label)
+        mine_part = [n[:k] for n, k in zip(mine, prefix, strict=True)]
+        c = _ci(mine, best_nll, **ci_kw)
+        p["vs_best_eviction"] = {
+            "baseline": best,
+            "ratio": c["ratio"],
+            "ratio_ci95": c["ratio_ci95"],
+        }
+        p["gap_closed"] = _gap(mine_part, best_part, refs.full, None, ci_kw)
+        fr = p["far_recall"]
+        if fr["tokens"]:
+            c = _ci(mine, best_nll, masks=far, **ci_kw)
+            fr["vs_best_eviction"] = {"ratio": c["ratio"], "ratio_ci95": c["ratio_ci95"]}
+        if sum(m.sum() for m in far_part):
+            fr["gap_closed"] = _gap(mine_part, best_part, refs.full, far_part, ci_kw)
+
+
+def check_runnable(specs: Sequence[PolicySpec], budget: int) -> None:
+    """Refuse, before any service starts, what the loop would refuse (a budget that the
+    policy's protected rows fill)."""
+    for spec in specs:
+        try:
+            LoopConfig(
+                policy=spec.make(),
+                target_rows=budget,
+                attention_reduction=spec.reduction,
+                repair_candidates=spec.candidates,
+            )
+        except ValueError as e:
+            raise ValueError(f"{spec.label[:80]}: {e}") from None
 
 
 def evaluate(
@@ -169,7 +234,7 @@ def evaluate(
     del model
     jobs = [
         Job(spec, i, s.token_ids, budget)
-        for spec in sorted(specs, key=lambda s: s.name != "halo")
+        for spec in sorted(specs, key=lambda s: not s.make().merges)
         for i, s in enumerate(streams)
     ]
     runs = list(
@@ -199,8 +264,20 @@ def table(doc: dict) -> str:
             v = p["vs_best_eviction"]
             lines.append(
                 f"{label} vs {v['baseline']} (best eviction, paired): x{v['ratio']:.4f} "
-                f"[{v['ratio_ci95'][0]:.4f}, {v['ratio_ci95'][1]:.4f}]"
+                f"[{v['ratio_ci95'][0]:.4f}, {v['ratio_ci95'][1]:.4f}]; "
+                f"gap to the full cache closed {_gap_text(p['gap_closed'])}"
             )
+    lines.append(f"far recall ({ref['far_recall_tokens']} tokens: {ref['far_recall_definition']}):")
+    for label, p in doc["policies"].items():
+        fr = p["far_recall"]
+        line = f"  {label:<26} {fr['perplexity']:>7.3f}"
+        if "vs_best_eviction" in fr:
+            v = fr["vs_best_eviction"]
+            line += f" vs best eviction: x{v['ratio']:.4f} [{v['ratio_ci95'][0]:.4f}, "
+            line += f"{v['ratio_ci95'][1]:.4f}]"
+        if "gap_closed" in fr:
+            line += f"; gap closed {_gap_text(fr['gap_closed'])}"
+        lines.append(line)
     full = ref["full_cache"]
     lines.append(f"full cache: perplexity {full['perplexity']:.3f} ({full['note']})")
     if not full["fits"]:
@@ -212,3 +289,7 @@ def table(doc: dict) -> str:
             )
     lines.append(f"CI: {doc['ratio_ci95_method']}")
     return "\n".join(lines)
+
+
+def _gap_text(gap: dict) -> str:
+    return f"{gap['value']:+.3f} [{gap['ci95'][0]:+.3f}, {gap['ci95'][1]:+.3f}]"

@@ -3,11 +3,13 @@
     halo                      the halo policy as `positronic generate --policy halo` runs it
     halo-user                 the user's formula exactly (seed 255, decay 2, gain 10, no sinks)
     halo:decay=0.5:gain=200   halo with settings (seed, decay, gain, max, sinks, window, ...)
-    streaming:sinks=4, h2o:window=16, tova:reduction=mean
+    streaming:sinks=4, h2o:recent=0:window=16, tova:reduction=mean
 
-`window` is the policy's protected recent window, `sinks` its protected first rows (halo and
-streaming), `reduction` the layer reduction of the attention row (last, mean, max), `candidates`
-how many replacements the repairer returns per pair.
+`window` is the policy's protected recent window (rows), `recent` H2O's recent window as a
+share of the budget (default 0.5, the paper's split; the window is the larger of the two),
+`sinks` its protected first rows (halo and streaming), `reduction` the layer reduction of the
+attention row (last, mean, max), `candidates` how many replacements the repairer returns per
+pair.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from positronic.loop import REDUCTIONS
 from positronic.policies import POLICIES, Policy, make_policy
 
 _BRIGHTNESS = ("seed", "decay", "gain", "max")
-_KEYS = {*_BRIGHTNESS, "window", "reduction", "candidates", "sinks"}
+_KEYS = {*_BRIGHTNESS, "window", "reduction", "candidates", "sinks", "recent"}
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,8 @@ class PolicySpec:
             overrides["recent_window"] = int(s["window"])
         if "sinks" in s:
             overrides["sinks"] = int(s["sinks"])
+        if "recent" in s:
+            overrides["recent_fraction"] = float(s["recent"])
         if any(k in s for k in _BRIGHTNESS):
             base = make_policy(self.name).params  # type: ignore[attr-defined]
             overrides["params"] = replace(base, **{k: float(s[k]) for k in _BRIGHTNESS if k in s})

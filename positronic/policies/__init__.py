@@ -9,6 +9,7 @@ from positronic.policies.halo_policy import (
     HaloEvictPolicy,
     HaloKVAgePolicy,
     HaloKVPolicy,
+    HaloLMPolicy,
     HaloPolicy,
     HaloUserPolicy,
 )
@@ -18,6 +19,7 @@ from positronic.policies.tova_policy import TovaPolicy
 POLICIES: dict[str, type[Policy]] = {
     "halo": HaloPolicy,
     "halo-user": HaloUserPolicy,
+    "halo-lm": HaloLMPolicy,
     "halo-kv": HaloKVPolicy,
     "halo-kv-age": HaloKVAgePolicy,
     "halo-evict": HaloEvictPolicy,

@@ -2,18 +2,20 @@
 newest token pays a row; the adjacent pair with the lowest max-brightness is merged into one row
 by a repairer. Eviction of the dimmest row is the fallback when no pair can merge.
 
-Presets (measured in docs/benchmarks.md and docs/quality-search.md):
-- `halo`: brightness is age alone (gain 0), the first 4 rows protected like StreamingLLM's
-  sinks, the worker's repairer (lm): it merges the oldest pair after the sinks.
+Presets (measured in docs/quality-search.md and docs/benchmarks.md):
+- `halo` (the default): the best merging configuration of the search that the services can run
+  — the user's formula with a larger attention gain (30), no sinks, and K/V-space merges (no
+  forward pass: values averaged by the attention the newest token pays the two rows, the
+  more-attended row's key; CaM / D2O / KVMerger's family). Needs the worker's Tick (KV_MERGE).
+- `halo-kv`: the same configuration under the name of its family (kept for clients that name it).
+- `halo-lm`: the previous default — brightness is age alone (gain 0), the first 4 rows protected
+  like StreamingLLM's sinks, the worker's repairer (lm): it merges the oldest pair after the
+  sinks.
 - `halo-user`: the user's formula exactly (seed 255, decay 2, gain 10, no sinks), the worker's
   repairer.
-- `halo-kv`: the best merging configuration of the search — the user's formula with a larger
-  attention gain (30), no sinks, and K/V-space merges (no forward pass: values averaged by the
-  attention the newest token pays the two rows, the more-attended row's key; CaM / D2O /
-  KVMerger's family). Needs the worker's Tick (KV_MERGE).
 - `halo-kv-age`: the oldest pair after BOS merged in K/V space, so one row keeps a running
   summary of everything older than the cache (it did not pay: docs/quality-search.md).
-- `halo-evict`: `halo-kv`'s selection, evicting the pair's dimmer row instead of merging — the
+- `halo-evict`: `halo`'s selection, evicting the pair's dimmer row instead of merging — the
   eviction twin that tells whether the merge itself adds anything.
 """
 
@@ -27,16 +29,27 @@ from positronic.brightness import AGE_ONLY, USER_DEFAULTS, BrightnessParams, upd
 from positronic.policies.base import Plan, Policy, RepairSpec
 from positronic.selection import select_evictions, select_pairs
 
+# The search's best merging configuration (docs/quality-search.md): the user's formula with an
+# attention gain of 30 and no sinks, pairs merged in K/V space.
+KV_PARAMS = BrightnessParams(gain=30.0)
+
+
+def _kv_merge() -> RepairSpec:
+    return RepairSpec("kv_merge", kv_weights="attention", kv_key="heavier")
+
 
 @dataclass
 class HaloPolicy(Policy):
     name: str = "halo"
-    description: str = "Halo Weave, tuned: the oldest pair after 4 sinks, the worker's repairer"
-    params: BrightnessParams = field(default_factory=lambda: AGE_ONLY)
+    description: str = (
+        "Halo Weave with K/V merges (the default): the user's formula at gain 30, no sinks; values "
+        "averaged by this tick's attention, the more-attended row's key (no forward pass)"
+    )
+    params: BrightnessParams = field(default_factory=lambda: KV_PARAMS)
     recent_window: int = 8
-    sinks: int = 4  # oldest rows never compacted besides structural ones (StreamingLLM's sinks)
+    sinks: int = 0  # oldest rows never compacted besides structural ones (StreamingLLM's sinks)
     merges: bool = True  # False: the chosen pair's dimmer row is evicted instead (eviction twin)
-    repair: RepairSpec | None = field(default_factory=RepairSpec)
+    repair: RepairSpec | None = field(default_factory=_kv_merge)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -76,25 +89,26 @@ class HaloUserPolicy(HaloPolicy):
     description: str = "Halo Weave, the user's formula exactly, the worker's repairer"
     params: BrightnessParams = field(default_factory=lambda: USER_DEFAULTS)
     sinks: int = 0
+    repair: RepairSpec | None = field(default_factory=RepairSpec)
 
 
-# The search's best merging configuration (docs/quality-search.md): the user's formula with an
-# attention gain of 30 and no sinks.
-KV_PARAMS = BrightnessParams(gain=30.0)
+@dataclass
+class HaloLMPolicy(HaloPolicy):
+    """The default before the search: brightness is age, 4 sinks, the worker's repairer."""
+
+    name: str = "halo-lm"
+    description: str = "Halo Weave, age only: the oldest pair after 4 sinks, the worker's repairer"
+    params: BrightnessParams = field(default_factory=lambda: AGE_ONLY)
+    sinks: int = 4
+    repair: RepairSpec | None = field(default_factory=RepairSpec)
 
 
 @dataclass
 class HaloKVPolicy(HaloPolicy):
+    """`halo` under its family's name."""
+
     name: str = "halo-kv"
-    description: str = (
-        "Halo Weave with K/V merges: the user's formula at gain 30, no sinks; values averaged by "
-        "this tick's attention, the more-attended row's key (no forward pass)"
-    )
-    params: BrightnessParams = field(default_factory=lambda: KV_PARAMS)
-    sinks: int = 0
-    repair: RepairSpec | None = field(
-        default_factory=lambda: RepairSpec("kv_merge", kv_weights="attention", kv_key="heavier")
-    )
+    description: str = "the same as halo: Halo Weave with K/V merges (gain 30, no sinks)"
 
 
 @dataclass
@@ -104,6 +118,7 @@ class HaloKVAgePolicy(HaloPolicy):
         "the oldest pair after BOS merged in K/V space (a running summary row); attention "
         "weights, mean key"
     )
+    params: BrightnessParams = field(default_factory=lambda: AGE_ONLY)
     sinks: int = 0
     repair: RepairSpec | None = field(
         default_factory=lambda: RepairSpec("kv_merge", kv_weights="attention", kv_key="mean")
@@ -111,8 +126,8 @@ class HaloKVAgePolicy(HaloPolicy):
 
 
 @dataclass
-class HaloEvictPolicy(HaloKVPolicy):
+class HaloEvictPolicy(HaloPolicy):
     name: str = "halo-evict"
-    description: str = "halo-kv's selection, evicting the pair's dimmer row instead of merging"
+    description: str = "halo's selection, evicting the pair's dimmer row instead of merging"
     merges: bool = False
     repair: RepairSpec | None = None
