@@ -264,6 +264,7 @@ class CacheAuthorityServicer(cache_authority_pb2_grpc.CacheAuthorityServicer):
             if backlog_from is not None:
                 sessions = [sid] if sid else await self._call(self.engine.session_ids)
                 for name in sessions:
+                    sent[name] = backlog_from  # only versions after it, even ones still to come
                     try:
                         backlog = await self._call(self.engine.retained_events, name, backlog_from)
                     except PatchError:
