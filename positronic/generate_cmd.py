@@ -28,7 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     env = os.environ.get
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text")
-    src.add_argument("--prompt-file", help="file holding the prompt (UTF-8)")
+    src.add_argument(
+        "--prompt-file", help="file holding the prompt (UTF-8; its exact text, \\r included)"
+    )
     p.add_argument(
         "--model",
         default=env("POSITRONIC_MODEL"),
@@ -142,11 +144,11 @@ class Status:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.prompt_file:
-        with open(args.prompt_file, encoding="utf-8") as f:
-            prompt = f.read()
-    else:
-        prompt = args.prompt
+    try:
+        prompt = flags.read_text_file(args.prompt_file) if args.prompt_file else args.prompt
+    except ValueError as e:
+        logger.error("--prompt-file %s", e)
+        return 2
     if bool(args.worker) != bool(args.authority):
         logger.error("give both --worker and --authority, or neither (embedded mode)")
         return 2
