@@ -160,6 +160,19 @@ def test_watch_from_a_future_version_delivers_only_later_versions(authority):
         call.cancel()
 
 
+@pytest.mark.parametrize("theta", [float("nan"), float("inf"), -float("inf"), -1.0])
+def test_a_rope_theta_that_is_not_a_finite_non_negative_number_is_refused(authority, theta):
+    """rope_theta is for display, but NaN, inf or a negative base is no model's (F9)."""
+    _, client = authority
+    request = create_request("bad")
+    request.geometry.rope.rope_theta = theta
+    with pytest.raises(grpc.RpcError) as err:
+        client.CreateSession(request)
+    assert err.value.code() == C.INVALID_ARGUMENT
+    assert "rope_theta" in err.value.details()
+    assert not client.ListSessions(ca.ListSessionsRequest()).sessions
+
+
 def test_a_create_that_fails_after_its_folder_appeared_leaves_nothing(tmp_path, monkeypatch):
     config = AuthorityConfig(listen="127.0.0.1:0", data_dir=str(tmp_path), grace_s=0)
     server = start_authority(config)
