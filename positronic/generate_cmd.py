@@ -19,6 +19,7 @@ from positronic.loop import REDUCTIONS, Loop, LoopConfig, LoopConfigError, LoopE
 from positronic.models import DEMO_MODEL, demo_model_dir
 from positronic.policies import POLICIES, make_policy
 from positronic.progress_line import ProgressLine, choose_mode
+from positronic.reachable import ConnectionSetupError, check_channel
 from positronic.rpc import read_token_file
 
 logger = logging.getLogger(__name__)
@@ -187,6 +188,17 @@ def run(args: argparse.Namespace) -> int:
             authority, worker = addrs.authority, addrs.worker
         endpoints = Endpoints.connect(authority, worker, token, tls if args.worker else None)
         stack.callback(endpoints.close)
+        if args.worker:
+            try:
+                a, w = endpoints.channels
+                for channel, address, what in (
+                    (a, authority, "the authority"),
+                    (w, worker, "the worker"),
+                ):
+                    check_channel(channel, address, what, tls=tls is not None)
+            except ConnectionSetupError as e:
+                logger.error("%s", e)
+                return 1
         status = Status(config.max_new_tokens)
         line = ProgressLine(sys.stdout, sys.stderr, mode, status)
 
