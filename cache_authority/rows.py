@@ -47,6 +47,8 @@ class Geometry:
             raise ValueError("rope inv_freq contains NaN or inf")
         if not math.isfinite(self.rope.attention_scaling):
             raise ValueError("rope attention_scaling must be finite")
+        if not (math.isfinite(self.rope_theta) and self.rope_theta >= 0):
+            raise ValueError(f"rope_theta {self.rope_theta} must be finite and not negative")
         if self.dtype not in KV_DTYPES:
             raise ValueError(f"KV dtype must be float32, float16 or bfloat16, not {self.dtype}")
         if self.max_position_embeddings < 0:

@@ -218,11 +218,12 @@ class CacheAuthorityServicer(cache_authority_pb2_grpc.CacheAuthorityServicer):
             for msg in self._messages(plan, chunk):
                 yield msg
             version = plan.version
-            while request.follow:
-                changed = signal.changed()
+            lane = feed.lane(sid) if request.follow else None  # after the plan: sid exists
+            while lane is not None:
+                changed = signal.changed(sid)
                 try:
-                    events, cursor = feed.read_nowait(cursor)
-                    relevant = feed.closed or any(e.session_id == sid for e in events)
+                    events, cursor = feed.read_nowait(cursor, lane)
+                    relevant = feed.closed or bool(events)
                 except LookupError:  # fell behind the feed: just look
                     cursor, relevant = feed.cursor(), True
                 if not relevant:
@@ -254,6 +255,7 @@ class CacheAuthorityServicer(cache_authority_pb2_grpc.CacheAuthorityServicer):
                 await self._call(self.engine.read, sid, lambda s: None)  # NOT_FOUND now
             signal = self._signal()
             feed = self.engine.feed
+            lane = feed.lane(sid) if sid else None  # this session's events only
             cursor = feed.cursor()  # before the backlog: a commit in between shows twice
             # Initial metadata tells a client that waits for it that it is subscribed: every
             # commit from here on reaches it.
@@ -262,6 +264,7 @@ class CacheAuthorityServicer(cache_authority_pb2_grpc.CacheAuthorityServicer):
             if backlog_from is not None:
                 sessions = [sid] if sid else await self._call(self.engine.session_ids)
                 for name in sessions:
+                    sent[name] = backlog_from  # only versions after it, even ones still to come
                     try:
                         backlog = await self._call(self.engine.retained_events, name, backlog_from)
                     except PatchError:
@@ -270,9 +273,9 @@ class CacheAuthorityServicer(cache_authority_pb2_grpc.CacheAuthorityServicer):
                         sent[name] = event.version
                         yield _watch_pb(event)
             while not feed.closed:
-                changed = signal.changed()
+                changed = signal.changed(sid or None)
                 try:
-                    events, cursor = feed.read_nowait(cursor)
+                    events, cursor = feed.read_nowait(cursor, lane)
                 except LookupError as e:
                     raise PatchError(
                         Status.ABORTED, f"{e}; watch again with from_version"

@@ -98,3 +98,19 @@ def client_tls(args: argparse.Namespace, environ: Mapping[str, str]) -> ClientTl
     if bool(cert) != bool(key):
         raise ValueError("a client certificate needs both --tls-cert and --tls-key")
     return ClientTls.from_files(ca, cert, key, _tls(args, environ, "tls_server_name"))
+
+
+def read_text_file(path: str) -> str:
+    """The whole text of a UTF-8 file, exactly: the bytes of the file are the text (no newline
+    translation: `\\r\\n` stays two characters). ValueError, naming the file and the first bad
+    byte, when it is not UTF-8 or cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ValueError(f"{path}: {e.strerror or e}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        bad = data[e.start : e.start + 1]
+        raise ValueError(f"{path}: not UTF-8 (byte {e.start}: {bad!r})") from None

@@ -19,6 +19,7 @@ from positronic.loop import REDUCTIONS, Loop, LoopConfig, LoopConfigError, LoopE
 from positronic.models import DEMO_MODEL, demo_model_dir
 from positronic.policies import POLICIES, make_policy
 from positronic.progress_line import ProgressLine, choose_mode
+from positronic.reachable import ConnectionSetupError, check_channel
 from positronic.rpc import read_token_file
 
 logger = logging.getLogger(__name__)
@@ -28,7 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     env = os.environ.get
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text")
-    src.add_argument("--prompt-file", help="file holding the prompt (UTF-8)")
+    src.add_argument(
+        "--prompt-file", help="file holding the prompt (UTF-8; its exact text, \\r included)"
+    )
     p.add_argument(
         "--model",
         default=env("POSITRONIC_MODEL"),
@@ -142,11 +145,11 @@ class Status:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.prompt_file:
-        with open(args.prompt_file, encoding="utf-8") as f:
-            prompt = f.read()
-    else:
-        prompt = args.prompt
+    try:
+        prompt = flags.read_text_file(args.prompt_file) if args.prompt_file else args.prompt
+    except ValueError as e:
+        logger.error("--prompt-file %s", e)
+        return 2
     if bool(args.worker) != bool(args.authority):
         logger.error("give both --worker and --authority, or neither (embedded mode)")
         return 2
@@ -185,6 +188,17 @@ def run(args: argparse.Namespace) -> int:
             authority, worker = addrs.authority, addrs.worker
         endpoints = Endpoints.connect(authority, worker, token, tls if args.worker else None)
         stack.callback(endpoints.close)
+        if args.worker:
+            try:
+                a, w = endpoints.channels
+                for channel, address, what in (
+                    (a, authority, "the authority"),
+                    (w, worker, "the worker"),
+                ):
+                    check_channel(channel, address, what, tls=tls is not None)
+            except ConnectionSetupError as e:
+                logger.error("%s", e)
+                return 1
         status = Status(config.max_new_tokens)
         line = ProgressLine(sys.stdout, sys.stderr, mode, status)
 

@@ -6,14 +6,22 @@ import argparse
 import json
 import sys
 
+from positronic.flags import read_text_file
+from positronic.models import DEMO_MODEL, demo_model_dir
 from positronic.special_tokens import SpecialTokenPolicy, encode_prompt
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="model directory or hub id (its tokenizer)")
+    p.add_argument(
+        "--model",
+        help=f"model directory or hub id (its tokenizer); default: the packaged demo model "
+        f"({DEMO_MODEL})",
+    )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--text", help="text to tokenize")
-    src.add_argument("--text-file", help="file whose whole content (UTF-8) is tokenized")
+    src.add_argument(
+        "--text-file", help="file whose whole content (UTF-8, \\r included) is tokenized"
+    )
     p.add_argument("--bos", action="store_true", help="put BOS first, as a session start does")
     p.add_argument("--json", action="store_true", help='print {"ids": [...], "pieces": [...]}')
 
@@ -25,12 +33,12 @@ def load_tokenizer(model: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.text_file:
-        with open(args.text_file, encoding="utf-8") as f:
-            text = f.read()
-    else:
-        text = args.text
-    tokenizer = load_tokenizer(args.model)
+    try:
+        text = read_text_file(args.text_file) if args.text_file else args.text
+    except ValueError as e:
+        print(f"positronic tokenize: --text-file {e}", file=sys.stderr)
+        return 2
+    tokenizer = load_tokenizer(args.model or str(demo_model_dir()))
     enc = encode_prompt(tokenizer, text, SpecialTokenPolicy(bos_at_session_start=args.bos))
     if args.json:
         json.dump(

@@ -12,6 +12,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from positronic import rpc
+from positronic.reachable import ConnectionSetupError, check_channel
 from positronic.tls import ClientTls, ServerTls
 from positronic.v1 import cache_authority_pb2 as ca
 from tests.authority_fixtures import (
@@ -155,3 +156,35 @@ def test_every_command_works_over_mutual_tls_with_a_token(certs, stories260k_dir
             worker.stop()
     finally:
         authority.stop()
+
+
+def test_a_channel_that_never_comes_up_names_tls_as_the_likely_cause(certs):
+    """Plaintext against TLS, or no client certificate against mutual TLS: the check says what
+    is likely wrong instead of letting retries run for a minute (F4); nothing listening is no
+    error (a server still starting is waited for by the callers' retries)."""
+    mutual = ServerTls(certs.server.cert, certs.server.key, client_ca=certs.ca)
+    with running_authority(tls=mutual) as (server, _):
+        address = f"localhost:{server.port}"
+        with pytest.raises(ConnectionSetupError, match="requires TLS: give --tls-ca"):
+            check_channel(rpc.open_channel(address), address, "the authority", tls=False)
+        no_cert = rpc.open_channel(address, tls=ClientTls(ca=certs.ca))
+        with pytest.raises(ConnectionSetupError, match="may require a client certificate"):
+            check_channel(no_cert, address, "the authority", tls=True, timeout_s=2)
+        good = rpc.open_channel(
+            address,
+            tls=ClientTls(ca=certs.ca, cert_chain=certs.client.cert, private_key=certs.client.key),
+        )
+        check_channel(good, address, "the authority", tls=True)
+    check_channel(rpc.open_channel(address), address, "the authority", tls=False, timeout_s=1)
+
+
+def test_generate_in_plaintext_against_a_tls_authority_says_it_requires_tls(certs):
+    tls = ServerTls(certs.server.cert, certs.server.key)
+    with running_authority(tls=tls) as (server, _):
+        address = f"127.0.0.1:{server.port}"
+        plain = _cli(
+            "generate", "--prompt", "Once", "--authority", address, "--worker", address
+        )  # fmt: skip
+    assert plain.returncode == 1
+    assert "the authority at 127.0.0.1" in plain.stderr and "requires TLS" in plain.stderr
+    assert "Traceback" not in plain.stderr

@@ -142,6 +142,37 @@ def test_watch_from_version_unset_zero_and_later(authority):
     assert err.value.code() == C.INVALID_ARGUMENT
 
 
+def test_watch_from_a_future_version_delivers_only_later_versions(authority):
+    """The session is at version 2; a Watch from version 4 (of the session, or of every session)
+    sees 5 first, never 3 or 4 (attack report F5)."""
+    _, client = primed(authority)
+    client.Patch(patch_stream("s", 1, "", [evict_pb(0, 10)]))
+    one = client.Watch(ca.WatchRequest(session_id="s", from_version=4), timeout=30)
+    every = client.Watch(ca.WatchRequest(from_version=4), timeout=30)
+    for call in (one, every):
+        call.initial_metadata()
+    for version in (2, 3, 4):
+        client.Patch(patch_stream("s", version, "", [evict_pb(0, 9 + version)]))
+    assert next(one).version == 5
+    first = next(every)
+    assert (first.session_id, first.version) == ("s", 5)
+    for call in (one, every):
+        call.cancel()
+
+
+@pytest.mark.parametrize("theta", [float("nan"), float("inf"), -float("inf"), -1.0])
+def test_a_rope_theta_that_is_not_a_finite_non_negative_number_is_refused(authority, theta):
+    """rope_theta is for display, but NaN, inf or a negative base is no model's (F9)."""
+    _, client = authority
+    request = create_request("bad")
+    request.geometry.rope.rope_theta = theta
+    with pytest.raises(grpc.RpcError) as err:
+        client.CreateSession(request)
+    assert err.value.code() == C.INVALID_ARGUMENT
+    assert "rope_theta" in err.value.details()
+    assert not client.ListSessions(ca.ListSessionsRequest()).sessions
+
+
 def test_a_create_that_fails_after_its_folder_appeared_leaves_nothing(tmp_path, monkeypatch):
     config = AuthorityConfig(listen="127.0.0.1:0", data_dir=str(tmp_path), grace_s=0)
     server = start_authority(config)

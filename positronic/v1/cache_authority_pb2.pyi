@@ -480,7 +480,8 @@ class WatchRequest(_message.Message):
     """Unset: only patches committed from now on. Set to v >= 0: first the summaries of every
     retained patch after v (0: every retained patch; the last 1024 per session by default), then
     new ones, each version once. When the retained log no longer reaches back to v + 1, the
-    first summary's version is past v + 1: the gap shows in the versions. Negative is
+    first summary's version is past v + 1: the gap shows in the versions. A v past the
+    session's version: only the versions after v, as they commit. Negative is
     INVALID_ARGUMENT.
     """
     def __init__(

@@ -124,7 +124,9 @@ class RopeParameters(_message.Message):
     fingerprinting; at most 256 bytes (RESOURCE_EXHAUSTED).
     """
     rope_theta: _builtins.float
-    """Base of the geometric frequency ladder; for display (inv_freq is what is used)."""
+    """Base of the geometric frequency ladder; for display (inv_freq is what is used). Finite and
+    not negative, 0 when unknown (INVALID_ARGUMENT otherwise).
+    """
     attention_scaling: _builtins.float
     """Factor the model multiplies cos/sin by; a re-rotation must not apply it again. Must be
     finite; 0 (unset) means 1.
