@@ -103,9 +103,12 @@ class StreamLimits:
     per_peer: int = 1024  # per client address (behind a proxy, every client shares one)
     per_session: int = 64  # streams that name one session
     total: int = 16384
+    # Watches of every session: each costs a message per commit of any session, so their count
+    # bounds the authority's work per Patch (1,000 of them cost ~120 ms of CPU per commit).
+    every_session: int = 64
 
     def __post_init__(self) -> None:
-        if min(self.per_peer, self.per_session, self.total) <= 0:
+        if min(self.per_peer, self.per_session, self.total, self.every_session) <= 0:
             raise ValueError("stream limits must be positive")
 
 
@@ -130,15 +133,25 @@ class StreamTable:
         self._peers: Counter[str] = Counter()
         self._sessions: Counter[str] = Counter()
         self._total = 0
+        self._every_session = 0
 
     @contextlib.contextmanager
-    def open(self, peer: str, session_id: str = "") -> Iterator[StreamTicket]:
+    def open(
+        self, peer: str, session_id: str = "", *, every_session: bool = False
+    ) -> Iterator[StreamTicket]:
+        """Count one stream; `every_session`: a Watch of all sessions (its own, lower limit)."""
         host = peer_host(peer)
         with self._lock:
             if self._total >= self.limits.total:
                 raise PatchError(
                     Status.RESOURCE_EXHAUSTED,
                     f"the authority holds {self._total} open streams, its limit; retry later",
+                )
+            if every_session and self._every_session >= self.limits.every_session:
+                raise PatchError(
+                    Status.RESOURCE_EXHAUSTED,
+                    f"the authority holds {self._every_session} Watches of every session, its "
+                    "limit (--max-all-session-watches); watch one session instead, or retry later",
                 )
             if self._peers[host] >= self.limits.per_peer:
                 raise PatchError(
@@ -148,6 +161,7 @@ class StreamTable:
                 )
             self._peers[host] += 1
             self._total += 1
+            self._every_session += every_session
         ticket = StreamTicket(self, host)
         try:
             if session_id:
@@ -159,6 +173,7 @@ class StreamTable:
                 if not self._peers[host]:
                     del self._peers[host]
                 self._total -= 1
+                self._every_session -= every_session
                 sid = ticket.session_id
                 if sid is not None:
                     self._sessions[sid] -= 1

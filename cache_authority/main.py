@@ -31,6 +31,7 @@ INT_SETTINGS = {
     "snapshot_every": "POSITRONIC_SNAPSHOT_EVERY",
     "max_streams_per_client": "POSITRONIC_MAX_STREAMS_PER_CLIENT",
     "max_streams_per_session": "POSITRONIC_MAX_STREAMS_PER_SESSION",
+    "max_all_session_watches": "POSITRONIC_MAX_ALL_SESSION_WATCHES",
     "fsync_interval_ms": "POSITRONIC_FSYNC_INTERVAL_MS",
 }
 
@@ -50,6 +51,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-streams-per-session",
         type=int,
         help="open streams that may name one session (default 64)",
+    )
+    parser.add_argument(
+        "--max-all-session-watches",
+        type=int,
+        help="open Watches of every session (empty session id), in all (default 64): each "
+        "costs a message per commit of any session",
     )
     parser.add_argument(
         "--durability",

@@ -36,6 +36,7 @@ class AuthorityConfig:
     max_streams_per_client: int = 1024  # open Patch/Sync/Watch streams per client address
     max_streams_per_session: int = 64  # ... naming one session
     max_streams: int = 16384  # ... in all
+    max_all_session_watches: int = 64  # Watches of every session (each costs work per commit)
     grace_s: float = 2.0  # how long in-flight calls may finish on shutdown
     tls: ServerTls | None = None  # None: plaintext
 
@@ -55,6 +56,7 @@ class AuthorityConfig:
             "max_streams_per_client",
             "max_streams_per_session",
             "max_streams",
+            "max_all_session_watches",
             "fsync_interval_ms",
         ):
             if getattr(self, name) <= 0:
@@ -77,6 +79,7 @@ class AuthorityConfig:
             per_peer=self.max_streams_per_client,
             per_session=self.max_streams_per_session,
             total=self.max_streams,
+            every_session=self.max_all_session_watches,
         )
 
 

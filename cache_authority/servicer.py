@@ -250,7 +250,7 @@ class CacheAuthorityServicer(cache_authority_pb2_grpc.CacheAuthorityServicer):
         backlog_from = request.from_version if request.HasField("from_version") else None
         if backlog_from is not None and backlog_from < 0:
             raise _invalid(f"from_version {clip(backlog_from)} must not be negative")
-        with self.streams.open(context.peer(), sid):
+        with self.streams.open(context.peer(), sid, every_session=not sid):
             if sid:
                 await self._call(self.engine.read, sid, lambda s: None)  # NOT_FOUND now
             signal = self._signal()

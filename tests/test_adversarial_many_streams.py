@@ -27,6 +27,7 @@ from tests.authority_fixtures import (
 
 C = grpc.StatusCode
 WATCHERS = 1000
+EVERY_SESSION = 64  # Watches of every session: the authority's default limit
 IDLE_PATCHES = 20
 STARVED_S = 5.0
 
@@ -64,7 +65,7 @@ def test_a_thousand_watchers_and_idle_patches_do_not_starve_health_or_patch():
         try:
             watches = []
             for i in range(WATCHERS):
-                request = ca.WatchRequest(session_id="s" if i % 2 else "")
+                request = ca.WatchRequest(session_id="" if i < EVERY_SESSION else "s")
                 watches.append(stub(channels[i % 10]).Watch(request, timeout=120))
             for w in watches:
                 w.initial_metadata()  # every one subscribed
@@ -137,4 +138,29 @@ def test_stream_limits_per_client_and_per_session_are_resource_exhausted():
         again = client.Watch(ca.WatchRequest(session_id="s"), timeout=30)
         again.initial_metadata()  # a freed place is usable again
         for w in (first[1], third, again):
+            w.cancel()
+
+
+def test_watches_of_every_session_have_their_own_limit():
+    """Each Watch of every session costs a message per commit of any session: their number is
+    capped (RESOURCE_EXHAUSTED naming the limit), Watches of one session are not."""
+    with running_authority(max_all_session_watches=2) as (server, channel):
+        _, client = primed((server, stub(channel)))
+        every = [client.Watch(ca.WatchRequest(), timeout=30) for _ in range(2)]
+        for w in every:
+            w.initial_metadata()
+        with pytest.raises(grpc.RpcError) as err:
+            next(client.Watch(ca.WatchRequest(), timeout=30))
+        assert err.value.code() == C.RESOURCE_EXHAUSTED
+        assert "Watches of every session" in err.value.details()
+        one = client.Watch(ca.WatchRequest(session_id="s"), timeout=30)
+        one.initial_metadata()  # a Watch of one session is still welcome
+        every[0].cancel()
+        deadline = time.monotonic() + 30
+        while server.servicer.streams.open_count() > 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        again = client.Watch(ca.WatchRequest(), timeout=30)
+        again.initial_metadata()  # a freed place is usable again
+        for w in (every[1], one, again):
             w.cancel()

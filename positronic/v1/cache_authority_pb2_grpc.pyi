@@ -63,7 +63,9 @@ class CacheAuthorityStub:
       256 MiB of them) are kept in memory for Sync and Watch; the replies to the last 4096
       request ids are remembered (defaults; the authority's configuration may change them).
     - Open streams (Patch, Sync, Watch) per client address, per session and in all are capped by
-      the authority's configuration (defaults 1024, 64 and 16384); one more is RESOURCE_EXHAUSTED.
+      the authority's configuration (defaults 1024, 64 and 16384), and Watches of every session
+      (empty session_id) in all (default 64: each costs a message per commit of any session);
+      one more is RESOURCE_EXHAUSTED.
     """
 
     @_typing.overload
@@ -151,7 +153,9 @@ class CacheAuthorityAsyncStub(CacheAuthorityStub):
       256 MiB of them) are kept in memory for Sync and Watch; the replies to the last 4096
       request ids are remembered (defaults; the authority's configuration may change them).
     - Open streams (Patch, Sync, Watch) per client address, per session and in all are capped by
-      the authority's configuration (defaults 1024, 64 and 16384); one more is RESOURCE_EXHAUSTED.
+      the authority's configuration (defaults 1024, 64 and 16384), and Watches of every session
+      (empty session_id) in all (default 64: each costs a message per commit of any session);
+      one more is RESOURCE_EXHAUSTED.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -235,7 +239,9 @@ class CacheAuthorityServicer(metaclass=_abc_1.ABCMeta):
       256 MiB of them) are kept in memory for Sync and Watch; the replies to the last 4096
       request ids are remembered (defaults; the authority's configuration may change them).
     - Open streams (Patch, Sync, Watch) per client address, per session and in all are capped by
-      the authority's configuration (defaults 1024, 64 and 16384); one more is RESOURCE_EXHAUSTED.
+      the authority's configuration (defaults 1024, 64 and 16384), and Watches of every session
+      (empty session_id) in all (default 64: each costs a message per commit of any session);
+      one more is RESOURCE_EXHAUSTED.
     """
 
     @_abc_1.abstractmethod
