@@ -223,7 +223,7 @@ def test_one_tick_and_one_patch_per_iteration_and_the_text_is_exact(services):
     worker = CountingWorker(c.endpoints.worker)
     c.endpoints.worker = worker  # type: ignore[assignment]
     out: list[str] = []
-    config = LoopConfig(policy=make_policy("halo"), target_rows=24, max_new_tokens=60, seed=3)
+    config = LoopConfig(policy=make_policy("halo-lm"), target_rows=24, max_new_tokens=60, seed=3)
     try:
         stats = run_loop(c.endpoints, PROMPT, config, out.append)
         whole = c.endpoints.worker._stub.Detokenize(
@@ -235,7 +235,7 @@ def test_one_tick_and_one_patch_per_iteration_and_the_text_is_exact(services):
     assert worker.calls == ["Info", "Tokenize", "Prefill"] + ["Tick"] * 60
     assert stats.rpcs_per_iteration == 2.0 and c.test_counter.patch_calls == 61
     assert stats.merges > 0 and stats.merging_iterations >= stats.merges
-    assert stats.forwards_per_merging_iteration == 2.0  # halo's lm repairer
+    assert stats.forwards_per_merging_iteration == 2.0  # halo-lm's lm repairer: one more pass
     assert "".join(out) == whole.text.replace("</s>", "\n\n")
     rows = mirror(services, stats.session_id).mirror
     assert [m.piece for m in rows] == [vocab[m.token_id] for m in rows]

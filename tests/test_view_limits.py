@@ -235,4 +235,10 @@ def test_pages_that_leave_before_their_stream_starts_are_no_error(caplog):
             page.close()
         finally:
             view.close()
-    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+    # The view's own loggers and aiohttp's (grpc.aio's "Event loop is closed" from other tests'
+    # loops, shut down while this one runs, is not the view's).
+    assert not [
+        r
+        for r in caplog.records
+        if r.levelname == "ERROR" and r.name.startswith(("positronic.view", "aiohttp"))
+    ]

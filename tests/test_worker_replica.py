@@ -287,9 +287,10 @@ def test_a_followed_commit_that_does_not_verify_drops_the_replica(lm, authority)
     with store.reading("s", 2):
         pass
     state = authority.states["s"]
-    v = authority.patch("s", [append_op(lm, [IDS[9]], 9, context=IDS[:9])])
-    good = authority.log["s"][-1]
-    authority.log["s"][-1] = type(good)(version=good.version, digest=b"\0" * 32, ops=good.ops)
+    with authority._changed:  # the follower reads the log under this lock: it sees only the bad one
+        v = authority.patch("s", [append_op(lm, [IDS[9]], 9, context=IDS[:9])])
+        good = authority.log["s"][-1]
+        authority.log["s"][-1] = type(good)(version=good.version, digest=b"\0" * 32, ops=good.ops)
     _wait(lambda: store.held("s") is None or store.held("s").version == v)
     assert store.held("s") is None
     authority.log["s"][-1] = good

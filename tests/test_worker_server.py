@@ -426,12 +426,14 @@ def test_info_and_list_policies(services):
     from positronic.policies import POLICIES
 
     assert list(policies) == sorted(POLICIES)
-    halo = policies["halo"]
-    assert halo.merges and halo.repair.repairer == pb.REPAIRER_UNSPECIFIED
-    assert halo.params["sinks"] == 4 and halo.params["params.gain"] == 0
-    kv = policies["halo-kv"]
-    assert kv.repair.repairer == pb.REPAIRER_KV_MERGE
-    assert kv.repair.kv_key == pb.KV_MERGE_KEY_HEAVIER
+    old = policies["halo-lm"]  # the default before the merging search
+    assert old.merges and old.repair.repairer == pb.REPAIRER_UNSPECIFIED
+    assert old.params["sinks"] == 4 and old.params["params.gain"] == 0
+    for name in ("halo", "halo-kv"):  # the default: K/V merges, the heavier row's key
+        kv = policies[name]
+        assert kv.merges and kv.repair.repairer == pb.REPAIRER_KV_MERGE
+        assert kv.repair.kv_key == pb.KV_MERGE_KEY_HEAVIER
+        assert kv.params["sinks"] == 0 and kv.params["params.gain"] == 30
     assert not policies["streaming"].merges and policies["streaming"].description
 
 
