@@ -32,16 +32,20 @@ def stream(stories260k_dir, tinystories_path) -> list[int]:
 
 
 def test_simulator_matches_the_real_loop(lm, stream, stories260k_dir):
-    """Per-token NLLs of the simulator equal `bench quality`'s loop through the services, for
-    an eviction policy, the lm-repairing halo-lm and the attention-driven halo-user (a row that
+    """Per-token NLLs of the simulator equal `bench quality`'s loop through the services (one
+    Tick and one Patch per token), for an eviction policy, the lm-repairing halo-lm and the
+    attention-driven halo-user (a row that
     moves after an edit, including the input token's new row, is re-rotated as the authority
     does)."""
     from positronic.bench.runner import Job, local_services, run_job
     from positronic.bench.specs import parse_spec
 
     names = ["streaming", "halo-lm", "halo-user"]
+    # The loop plans a merge before its Tick, from the committed scores (one tick behind): the
+    # simulator's `lag=1`. An eviction-only policy plans after the step in both.
+    candidates = ["streaming", "halo-lm|lag=1", "halo-user|lag=1"]
     budget = 16
-    sims = simulate(lm, [(parse_candidate(n), stream) for n in names], budget)
+    sims = simulate(lm, [(parse_candidate(c), stream) for c in candidates], budget)
     with local_services(str(stories260k_dir), None) as endpoints:
         for name, sim in zip(names, sims, strict=True):
             real = run_job(endpoints, Job(parse_spec(name), 0, stream, budget))

@@ -22,9 +22,24 @@ from dataclasses import dataclass
 
 import torch
 
-from model_worker.forward import Rows, fresh_cache
+from model_worker.forward import Rows
 from model_worker.model import LoadedModel
 from positronic.rope import Rope
+
+
+def fresh_cache(lm: LoadedModel, rows: Rows):
+    """A DynamicCache whose layers alias `rows` (no copy), for one forward of the simulator (the
+    worker itself forwards in place over its live replica's slots instead)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=lm.model.config)
+    if rows.count:
+        for i, layer in enumerate(cache.layers):
+            k = rows.keys[i].unsqueeze(0)  # [1, H, N, D] (or [1, B, H, N, D] when batched)
+            v = rows.values[i].unsqueeze(0)
+            layer.lazy_initialization(k, v)
+            layer.keys, layer.values = k, v
+    return cache
 
 
 @dataclass

@@ -25,10 +25,10 @@ from dataclasses import dataclass
 
 import torch
 
-from model_worker.forward import Rows, compute_kv, fresh_cache, next_token_logits
+from model_worker.forward import Rows, compute_kv, next_token_logits
 from model_worker.lm_repair import LMRepairer
 from model_worker.model import LoadedModel
-from positronic.bench.explore_cache import BatchCache, StepResult
+from positronic.bench.explore_cache import BatchCache, StepResult, fresh_cache
 from positronic.rope import rotate_keys
 
 WEIGHTS = ("attention", "attention_lh", "accumulated", "count", "equal")
