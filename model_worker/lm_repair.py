@@ -2,7 +2,8 @@
 
 For the pair (a, b) at rows (p, p + 1) followed by c (the row at p + 2, or the input token of the
 Tick when the pair ends the rows): the candidates x are the pair's own tokens a and b plus the
-most likely tokens under p(x | rows < p), and each is scored by the log-probability of the
+`pool` (32) most likely tokens under p(x | rows < p) — the Tick and the Repair RPC draw the same
+pool, whatever number of candidates is asked for — and each is scored by the log-probability of the
 two-token continuation log p(x | rows < p) + log p(c | rows < p, x) — x placed at p, c read at
 p + 1, where it will sit after the merge. Ranking by the second term alone would favour rare
 tokens that happen to predict c; the sum is the likelihood of the merged text. A pair at row 0
@@ -31,7 +32,7 @@ from model_worker.repair import Candidate, PairRef, Replacement, banned_ids, can
 @dataclass
 class LMRepairer:
     lm: LoadedModel
-    pool: int = 32  # candidates the Repair RPC draws from p(x | left) before rescoring
+    pool: int = 32  # candidates drawn from p(x | left) before rescoring (Tick and Repair)
     name: str = "lm"
     _banned: torch.Tensor = field(init=False)
 
@@ -81,7 +82,9 @@ class LMRepairer:
                 continue
             left = left_logits[j].cpu()
             j += 1
-            ids = self._proposals(rows, pair.position, left, max_candidates)
+            # The same pool as the Repair RPC: the winner is often outside the top
+            # max_candidates of the prior (the follower term reorders them).
+            ids = self._proposals(rows, pair.position, left, max(self.pool, max_candidates))
             if ids:
                 plans.append((i, ids, self._prior(left)[ids]))
         out: list[Replacement | None] = [None] * len(pairs)

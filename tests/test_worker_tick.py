@@ -104,6 +104,22 @@ def test_the_pairs_own_tokens_are_always_candidates(story):
     assert {ids[p], ids[p + 1]} <= {c.token_id for c in cands}
 
 
+@pytest.mark.parametrize("first", [1, 2])
+def test_a_tick_draws_the_repair_rpcs_pool_whatever_max_candidates(story, first):
+    """With max_candidates 1 the Tick's winner is still the Repair RPC's best of the same
+    pool (the `pool` most likely tokens, not the top max_candidates: the follower term often
+    promotes a token the prior ranks lower), for every pair of the story."""
+    lm, ids, state = story
+    rows = rows_of(state)
+    pairs = [_pair(ids, p) for p in range(first, rows.count - 2, 2)]
+    repairers = Repairers(LMRepairer(lm))
+    result = tick(lm, rows, _params(ids[-1], pairs, RepairChoice(LM, 1)), repairers)
+    ranked = repair_pairs(repairers.lm, rows, pairs, 1)
+    assert [m.token_id for m in result.merges] == [c[0].token_id for c in ranked]
+    for merge, cands in zip(result.merges, ranked, strict=True):
+        assert merge.score == pytest.approx(cands[0].score, abs=1e-3)
+
+
 def test_a_pair_ending_at_the_last_row_is_followed_by_the_input_token(story):
     lm, ids, state = story
     n = state.row_count

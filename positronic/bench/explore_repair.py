@@ -1,8 +1,9 @@
 """Repairers the search compares: what replaces an adjacent pair (p, p + 1) in the simulator.
 
-- `lm`: the worker's repairer as it ships (model_worker/lm_repair.py: candidates from
-  p(x | rows < p), ranked by log p(x | left) + log p(next | left, x)), then the worker's
-  ComputeKV of the winner at p. Blind to the pair it replaces.
+- `lm`: the worker's repairer as it ships (model_worker/lm_repair.py: the pair's own tokens and
+  the 32 most likely under p(x | rows < p), ranked by log p(x | left) + log p(next | left, x)),
+  then the worker's ComputeKV of the winner at p — the Tick's choice and K/V (it takes them from
+  its scoring pass), as tests/test_bench_explore.py checks per token.
 - `pair`: pair-aware. The pair's own tokens are always candidates (plus, optionally, the `pool`
   most likely tokens after the left context); each candidate x is placed alone at p over rows
   < p, and scored on what the merged row must preserve: how well it lets the model continue as

@@ -940,7 +940,9 @@ class RepairParams(_message.Message):
     FAILED_PRECONDITION.
     """
     max_candidates: _builtins.int
-    """Candidates the lm/mlm repairers rank per pair, 0 to 100; 0 means 5."""
+    """Candidates the lm/mlm repairers rank per pair, 0 to 100; 0 means 5. lm ranks, as Repair
+    does, the pair's own tokens and the max(32, this) most likely after the pair's left context.
+    """
     kv_weights: Global___KVMergeWeights.ValueType
     """K/V merge: how the two rows are weighed."""
     kv_key: Global___KVMergeKey.ValueType
