@@ -19,6 +19,13 @@ MAX_PAIRS = 256  # Repair pairs
 MAX_TOP_LOGPROBS = 100  # Step top_logprobs
 MAX_CANDIDATES = 100  # Repair max_candidates
 DIGEST_BYTES = 32  # sha256, as the authority's digest chain
+# lm / mlm repair: tokens scored in one call, summed over its pairs. Each pair scores its own two
+# tokens and a pool of max(REPAIR_POOL, max_candidates) likely ones. The limit lets every pair
+# count up to MAX_PAIRS use the pool (what the loop asks for), and makes a larger max_candidates
+# cost pairs: 85 at 100. Without it 239 pairs at 100 candidates (24,378 tokens) cost ~50 s of
+# worker CPU on the 260K demo model (found by an outside attack).
+REPAIR_POOL = 32
+MAX_SCORED_CANDIDATES = MAX_PAIRS * (REPAIR_POOL + 2)  # 8,704
 
 
 def over(what: str, count: int, limit: int) -> WorkerError:
@@ -28,6 +35,18 @@ def over(what: str, count: int, limit: int) -> WorkerError:
 def check_count(what: str, items: Sized, limit: int) -> None:
     if len(items) > limit:
         raise over(what, len(items), limit)
+
+
+def check_repair_work(pairs: int, max_candidates: int) -> None:
+    """RESOURCE_EXHAUSTED when an lm / mlm repair of `pairs` pairs would score more than
+    MAX_SCORED_CANDIDATES tokens (pairs and candidates are each within their own limits)."""
+    scored = pairs * (max(REPAIR_POOL, max_candidates) + 2)
+    if scored > MAX_SCORED_CANDIDATES:
+        raise WorkerError(
+            "RESOURCE_EXHAUSTED",
+            f"{pairs} pairs at {max_candidates} candidates score {scored} tokens, over the limit "
+            f"of {MAX_SCORED_CANDIDATES} per call; ask for fewer pairs or candidates",
+        )
 
 
 def check_session(session_id: str, version: int) -> None:

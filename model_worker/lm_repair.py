@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from model_worker.forward import Rows, alone_mask, alternatives_logits, next_token_logits, run
+from model_worker.limits import REPAIR_POOL
 from model_worker.model import LoadedModel
 from model_worker.repair import Candidate, PairRef, Replacement, banned_ids, candidate
 
@@ -32,7 +33,7 @@ from model_worker.repair import Candidate, PairRef, Replacement, banned_ids, can
 @dataclass
 class LMRepairer:
     lm: LoadedModel
-    pool: int = 32  # candidates drawn from p(x | left) before rescoring (Tick and Repair)
+    pool: int = REPAIR_POOL  # candidates drawn from p(x | left) before rescoring (Tick and Repair)
     name: str = "lm"
     _banned: torch.Tensor = field(init=False)
 

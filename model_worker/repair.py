@@ -19,7 +19,7 @@ import torch
 
 from model_worker.errors import WorkerError, invalid
 from model_worker.forward import Rows
-from model_worker.limits import MAX_CANDIDATES, MAX_PAIRS, check_count, over
+from model_worker.limits import MAX_CANDIDATES, MAX_PAIRS, check_count, check_repair_work, over
 from model_worker.model import LoadedModel
 
 DEFAULT_CANDIDATES = 5
@@ -77,6 +77,7 @@ def check_request(pairs: Sequence[PairRef], max_candidates: int) -> int:
         raise invalid(f"max_candidates must be >= 0, got {max_candidates}")
     if max_candidates > MAX_CANDIDATES:
         raise over("max_candidates", max_candidates, MAX_CANDIDATES)
+    check_repair_work(len(pairs), max_candidates or DEFAULT_CANDIDATES)
     for i, pair in enumerate(pairs):
         if len(pair.expected_token_ids) != 2:
             got = len(pair.expected_token_ids)

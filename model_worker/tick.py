@@ -24,7 +24,13 @@ from model_worker.calls import StepParams, StepResult, check_positions, check_st
 from model_worker.errors import WorkerError, invalid
 from model_worker.forward import KV, Rows, StepOutput, alone_mask, run
 from model_worker.kv_merge import ATTENTION, EQUAL, HEAVIER, MEAN, merge_pairs
-from model_worker.limits import MAX_CANDIDATES, MAX_PAIRS, check_count, over
+from model_worker.limits import (
+    MAX_CANDIDATES,
+    MAX_PAIRS,
+    check_count,
+    check_repair_work,
+    over,
+)
 from model_worker.lm_repair import LMRepairer
 from model_worker.model import LoadedModel
 from model_worker.repair import DEFAULT_CANDIDATES, Candidate, PairRef, Repairer, Replacement
@@ -102,6 +108,8 @@ def check_tick(lm: LoadedModel, params: TickParams, repairers: Repairers) -> str
     if repair.kv_weights not in (ATTENTION, EQUAL) or repair.kv_key not in (MEAN, HEAVIER):
         raise invalid("unknown kv_weights or kv_key")
     check_count("merges", params.merges, MAX_PAIRS)
+    if kind in (LM, MLM):
+        check_repair_work(len(params.merges), repair.max_candidates or DEFAULT_CANDIDATES)
     previous = -2
     for i, pair in enumerate(sorted(params.merges, key=lambda m: m.position)):
         if len(pair.expected_token_ids) != 2:

@@ -248,6 +248,9 @@ def test_a_pair_at_row_zero_has_no_lm_replacement():
         ([PairRef(2, (9, 14))], RepairChoice(MLM), "FAILED_PRECONDITION"),  # no masked LM here
         ([PairRef(2, (9, 14))], RepairChoice(LM, 101), "RESOURCE_EXHAUSTED"),
         ([PairRef(2 * i, (0, 0)) for i in range(257)], RepairChoice(), "RESOURCE_EXHAUSTED"),
+        # lm scores each pair's own 2 tokens and a pool of max(32, candidates): 86 x 102 tokens
+        # are over the 8,704 a call may score
+        ([PairRef(2 * i, (0, 0)) for i in range(86)], RepairChoice(LM, 100), "RESOURCE_EXHAUSTED"),
     ],
 )
 def test_refused_ticks_compute_nothing(pairs, repair, code):
@@ -342,3 +345,15 @@ def test_half_precision_replicas_tick_in_their_dtype(dtype):
         assert merge.merged and merge.kv.keys.dtype == dtype and merge.kv.values.dtype == dtype
         assert torch.isfinite(merge.kv.keys.float()).all()
     assert same(snapshot_of(state, live=True), before)
+
+
+def test_the_repair_work_limit_counts_the_pool_and_the_pair():
+    from model_worker.limits import MAX_PAIRS, MAX_SCORED_CANDIDATES, check_repair_work
+
+    check_repair_work(MAX_PAIRS, 5)  # every pair the loop may ask for, at the default pool
+    check_repair_work(MAX_PAIRS, 32)
+    check_repair_work(MAX_SCORED_CANDIDATES // 102, 100)  # 85
+    for pairs, k in ((MAX_PAIRS, 33), (MAX_SCORED_CANDIDATES // 102 + 1, 100)):
+        with pytest.raises(WorkerError) as e:
+            check_repair_work(pairs, k)
+        assert e.value.code == "RESOURCE_EXHAUSTED" and "fewer pairs" in str(e.value)

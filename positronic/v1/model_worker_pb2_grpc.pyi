@@ -58,7 +58,9 @@ class ModelWorkerStub:
 
     Limits (RESOURCE_EXHAUSTED beyond them; malformed values are INVALID_ARGUMENT): Tokenize text
     1 MiB of UTF-8; Detokenize ids and Prefill token_ids 65,536; ComputeKV insertions 256; Repair
-    pairs 256; max_candidates 100; top_logprobs 100. session_id: 1 to 128 characters of
+    pairs 256; max_candidates 100; top_logprobs 100; an lm/mlm repair (Repair, or a Tick's merges)
+    scores at most 8,704 tokens, pairs x (max(32, max_candidates) + 2): 256 pairs at up to 32
+    candidates, 85 at 100. session_id: 1 to 128 characters of
     [A-Za-z0-9._-], starting with a letter or digit. expected_digest: 32 bytes, required on
     Prefill, Step, ComputeKV, Repair and Tick (INVALID_ARGUMENT when empty). Error messages quote
     a request's values only in bounded form: a valid session id (at most 128 characters), numbers,
@@ -134,7 +136,9 @@ class ModelWorkerAsyncStub(ModelWorkerStub):
 
     Limits (RESOURCE_EXHAUSTED beyond them; malformed values are INVALID_ARGUMENT): Tokenize text
     1 MiB of UTF-8; Detokenize ids and Prefill token_ids 65,536; ComputeKV insertions 256; Repair
-    pairs 256; max_candidates 100; top_logprobs 100. session_id: 1 to 128 characters of
+    pairs 256; max_candidates 100; top_logprobs 100; an lm/mlm repair (Repair, or a Tick's merges)
+    scores at most 8,704 tokens, pairs x (max(32, max_candidates) + 2): 256 pairs at up to 32
+    candidates, 85 at 100. session_id: 1 to 128 characters of
     [A-Za-z0-9._-], starting with a letter or digit. expected_digest: 32 bytes, required on
     Prefill, Step, ComputeKV, Repair and Tick (INVALID_ARGUMENT when empty). Error messages quote
     a request's values only in bounded form: a valid session id (at most 128 characters), numbers,
@@ -206,7 +210,9 @@ class ModelWorkerServicer(metaclass=_abc_1.ABCMeta):
 
     Limits (RESOURCE_EXHAUSTED beyond them; malformed values are INVALID_ARGUMENT): Tokenize text
     1 MiB of UTF-8; Detokenize ids and Prefill token_ids 65,536; ComputeKV insertions 256; Repair
-    pairs 256; max_candidates 100; top_logprobs 100. session_id: 1 to 128 characters of
+    pairs 256; max_candidates 100; top_logprobs 100; an lm/mlm repair (Repair, or a Tick's merges)
+    scores at most 8,704 tokens, pairs x (max(32, max_candidates) + 2): 256 pairs at up to 32
+    candidates, 85 at 100. session_id: 1 to 128 characters of
     [A-Za-z0-9._-], starting with a letter or digit. expected_digest: 32 bytes, required on
     Prefill, Step, ComputeKV, Repair and Tick (INVALID_ARGUMENT when empty). Error messages quote
     a request's values only in bounded form: a valid session id (at most 128 characters), numbers,
