@@ -192,10 +192,7 @@ def patch_fingerprint(expected_version: int, ops: list[session_pb2.PatchOp]) -> 
     """What a request id promises stays the same on a retry: the version and the ops."""
     h = hashlib.sha256(b"positronic.v1 request")
     h.update(expected_version.to_bytes(8, "little", signed=True))
-    for op in ops:
-        body = op.SerializeToString(deterministic=True)
-        h.update(len(body).to_bytes(8, "little"))
-        h.update(body)
+    _hash_ops(h, ops)
     return h.digest()
 
 
@@ -205,8 +202,13 @@ def chain_digest(previous: bytes, version: int, ops: list[session_pb2.PatchOp]) 
     h = hashlib.sha256()
     h.update(previous)
     h.update(version.to_bytes(8, "little", signed=True))
+    _hash_ops(h, ops)
+    return h.digest()
+
+
+def _hash_ops(h, ops: list[session_pb2.PatchOp]) -> None:
+    """For each op in order: uint64_le(len) || its deterministic serialization."""
     for op in ops:
         body = op.SerializeToString(deterministic=True)
         h.update(len(body).to_bytes(8, "little"))
         h.update(body)
-    return h.digest()

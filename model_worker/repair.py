@@ -88,6 +88,12 @@ def check_request(pairs: Sequence[PairRef], max_candidates: int) -> int:
 def check_pairs(rows: Rows, pairs: Sequence[PairRef], max_candidates: int) -> int:
     """Validate every pair before computing anything; returns the candidate count to use."""
     k = check_request(pairs, max_candidates)
+    check_pair_rows(rows, pairs)
+    return k
+
+
+def check_pair_rows(rows: Rows, pairs: Sequence[PairRef]) -> None:
+    """Each pair names two rows the replica holds, and the tokens it expects there."""
     for i, pair in enumerate(pairs):
         p = pair.position
         if p < 0 or p + 1 >= rows.count:
@@ -99,7 +105,6 @@ def check_pairs(rows: Rows, pairs: Sequence[PairRef], max_candidates: int) -> in
                 f"pair {i}: expected tokens {list(pair.expected_token_ids)} at {p}, "
                 f"the replica holds {actual}",
             )
-    return k
 
 
 def repair_pairs(

@@ -33,7 +33,14 @@ from model_worker.limits import (
 )
 from model_worker.lm_repair import LMRepairer
 from model_worker.model import LoadedModel
-from model_worker.repair import DEFAULT_CANDIDATES, Candidate, PairRef, Repairer, Replacement
+from model_worker.repair import (
+    DEFAULT_CANDIDATES,
+    Candidate,
+    PairRef,
+    Repairer,
+    Replacement,
+    check_pair_rows,
+)
 
 LM, MLM, KV_MERGE = "lm", "mlm", "kv_merge"
 
@@ -134,17 +141,7 @@ def check_pairs(lm: LoadedModel, rows: Rows, pairs: Sequence[PairRef]) -> None:
     """Against the replica: the input token fits the positions; every pair lies within the rows
     (never touching the new one) and holds the tokens the caller expects."""
     check_positions(lm, rows.count, 1, "tick")
-    for i, pair in enumerate(pairs):
-        p = pair.position
-        if p + 1 >= rows.count:
-            raise invalid(f"pair {i}: position {p} needs rows {p}, {p + 1} of {rows.count}")
-        actual = list(rows.token_ids[p : p + 2])
-        if actual != list(pair.expected_token_ids):
-            raise WorkerError(
-                "FAILED_PRECONDITION",
-                f"pair {i}: expected tokens {list(pair.expected_token_ids)} at {p}, "
-                f"the replica holds {actual}",
-            )
+    check_pair_rows(rows, pairs)
 
 
 def tick(lm: LoadedModel, rows: Rows, params: TickParams, repairers: Repairers) -> TickResult:

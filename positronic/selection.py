@@ -28,17 +28,7 @@ def select_pairs(scores: torch.Tensor, protected: torch.Tensor, count: int = 1) 
         return []
     pair_score = torch.maximum(scores[:-1], scores[1:]).double()  # [S-1]
     pair_score[protected[:-1] | protected[1:]] = float("inf")
-    order = torch.sort(pair_score, stable=True).indices  # ties: lower position first
-    chosen: list[int] = []
-    taken: set[int] = set()
-    for i in order.tolist():
-        if len(chosen) == count or pair_score[i] == float("inf"):
-            break
-        if i in taken or i + 1 in taken:
-            continue
-        taken.update((i, i + 1))
-        chosen.append(i)
-    return sorted(chosen)
+    return _greedy_pairs(pair_score, count)
 
 
 def select_evictions(scores: torch.Tensor, protected: torch.Tensor, count: int = 1) -> list[int]:
