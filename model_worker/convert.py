@@ -178,6 +178,7 @@ def info_to_pb(lm: LoadedModel, repairers: Repairers | None) -> pb.InfoResponse:
             pb.REPAIRER_LM,
             *([pb.REPAIRER_MLM] if repairers and repairers.mlm is not None else []),
             pb.REPAIRER_KV_MERGE,
+            pb.REPAIRER_PAIR_LM,
         ]
         if repairers
         else [],

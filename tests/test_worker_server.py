@@ -431,7 +431,7 @@ def test_tick_is_step_plus_the_merges_in_one_call(services, session):
 def test_info_and_list_policies(services):
     _, worker, _ = services
     info = worker.Info(pb.InfoRequest())
-    assert list(info.repairers) == [pb.REPAIRER_LM, pb.REPAIRER_KV_MERGE]
+    assert list(info.repairers) == [pb.REPAIRER_LM, pb.REPAIRER_KV_MERGE, pb.REPAIRER_PAIR_LM]
     policies = {p.name: p for p in worker.ListPolicies(pb.ListPoliciesRequest()).policies}
     from positronic.policies import POLICIES
 

@@ -233,7 +233,9 @@ class InfoResponse(_message.Message):
 
     @_builtins.property
     def repairers(self) -> _containers.RepeatedScalarFieldContainer[Global___Repairer.ValueType]:
-        """Repairers a Tick may ask for on this worker (LM and KV_MERGE always; MLM when loaded)."""
+        """Repairers a Tick may ask for on this worker (LM, KV_MERGE and PAIR_LM always; MLM when
+        loaded).
+        """
 
     def __init__(
         self,
