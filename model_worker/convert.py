@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from cache_authority.convert import geometry_to_pb
 from model_worker.attention import LAST_LAYER, MAX_LAYERS, MEAN_LAYERS
 from model_worker.calls import StepParams, StepResult
@@ -11,13 +13,22 @@ from model_worker.kv_merge import ATTENTION, EQUAL, HEAVIER, MEAN
 from model_worker.model import LoadedModel
 from model_worker.repair import Candidate, PairRef
 from model_worker.sampling import Sampling
-from model_worker.tick import KV_MERGE, LM, MLM, RepairChoice, Repairers, TickParams, TickResult
+from model_worker.tick import (
+    KV_MERGE,
+    LM,
+    MLM,
+    PAIR_LM,
+    RepairChoice,
+    Repairers,
+    TickParams,
+    TickResult,
+)
 from positronic import codec
 from positronic.v1 import model_worker_pb2 as pb
 from positronic.v1 import tensor_pb2
 
 _REPAIRERS = {pb.REPAIRER_UNSPECIFIED: "", pb.REPAIRER_LM: LM, pb.REPAIRER_MLM: MLM,
-              pb.REPAIRER_KV_MERGE: KV_MERGE}  # fmt: skip
+              pb.REPAIRER_KV_MERGE: KV_MERGE, pb.REPAIRER_PAIR_LM: PAIR_LM}  # fmt: skip
 _KV_WEIGHTS = {pb.KV_MERGE_WEIGHTS_UNSPECIFIED: ATTENTION, pb.KV_MERGE_WEIGHTS_ATTENTION: ATTENTION,
                pb.KV_MERGE_WEIGHTS_EQUAL: EQUAL}  # fmt: skip
 _KV_KEYS = {pb.KV_MERGE_KEY_UNSPECIFIED: MEAN, pb.KV_MERGE_KEY_MEAN: MEAN,
@@ -98,7 +109,9 @@ def tick_params_from_pb(msg: pb.TickRequest) -> TickParams:
     )
 
 
-def tick_result_to_pb(result: TickResult) -> pb.TickResponse:
+def tick_result_to_pb(
+    result: TickResult, similarity: torch.Tensor | None = None
+) -> pb.TickResponse:
     step = result.step
     out = step.output
     return pb.TickResponse(
@@ -124,6 +137,7 @@ def tick_result_to_pb(result: TickResult) -> pb.TickResponse:
         ],
         forwards=result.forwards,
         forward_ns=result.forward_ns,
+        adjacent_similarity=similarity.tolist() if similarity is not None else [],
     )
 
 
@@ -164,6 +178,7 @@ def info_to_pb(lm: LoadedModel, repairers: Repairers | None) -> pb.InfoResponse:
             pb.REPAIRER_LM,
             *([pb.REPAIRER_MLM] if repairers and repairers.mlm is not None else []),
             pb.REPAIRER_KV_MERGE,
+            pb.REPAIRER_PAIR_LM,
         ]
         if repairers
         else [],

@@ -20,6 +20,7 @@ from model_worker.metrics import WorkerMetrics
 from model_worker.model import LoadedModel
 from model_worker.repair import check_request, repair_pairs
 from model_worker.replica import ReplicaStore
+from model_worker.similarity import tick_similarity
 from model_worker.tick import Repairers, check_tick, tick
 from positronic import codec
 from positronic.repair_params import list_policies_pb
@@ -170,10 +171,13 @@ class ModelWorkerServicer(model_worker_pb2_grpc.ModelWorkerServicer):
                 request.session_id, request.version, request.expected_digest
             ) as rows:
                 result = tick(lm, rows, params, self.repairers)
+                similarity = None
+                if request.adjacent_similarity:  # asked for by a redundancy policy only
+                    similarity = tick_similarity(rows, result.step.output.kv, lm.geometry.rope)
             seconds = result.forward_ns / 1e9
             self.metrics.step_seconds.observe(seconds)
             self.metrics.forwarded("Tick", result.forwards, seconds)
-            return convert.tick_result_to_pb(result)
+            return convert.tick_result_to_pb(result, similarity)
 
     def ListPolicies(self, request, context):
         with self._boundary(context, "ListPolicies"):

@@ -4,9 +4,9 @@ One batched forward holds the input token (always its last query: attention.py r
 query's row) and whatever the repairer needs computed over the same rows — for `lm`, the row
 before each pair re-fed at its own position (p(x | rows < p)); for `mlm`, the masked LM's
 replacement at the pair's position, whose K/V that pass gives. `lm` then scores its candidates in
-one more pass (lm_repair.py); `kv_merge` needs no pass (kv_merge.py). So a Tick runs one forward,
-two on an `lm` tick that merges. The masked LM's own forward is not counted: `forwards` counts
-passes of the causal model.
+one more pass (lm_repair.py), as does `pair_lm` (pair_repair.py); `kv_merge` needs no pass
+(kv_merge.py). So a Tick runs one forward, two on an `lm` or `pair_lm` tick that merges. The
+masked LM's own forward is not counted: `forwards` counts passes of the causal model.
 
 Every check that can run before the replica is read runs first (`check_tick`), and everything
 about the rows before any forward (`check_pairs`): a refused Tick computes nothing.
@@ -33,6 +33,7 @@ from model_worker.limits import (
 )
 from model_worker.lm_repair import LMRepairer
 from model_worker.model import LoadedModel
+from model_worker.pair_repair import PairLMRepairer
 from model_worker.repair import (
     DEFAULT_CANDIDATES,
     Candidate,
@@ -42,14 +43,14 @@ from model_worker.repair import (
     check_pair_rows,
 )
 
-LM, MLM, KV_MERGE = "lm", "mlm", "kv_merge"
+LM, MLM, KV_MERGE, PAIR_LM = "lm", "mlm", "kv_merge", "pair_lm"
 
 
 @dataclass(frozen=True)
 class RepairChoice:
     """How a Tick builds the replacements of its pairs (RepairParams)."""
 
-    repairer: str = LM  # lm | mlm | kv_merge
+    repairer: str = LM  # lm | mlm | kv_merge | pair_lm
     max_candidates: int = 0  # lm / mlm: candidates ranked per pair; 0: DEFAULT_CANDIDATES
     kv_weights: str = ATTENTION  # kv_merge: attention | equal
     kv_key: str = MEAN  # kv_merge: mean | heavier
@@ -104,7 +105,7 @@ def check_tick(lm: LoadedModel, params: TickParams, repairers: Repairers) -> str
     check_step(lm, params.step)
     repair = params.repair
     kind = repair.repairer or repairers.default
-    if kind not in (LM, MLM, KV_MERGE):
+    if kind not in (LM, MLM, KV_MERGE, PAIR_LM):
         raise invalid(f"unknown repairer {kind!r}")
     if kind == MLM and repairers.mlm is None:
         raise WorkerError("FAILED_PRECONDITION", "this worker has no masked LM (--repair mlm)")
@@ -191,6 +192,9 @@ def tick(lm: LoadedModel, rows: Rows, params: TickParams, repairers: Repairers) 
             kv = KV(out.kv.keys[:, :, j : j + 1], out.kv.values[:, :, j : j + 1]).clone()
             replacements.append(Replacement(best.token_id, kv.keys, kv.values, best.score))
             j += 1
+    elif pairs and kind == PAIR_LM:
+        replacements, extra, extra_ns = PairLMRepairer(lm).replace(rows, pairs)
+        forwards, forward_ns = forwards + extra, forward_ns + extra_ns
     elif pairs:
         repair = params.repair
         replacements = list(

@@ -313,7 +313,8 @@ class Loop:
         attention = torch.tensor(tick.attention, dtype=torch.float32)
         if attention.numel() != n + 1:
             raise LoopError(f"attention row of {attention.numel()} values for {n} rows + 1")
-        scores, new_score = policy.update(view.scores, attention)
+        similarity = torch.tensor(tick.adjacent_similarity) if policy.reads_similarity else None
+        scores, new_score = policy.update(view.scores, attention, similarity)
         all_scores = torch.cat([scores, torch.tensor([new_score])])
         if not policy.merges and excess > 0:
             evictions = list(policy.plan(all_scores, structural, excess).evictions)
@@ -369,6 +370,7 @@ class Loop:
                 for p in pairs
             ],
             repair=self._repair,
+            adjacent_similarity=self.cfg.policy.reads_similarity,
         )
         forced = self.cfg.forced_tokens
         if forced is not None:

@@ -12,6 +12,7 @@ REPAIRERS = {
     "lm": pb.REPAIRER_LM,
     "mlm": pb.REPAIRER_MLM,
     "kv_merge": pb.REPAIRER_KV_MERGE,
+    "pair_lm": pb.REPAIRER_PAIR_LM,
 }
 KV_WEIGHTS = {"attention": pb.KV_MERGE_WEIGHTS_ATTENTION, "equal": pb.KV_MERGE_WEIGHTS_EQUAL}
 KV_KEYS = {"mean": pb.KV_MERGE_KEY_MEAN, "heavier": pb.KV_MERGE_KEY_HEAVIER}

@@ -71,27 +71,46 @@ def select_balanced_pairs(
     return _greedy_pairs(pair_score, count)
 
 
-def select_redundant_pairs(
-    keys: torch.Tensor, values: torch.Tensor, protected: torch.Tensor, count: int, rope
-) -> list[int]:
-    """Adjacent pairs most alike (KVMerger's criterion, Wang et al., 2024): cosine similarity of
-    the keys, the later one rotated back one position so both sit at the same one (RoPE makes
-    keys at different positions incomparable), and of the values, averaged over layers and
-    heads; the most similar unprotected pairs first.
+def adjacent_similarity(keys: torch.Tensor, values: torch.Tensor, rope) -> torch.Tensor:
+    """How alike each row is to the next (KVMerger's criterion, Wang et al., 2024, "Model Tells
+    You Where to Merge"): the cosine similarity of the keys, the later one rotated back one
+    position so both sit at the same one (RoPE makes keys at different positions incomparable),
+    and of the values, averaged; then the mean over layers and heads. [S - 1], in [-1, 1].
 
-    keys, values: [L, H, S, D], keys rotated to each row's index; protected: [S] bool.
+    keys, values: [L, H, S, D], row i's key rotated to position (offset + i). Only the pair's
+    own two rows enter a value, and a shared rotation leaves a cosine unchanged, so a pair's
+    similarity does not depend on where the pair sits.
     """
     from positronic.rope import rotate_keys
 
     s = keys.shape[2]
-    if s < 2 or count <= 0:
-        return []
+    if s < 2:
+        return torch.zeros(0)
     later = rotate_keys(keys[:, :, 1:], torch.full((s - 1,), -1), rope).float()
     sim_k = torch.nn.functional.cosine_similarity(keys[:, :, :-1].float(), later, dim=-1)
     sim_v = torch.nn.functional.cosine_similarity(
         values[:, :, :-1].float(), values[:, :, 1:].float(), dim=-1
     )
-    similarity = ((sim_k + sim_v) / 2).mean(dim=(0, 1))  # [S - 1]
+    return ((sim_k + sim_v) / 2).mean(dim=(0, 1))  # [S - 1]
+
+
+def select_similar_pairs(
+    similarity: torch.Tensor, protected: torch.Tensor, count: int = 1
+) -> list[int]:
+    """Up to `count` non-overlapping unprotected pairs (i, i + 1), the most alike first (ties:
+    the lower position). similarity: [S - 1] (pair i = rows i, i + 1); protected: [S] bool."""
+    if similarity.numel() < 1 or count <= 0:
+        return []
     pair_score = -similarity.double()
     pair_score[protected[:-1] | protected[1:]] = float("inf")
     return _greedy_pairs(pair_score, count)
+
+
+def select_redundant_pairs(
+    keys: torch.Tensor, values: torch.Tensor, protected: torch.Tensor, count: int, rope
+) -> list[int]:
+    """The most alike adjacent pairs of these rows (`adjacent_similarity`), unprotected.
+
+    keys, values: [L, H, S, D], keys rotated to each row's index; protected: [S] bool.
+    """
+    return select_similar_pairs(adjacent_similarity(keys, values, rope), protected, count)

@@ -54,6 +54,27 @@ def test_simulator_matches_the_real_loop(lm, stream, stories260k_dir):
             assert (sim.merges, sim.evictions) == (real.merges, real.evictions)
 
 
+def test_simulator_matches_the_real_loop_for_the_new_presets(lm, stream, stories260k_dir):
+    """The same per-token agreement for the presets that select by redundancy (the Tick's
+    adjacent similarity, here with the recent window a budget of 16 allows) or by tokens
+    represented, and for the pair-aware repairer (the worker's `pair_lm`, one forward)."""
+    from positronic.bench.runner import Job, local_services, run_job
+    from positronic.bench.specs import parse_spec
+
+    names = ["halo-pair", "halo-redundant:window=8", "halo-balanced"]
+    budget = 16
+    jobs = [(parse_candidate(f"{n}|lag=1"), stream) for n in names]
+    sims = simulate(lm, jobs, budget)
+    assert sims[0].forwards == sims[0].merges > 0  # one forward per merging tick
+    with local_services(str(stories260k_dir), None) as endpoints:
+        for name, sim in zip(names, sims, strict=True):
+            real = run_job(endpoints, Job(parse_spec(name), 0, stream, budget))
+            assert len(sim.nll) == len(real.nll) == len(stream) - 2
+            np.testing.assert_allclose(sim.nll, real.nll, atol=1e-4, err_msg=name)
+            assert (sim.merges, sim.evictions) == (real.merges, real.evictions), name
+            assert sim.merges > 0, name
+
+
 def test_batching_does_not_mix_sessions(lm, stream):
     a, b = parse_candidate("tova"), parse_candidate("halo|repair=kv|weights=attention")
     together = simulate(lm, [(a, stream), (b, stream[::-1])], 16)
@@ -133,6 +154,23 @@ def test_presets_are_what_the_search_measured(lm, stream):
     # The lm repairer's batched forward rounds by batch slot: equal to float precision.
     np.testing.assert_allclose(runs[5].nll, runs[6].nll, atol=1e-5)
     assert runs[5].merges == runs[6].merges > 0 and runs[5].forwards > 0
+
+
+def test_new_presets_are_the_search_configurations(lm, stream):
+    """Planned from fresh scores (no lag), each new preset is the search's configuration it
+    names: the redundancy and balanced selections of the simulator, the pair-aware lm."""
+    pairs = [
+        ("halo-redundant:window=8", "halo-lm:window=8|select=redundant|repair=kv|weights=equal"),
+        ("halo-balanced", "halo-lm|select=balanced|cap=2|repair=kv|weights=count"),
+        ("halo-pair", "halo-lm:sinks=0|repair=pair|cont=next"),
+    ]
+    texts = [t for pair in pairs for t in pair]
+    runs = simulate(lm, [(parse_candidate(t), stream) for t in texts], 16)
+    for i, (preset, spelled) in enumerate(pairs):
+        a, b = runs[2 * i], runs[2 * i + 1]
+        np.testing.assert_allclose(a.nll, b.nll, atol=1e-5, err_msg=preset)
+        assert (a.merges, a.evictions, a.merges_at) == (b.merges, b.evictions, b.merges_at)
+        assert a.merges > 0, spelled
 
 
 def test_a_renamed_preset_is_not_answered_from_the_cache():

@@ -1,5 +1,6 @@
 """Embedded and split deployments generate the same bytes, for every kind of compaction (evicting,
-merging with the lm repairer, merging in K/V space), greedy and seeded; and the loop's critical
+merging with the lm repairer, merging in K/V space, the pair-aware lm repairer, selection by the
+Tick's adjacent similarity or by tokens represented), greedy and seeded; and the loop's critical
 path is one Tick then exactly one mutating call (Patch) per iteration, in both."""
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from positronic.v1 import cache_authority_pb2_grpc, model_worker_pb2_grpc
 from tests.loop_fixtures import authority_process, worker_process
 
 PROMPT = "Once upon a time"
-POLICIES = ("streaming", "halo", "halo-kv")
+POLICIES = ("streaming", "halo", "halo-kv", "halo-pair", "halo-redundant", "halo-balanced")
+# halo-redundant protects 37 rows (4 sinks, a recent window of 32, the new one).
+TARGET_ROWS = {"halo-redundant": 40}
 SAMPLING = {"greedy": 0.0, "seeded": 0.8}
 READ_ONLY_SETUP = {"Info", "Tokenize", "CreateSession", "Prefill", "GetSession"}
 
@@ -71,7 +74,7 @@ def generate(addresses, policy: str, temperature: float) -> tuple[str, LoopStats
     )
     config = LoopConfig(
         policy=make_policy(policy),
-        target_rows=20,
+        target_rows=TARGET_ROWS.get(policy, 20),
         max_new_tokens=70,
         seed=5,
         temperature=temperature,

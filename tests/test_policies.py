@@ -141,3 +141,35 @@ def test_halo_evict_drops_the_dimmer_row_of_the_pair_halo_kv_would_merge():
     assert kv.plan(scores, structural(6), excess=1).merges == [2]  # (2, 3): max 60, the lowest
     plan = evict.plan(scores, structural(6), excess=1)
     assert plan.evictions == [2] and plan.merges == []  # row 2 (40) is the pair's dimmer
+
+
+def test_halo_redundant_scores_rows_by_the_ticks_similarity_and_merges_the_most_alike():
+    policy = make_policy("halo-redundant", recent_window=2, sinks=1)
+    assert policy.reads_similarity and policy.repair is not None
+    assert (policy.repair.repairer, policy.repair.kv_weights) == ("kv_merge", "equal")
+    old = torch.full((6,), 0.0)
+    with pytest.raises(ValueError, match="similarity"):
+        policy.update(old, torch.full((7,), 1 / 7))  # the loop must ask the Tick for it
+    similarity = torch.tensor([0.9, 0.1, 0.5, -0.2, 0.95, 0.99])  # row i ~ row i + 1
+    scores, own = policy.update(old, torch.full((7,), 1 / 7), similarity)
+    assert own == 0.0 and torch.allclose(scores, 1 + similarity)  # brightness is never < 0
+    committed = torch.cat([scores, torch.tensor([own])])
+    # Row 0 is BOS and a sink, the last two rows the recent window: pair (0, 1) is out, and so
+    # are (4, 5) and (5, 6) however alike; of the rest (2, 3) is the most alike.
+    assert policy.plan(committed, structural(7), 1).merges == [2]
+    plan = policy.plan(committed, structural(7), 2)  # no second disjoint pair: the oldest goes
+    assert (plan.merges, plan.evictions) == ([2], [1])
+    assert policy.merged_score(committed, 2) == 0.0  # unknown until the next Tick
+
+
+def test_halo_balanced_merges_single_tokens_then_evicts_the_oldest():
+    policy = make_policy("halo-balanced", recent_window=2, sinks=1)
+    scores, own = policy.update(torch.tensor([1.0, 2.0, 1.0, 1.0, 2.0]), torch.full((6,), 0.2))
+    assert own == 1.0 and scores.tolist() == [1.0, 2.0, 1.0, 1.0, 2.0]  # tokens represented
+    committed = torch.cat([scores, torch.tensor([own])])
+    plan = policy.plan(committed, structural(6), 1)
+    assert plan.merges == [2] and plan.evictions == []  # rows 2, 3 stand for 1 token each
+    assert policy.merged_score(committed, 2) == 2.0
+    full = torch.tensor([1.0, 2.0, 2.0, 2.0, 1.0, 1.0])  # nothing fits under the cap of 2
+    plan = policy.plan(full, structural(6), 1)
+    assert plan.merges == [] and plan.evictions == [1]  # the oldest unprotected row

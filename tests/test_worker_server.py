@@ -387,7 +387,8 @@ def test_bugs_are_internal_and_logged(caplog):
 
 def test_tick_is_step_plus_the_merges_in_one_call(services, session):
     """Over gRPC: the Tick's step equals Step's, its text is the token table's, and each merge
-    comes back with its replacement's K/V (lm: two forwards; K/V merge: one)."""
+    comes back with its replacement's K/V (lm, pair_lm: two forwards; K/V merge: one); the
+    adjacent similarity comes back only when asked, one value per row."""
     _, worker, running = services
     lm, ids, _ = session
     state = running.servicer.replicas.held("story")
@@ -402,7 +403,14 @@ def test_tick_is_step_plus_the_merges_in_one_call(services, session):
     torch.testing.assert_close(list(plain.attention), list(step.attention))
     assert codec.decode(plain.input_kv.keys).equal(codec.decode(step.input_kv.keys))
     pairs = [pb.PairRef(position=3, expected_token_ids=tokens[3:5])]
-    for repairer, forwards in ((pb.REPAIRER_LM, 2), (pb.REPAIRER_KV_MERGE, 1)):
+    assert list(plain.adjacent_similarity) == []
+    similar = worker.Tick(
+        pb.TickRequest(**at.names("story"), input_token_id=ids[n], adjacent_similarity=True)
+    )
+    assert len(similar.adjacent_similarity) == n and similar.next_token_id == plain.next_token_id
+    assert all(-1.0001 <= v <= 1.0001 for v in similar.adjacent_similarity)
+    kinds = ((pb.REPAIRER_LM, 2), (pb.REPAIRER_KV_MERGE, 1), (pb.REPAIRER_PAIR_LM, 2))
+    for repairer, forwards in kinds:
         merged = worker.Tick(
             pb.TickRequest(
                 **at.names("story"),
@@ -416,12 +424,14 @@ def test_tick_is_step_plus_the_merges_in_one_call(services, session):
         assert m.merged and m.position == 3 and m.piece == lm.table.pieces[m.token_id]
         assert codec.decode(m.kv.keys).shape == (5, 4, 1, 8)
         assert m.replaced_text == lm.table.text_of(tokens[3:5])
+        if repairer == pb.REPAIRER_PAIR_LM:
+            assert m.token_id in tokens[3:5]
 
 
 def test_info_and_list_policies(services):
     _, worker, _ = services
     info = worker.Info(pb.InfoRequest())
-    assert list(info.repairers) == [pb.REPAIRER_LM, pb.REPAIRER_KV_MERGE]
+    assert list(info.repairers) == [pb.REPAIRER_LM, pb.REPAIRER_KV_MERGE, pb.REPAIRER_PAIR_LM]
     policies = {p.name: p for p in worker.ListPolicies(pb.ListPoliciesRequest()).policies}
     from positronic.policies import POLICIES
 
@@ -435,6 +445,16 @@ def test_info_and_list_policies(services):
         assert kv.repair.kv_key == pb.KV_MERGE_KEY_HEAVIER
         assert kv.params["sinks"] == 0 and kv.params["params.gain"] == 30
     assert not policies["streaming"].merges and policies["streaming"].description
+    assert policies["halo-pair"].repair.repairer == pb.REPAIRER_PAIR_LM
+    for name in ("halo-redundant", "halo-balanced"):  # K/V merges, equal weights, mean key
+        r = policies[name].repair
+        assert (r.repairer, r.kv_weights, r.kv_key) == (
+            pb.REPAIRER_KV_MERGE,
+            pb.KV_MERGE_WEIGHTS_EQUAL,
+            pb.KV_MERGE_KEY_MEAN,
+        )
+    assert policies["halo-redundant"].params["recent_window"] == 32
+    assert policies["halo-balanced"].params["cap"] == 2
 
 
 def test_a_deleted_session_answers_not_found_and_a_recreated_one_has_its_own_rows(

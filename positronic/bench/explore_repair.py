@@ -10,7 +10,9 @@
   the pair did — −KL(p(· | left, a, b) ‖ p(· | left, x)), or log p(c | left, x) for the token c
   after the pair — minus `kv_weight` × how far x's K/V at p are from the pair's mean K/V at p
   (relative squared distance over every layer). One batched forward scores every candidate and
-  gives the winner's K/V; `pool` > 0 costs one more (the left context's distribution).
+  gives the winner's K/V; `pool` > 0 costs one more (the left context's distribution). Without
+  a pool (or prior) it is the worker's `pair_lm` repairer itself (model_worker/pair_repair.py),
+  which the `halo-pair` preset runs in the services' Tick.
 - `kv`: K/V-space merging, no forward pass (the K/V-merging family: CaM, Zhang et al., 2024,
   "CaM: Cache Merging for Memory-efficient LLMs Inference"; D2O, Wan et al., 2024; KVMerger,
   Wang et al., 2024, "Model Tells You Where to Merge"): value = weighted mean of the two values;
@@ -29,6 +31,8 @@ import torch
 from model_worker.forward import Rows, compute_kv, next_token_logits
 from model_worker.lm_repair import LMRepairer
 from model_worker.model import LoadedModel
+from model_worker.pair_repair import PairLMRepairer
+from model_worker.repair import PairRef
 from positronic.bench.explore_cache import BatchCache, StepResult, fresh_cache
 from positronic.rope import rotate_keys
 
@@ -141,6 +145,12 @@ class PairLM:
 
     def repair(self, cache: BatchCache, b: int, p: int, banned: torch.Tensor) -> Replacement:
         lm, rows = cache.lm, cache.rows(b)
+        if self.pool == 0 and not self.prior:  # the worker's own repairer (REPAIRER_PAIR_LM)
+            worker = PairLMRepairer(lm, self.continuation, self.kv_weight)
+            pair_ref = PairRef(p, (rows.token_ids[p], rows.token_ids[p + 1]))
+            (r,), forwards, _ = worker.replace(rows, [pair_ref])
+            assert r is not None
+            return Replacement(r.token_id, r.keys, r.values, forwards)
         pair = [rows.token_ids[p], rows.token_ids[p + 1]]
         candidates = list(dict.fromkeys(pair))
         forwards = 1

@@ -27,7 +27,7 @@ from positronic.bench import explore_repair as rep
 from positronic.bench.explore_cache import BatchCache, nll
 from positronic.bench.specs import PolicySpec, parse_spec
 from positronic.policies import Plan, Policy
-from positronic.selection import select_balanced_pairs, select_redundant_pairs
+from positronic.selection import adjacent_similarity, select_balanced_pairs, select_redundant_pairs
 
 REPAIRERS = ("lm", "pair", "kv", "evict")  # evict: the pair's dimmer row goes (no merge)
 SELECTIONS = ("policy", "redundant", "balanced")
@@ -86,6 +86,8 @@ def parse_candidate(text: str) -> Candidate:
     preset = policy.make().repair  # a preset's own repairer, unless the text overrides it
     if preset is not None and preset.repairer == "kv_merge":
         typed = {"repair": "kv", "weights": preset.kv_weights, "key": preset.kv_key} | typed
+    if preset is not None and preset.repairer == "pair_lm":  # the worker's setting
+        typed = {"repair": "pair", "cont": "next"} | typed
     cand = Candidate(text.strip(), policy, **typed)
     if cand.repair not in REPAIRERS or cand.select not in SELECTIONS:
         raise ValueError(f"{text!r}: repair in {REPAIRERS}, select in {SELECTIONS}")
@@ -190,7 +192,8 @@ def _tick(cache: BatchCache, b: int, sess: _Session, step, budget: int, lm_repai
     cand, policy, run = sess.cand, sess.policy, sess.run
     n = cache.size
     committed = torch.cat([sess.scores, torch.tensor([policy.initial_score()])])
-    new_scores, new_score = policy.update(sess.scores, step.attention)
+    similarity = _similarity(cache, b, step) if policy.reads_similarity else None
+    new_scores, new_score = policy.update(sess.scores, step.attention, similarity)
     fresh = torch.cat([new_scores, torch.tensor([new_score])])
     excess = n + 1 - budget
     plan = Plan()
@@ -231,6 +234,15 @@ def _tick(cache: BatchCache, b: int, sess: _Session, step, budget: int, lm_repai
     if size + 1 > budget:
         raise RuntimeError(f"{size + 1} rows after a tick, budget {budget}")
     return size
+
+
+def _similarity(cache: BatchCache, b: int, step) -> torch.Tensor:
+    """What the Tick returns as adjacent_similarity (model_worker/similarity.py): row i's
+    similarity to row i + 1, the input row last, over the rows before this tick's edit."""
+    rows = cache.rows(b)
+    keys = torch.cat([rows.keys, step.keys], dim=2)  # [L, H, S + 1, D]
+    values = torch.cat([rows.values, step.values], dim=2)
+    return adjacent_similarity(keys, values, cache.lm.geometry.rope)
 
 
 def _edited_scores(values: list[float], merges, evictions) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from positronic.policies.balanced_policy import BalancedPolicy
 from positronic.policies.base import Plan, Policy, RepairSpec
 from positronic.policies.full_policy import FullPolicy
 from positronic.policies.h2o_policy import H2OPolicy
@@ -10,9 +11,11 @@ from positronic.policies.halo_policy import (
     HaloKVAgePolicy,
     HaloKVPolicy,
     HaloLMPolicy,
+    HaloPairPolicy,
     HaloPolicy,
     HaloUserPolicy,
 )
+from positronic.policies.redundant_policy import RedundantPolicy
 from positronic.policies.streaming_policy import StreamingPolicy
 from positronic.policies.tova_policy import TovaPolicy
 
@@ -23,6 +26,9 @@ POLICIES: dict[str, type[Policy]] = {
     "halo-kv": HaloKVPolicy,
     "halo-kv-age": HaloKVAgePolicy,
     "halo-evict": HaloEvictPolicy,
+    "halo-pair": HaloPairPolicy,
+    "halo-redundant": RedundantPolicy,
+    "halo-balanced": BalancedPolicy,
     "streaming": StreamingPolicy,
     "h2o": H2OPolicy,
     "tova": TovaPolicy,

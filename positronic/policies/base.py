@@ -13,7 +13,7 @@ import torch
 
 from positronic.selection import protected_mask
 
-REPAIRERS = ("default", "lm", "mlm", "kv_merge")  # default: the worker's --repair
+REPAIRERS = ("default", "lm", "mlm", "kv_merge", "pair_lm")  # default: the worker's --repair
 KV_WEIGHTS = ("attention", "equal")
 KV_KEYS = ("mean", "heavier")
 
@@ -29,7 +29,9 @@ class RepairSpec:
     weighted mean of the two values, key = the weighted mean of both keys rotated to the merged
     row's position (`mean`) or the heavier row's key (`heavier`); weights = the attention the
     Tick's input token pays each row (`attention`) or `equal`. The mirror keeps the heavier
-    row's token and the pair's text.
+    row's token and the pair's text. `pair_lm` (model_worker/pair_repair.py) keeps one of the
+    pair's own tokens, the one that best lets the model continue as the pair did with K/V
+    nearest the pair's (one forward).
     """
 
     repairer: str = "default"
@@ -63,6 +65,9 @@ class Policy:
     keeps_scores: bool = True  # whether the loop sends SetBrightness each tick
     merges: bool = False  # whether plan() proposes merges (which need a repairer)
     repair: RepairSpec | None = None  # how merges are repaired (merging policies only)
+    # Whether update() needs `similarity` (TickResponse.adjacent_similarity): the loop asks the
+    # Tick for it only then, so no other policy pays for it.
+    reads_similarity: bool = False
     description: str = "no compaction"
 
     def __post_init__(self) -> None:
@@ -73,10 +78,14 @@ class Policy:
         """Score of a row primed from the prompt."""
         return 0.0
 
-    def update(self, scores: torch.Tensor, attention: torch.Tensor) -> tuple[torch.Tensor, float]:
+    def update(
+        self, scores: torch.Tensor, attention: torch.Tensor, similarity: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, float]:
         """New scores of the S cached rows and the score of the new token.
 
-        scores: [S]; attention: [S + 1], the new token's attention over the rows and itself.
+        scores: [S]; attention: [S + 1], the new token's attention over the rows and itself;
+        similarity: [S], row i's similarity to row i + 1 (row S the new token), given to a
+        policy that `reads_similarity`, else None.
         """
         return scores.clone(), self.initial_score()
 

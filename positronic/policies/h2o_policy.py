@@ -36,7 +36,9 @@ class H2OPolicy(Policy):
         if not 0.0 <= self.recent_fraction < 1.0:
             raise ValueError("recent_fraction must be in [0, 1)")
 
-    def update(self, scores: torch.Tensor, attention: torch.Tensor) -> tuple[torch.Tensor, float]:
+    def update(
+        self, scores: torch.Tensor, attention: torch.Tensor, similarity: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, float]:
         return scores.float() + attention[:-1].float(), float(attention[-1])
 
     def window(self, target_rows: int) -> int:

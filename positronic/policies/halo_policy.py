@@ -17,6 +17,10 @@ Presets (measured in docs/quality-search.md and docs/benchmarks.md):
   summary of everything older than the cache (it did not pay: docs/quality-search.md).
 - `halo-evict`: `halo`'s selection, evicting the pair's dimmer row instead of merging — the
   eviction twin that tells whether the merge itself adds anything.
+- `halo-pair`: the oldest pair after BOS (age only, as `halo-lm` without its sinks) replaced by
+  the pair-aware `pair_lm` repairer (model_worker/pair_repair.py): one of the pair's own tokens,
+  the one that best predicts the token after the pair with K/V nearest the pair's; the search's
+  best pair-aware setting (`cont=next`, K/V weight 1, no pool).
 """
 
 from __future__ import annotations
@@ -59,7 +63,9 @@ class HaloPolicy(Policy):
     def initial_score(self) -> float:
         return self.params.seed
 
-    def update(self, scores: torch.Tensor, attention: torch.Tensor) -> tuple[torch.Tensor, float]:
+    def update(
+        self, scores: torch.Tensor, attention: torch.Tensor, similarity: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, float]:
         return update_brightness(scores, attention[:-1], self.params), self.params.seed
 
     def plan(self, scores: torch.Tensor, structural: torch.Tensor, excess: int) -> Plan:
@@ -131,3 +137,15 @@ class HaloEvictPolicy(HaloPolicy):
     description: str = "halo's selection, evicting the pair's dimmer row instead of merging"
     merges: bool = False
     repair: RepairSpec | None = None
+
+
+@dataclass
+class HaloPairPolicy(HaloPolicy):
+    name: str = "halo-pair"
+    description: str = (
+        "the oldest pair after BOS replaced by its own token that best predicts the next one, "
+        "K/V nearest the pair's (the pair-aware lm repairer, one forward)"
+    )
+    params: BrightnessParams = field(default_factory=lambda: AGE_ONLY)
+    sinks: int = 0
+    repair: RepairSpec | None = field(default_factory=lambda: RepairSpec("pair_lm"))

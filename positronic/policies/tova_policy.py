@@ -26,7 +26,9 @@ class TovaPolicy(Policy):
     )
     recent_window: int = 1
 
-    def update(self, scores: torch.Tensor, attention: torch.Tensor) -> tuple[torch.Tensor, float]:
+    def update(
+        self, scores: torch.Tensor, attention: torch.Tensor, similarity: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, float]:
         return attention[:-1].float().clone(), float(attention[-1])
 
     def plan(self, scores: torch.Tensor, structural: torch.Tensor, excess: int) -> Plan:

@@ -66,6 +66,14 @@ class _RepairerEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Repairer.Val
     KVMergeKey says), keeping the heavier row's token (the first row's on a tie); its score is
     that row's share of the weight.
     """
+    REPAIRER_PAIR_LM: _Repairer.ValueType  # 4
+    """Pair-aware lm (model_worker/pair_repair.py): the candidates are the pair's own two tokens
+    only, each placed alone at the pair's first row over the rows before it, scored by
+    log p(the token after the pair | rows before, x) minus the relative squared distance of x's
+    K/V from the pair's mean K/V (keys rotated to that row); the winner's K/V come from that
+    one batched forward (one extra forward per Tick, whatever the number of pairs). Its score is
+    that value. max_candidates does not apply. The Repair RPC does not offer it.
+    """
 
 class Repairer(_Repairer, metaclass=_RepairerEnumTypeWrapper):
     """How a pair's replacement is made."""
@@ -80,6 +88,14 @@ REPAIRER_KV_MERGE: Repairer.ValueType  # 3
 """No forward pass: the pair's K/V are combined into one row (values by weight, the key as
 KVMergeKey says), keeping the heavier row's token (the first row's on a tie); its score is
 that row's share of the weight.
+"""
+REPAIRER_PAIR_LM: Repairer.ValueType  # 4
+"""Pair-aware lm (model_worker/pair_repair.py): the candidates are the pair's own two tokens
+only, each placed alone at the pair's first row over the rows before it, scored by
+log p(the token after the pair | rows before, x) minus the relative squared distance of x's
+K/V from the pair's mean K/V (keys rotated to that row); the winner's K/V come from that
+one batched forward (one extra forward per Tick, whatever the number of pairs). Its score is
+that value. max_candidates does not apply. The Repair RPC does not offer it.
 """
 Global___Repairer: _TypeAlias = Repairer  # noqa: Y015
 
@@ -217,7 +233,9 @@ class InfoResponse(_message.Message):
 
     @_builtins.property
     def repairers(self) -> _containers.RepeatedScalarFieldContainer[Global___Repairer.ValueType]:
-        """Repairers a Tick may ask for on this worker (LM and KV_MERGE always; MLM when loaded)."""
+        """Repairers a Tick may ask for on this worker (LM, KV_MERGE and PAIR_LM always; MLM when
+        loaded).
+        """
 
     def __init__(
         self,
@@ -979,6 +997,7 @@ class TickRequest(_message.Message):
     ATTENTION_REDUCTION_FIELD_NUMBER: _builtins.int
     MERGES_FIELD_NUMBER: _builtins.int
     REPAIR_FIELD_NUMBER: _builtins.int
+    ADJACENT_SIMILARITY_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Session whose replica is the context."""
     version: _builtins.int
@@ -999,6 +1018,10 @@ class TickRequest(_message.Message):
     """
     attention_reduction: Global___AttentionReduction.ValueType
     """Layer reduction of the attention row."""
+    adjacent_similarity: _builtins.bool
+    """Also return TickResponse.adjacent_similarity (for a policy that selects pairs by
+    redundancy); false: not computed, nothing added to the Tick's work.
+    """
     @_builtins.property
     def sampling(self) -> Global___SamplingParams:
         """How to draw the next token."""
@@ -1029,10 +1052,11 @@ class TickRequest(_message.Message):
         attention_reduction: Global___AttentionReduction.ValueType = ...,
         merges: _abc.Iterable[Global___PairRef] | None = ...,
         repair: Global___RepairParams | None = ...,
+        adjacent_similarity: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_forced_next_token_id", b"_forced_next_token_id", "forced_next_token_id", b"forced_next_token_id", "repair", b"repair", "sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_forced_next_token_id", b"_forced_next_token_id", "attention_reduction", b"attention_reduction", "expected_digest", b"expected_digest", "forced_next_token_id", b"forced_next_token_id", "input_token_id", b"input_token_id", "merges", b"merges", "repair", b"repair", "sampling", b"sampling", "session_id", b"session_id", "top_logprobs", b"top_logprobs", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_forced_next_token_id", b"_forced_next_token_id", "adjacent_similarity", b"adjacent_similarity", "attention_reduction", b"attention_reduction", "expected_digest", b"expected_digest", "forced_next_token_id", b"forced_next_token_id", "input_token_id", b"input_token_id", "merges", b"merges", "repair", b"repair", "sampling", b"sampling", "session_id", b"session_id", "top_logprobs", b"top_logprobs", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__forced_next_token_id: _TypeAlias = _typing.Literal["forced_next_token_id"]  # noqa: Y015
     _WhichOneofArgType__forced_next_token_id: _TypeAlias = _typing.Literal["_forced_next_token_id", b"_forced_next_token_id"]  # noqa: Y015
@@ -1110,6 +1134,7 @@ class TickResponse(_message.Message):
     MERGES_FIELD_NUMBER: _builtins.int
     FORWARDS_FIELD_NUMBER: _builtins.int
     FORWARD_NS_FIELD_NUMBER: _builtins.int
+    ADJACENT_SIMILARITY_FIELD_NUMBER: _builtins.int
     next_token_id: _builtins.int
     """The sampled (or forced) next token."""
     next_token_logprob: _builtins.float
@@ -1125,8 +1150,8 @@ class TickResponse(_message.Message):
     position: _builtins.int
     """Rotary position the input token was computed at (position_offset + row count)."""
     forwards: _builtins.int
-    """Forward passes of the causal model this call ran: 1, or 2 when the lm repairer built
-    replacements (the masked LM's pass is not counted).
+    """Forward passes of the causal model this call ran: 1, or 2 when the lm or pair_lm
+    repairer built replacements (the masked LM's pass is not counted).
     """
     forward_ns: _builtins.int
     """Time in forward passes, nanoseconds."""
@@ -1148,6 +1173,14 @@ class TickResponse(_message.Message):
     def merges(self) -> _containers.RepeatedCompositeFieldContainer[Global___PairMerge]:
         """One per requested pair, same order."""
 
+    @_builtins.property
+    def adjacent_similarity(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """Only when TickRequest.adjacent_similarity: row_count values, value i the similarity of row
+        i to row i + 1, where row row_count is the input token (KVMerger's criterion: the mean over
+        layers and KV heads of (cos(k_i, k_(i+1) rotated back one position) + cos(v_i, v_(i+1))) / 2,
+        in [-1, 1]; computed over the rows at `version`, before this Tick's merges). Empty otherwise.
+        """
+
     def __init__(
         self,
         *,
@@ -1162,10 +1195,11 @@ class TickResponse(_message.Message):
         merges: _abc.Iterable[Global___PairMerge] | None = ...,
         forwards: _builtins.int = ...,
         forward_ns: _builtins.int = ...,
+        adjacent_similarity: _abc.Iterable[_builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["input_kv", b"input_kv"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attention", b"attention", "forward_ns", b"forward_ns", "forwards", b"forwards", "input_kv", b"input_kv", "merges", b"merges", "next_token_bytes", b"next_token_bytes", "next_token_id", b"next_token_id", "next_token_logprob", b"next_token_logprob", "next_token_piece", b"next_token_piece", "position", b"position", "top_logprobs", b"top_logprobs"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adjacent_similarity", b"adjacent_similarity", "attention", b"attention", "forward_ns", b"forward_ns", "forwards", b"forwards", "input_kv", b"input_kv", "merges", b"merges", "next_token_bytes", b"next_token_bytes", "next_token_id", b"next_token_id", "next_token_logprob", b"next_token_logprob", "next_token_piece", b"next_token_piece", "position", b"position", "top_logprobs", b"top_logprobs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
