@@ -156,8 +156,8 @@ def run(
     if slots is None or slots.first + rows.count + q > slots.keys.shape[2]:
         slots = rows.detached(q).slots  # no room in place: a private copy (tests, rare sizes)
         assert slots is not None
-    if mask is None:
-        mask = causal_mask(rows.count, q, dev)
+    if mask is None and (q > 1 or lm.lean is None):
+        mask = causal_mask(rows.count, q, dev)  # one query over everything needs none
     recorder = RowRecorder.for_reduction(reduction, lm.geometry.num_layers) if reduction else None
     kept = torch.tensor(list(keep) if keep is not None else [q - 1], dtype=torch.long, device=dev)
     ids = torch.tensor(list(token_ids), dtype=torch.long, device=dev)
@@ -178,6 +178,7 @@ def run(
             if recorder is not None:
                 recorder.rows.update(layer_rows)
         else:
+            assert mask is not None
             cache = SlotCache(slots.keys, slots.values, slots.first, rows.count)
             extra = {"row_recorder": recorder} if recorder is not None else {}
             logits = lm.model(

@@ -142,7 +142,7 @@ class LeanLlama:
         self,
         token_ids: torch.Tensor,  # [q] long
         positions: torch.Tensor,  # [q] long
-        mask: torch.Tensor,  # [q, N + q] bool, True attends
+        mask: torch.Tensor | None,  # [q, N + q] bool, True attends; None: all (q = 1 only)
         keys: torch.Tensor,  # [L, H, S, D] slot buffers: live rows at [first, first + N)
         values: torch.Tensor,
         first: int,
@@ -157,7 +157,7 @@ class LeanLlama:
         h, d = self.n_kv, self.head_dim
         x = F.embedding(token_ids, self.embed)  # [q, hidden]
         cos, sin = self._rope(positions, x.dtype)  # [q, D]
-        attn_mask = mask[None, None]  # [1, 1, q, N + q]
+        attn_mask = mask[None, None] if mask is not None else None  # [1, 1, q, N + q]
         rows: dict[int, torch.Tensor] = {}
         for i, layer in enumerate(self.layers):
             y = self._norm(x, layer.input_norm)

@@ -27,7 +27,9 @@ VARIANTS = {
             "original_max_position_embeddings": 32,
         }
     },
-    "linear-rope": {"rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}},
+    "linear-rope": {
+        "rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}
+    },
     "yarn-rope": {
         "rope_parameters": {
             "rope_type": "yarn",
