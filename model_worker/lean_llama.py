@@ -121,7 +121,10 @@ class LeanLlama:
                 raise ValueError("the model's RMSNorm epsilons differ from its config")
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        # LlamaRMSNorm: float32 statistics, cast back, then the weight.
+        # LlamaRMSNorm: float32 statistics, cast back, then the weight. In float32 that is one
+        # op with the weight folded in (the same products; ~1/3 cheaper on a small model).
+        if x.dtype == torch.float32 and weight.dtype == torch.float32:
+            return torch.rms_norm(x, (x.shape[-1],), weight, self.eps)
         return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
     def _rope(self, positions: torch.Tensor, dtype: torch.dtype):
