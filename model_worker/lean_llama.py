@@ -164,10 +164,11 @@ class LeanLlama:
         rows: dict[int, torch.Tensor] = {}
         for i, layer in enumerate(self.layers):
             y = self._norm(x, layer.input_norm)
-            qs = layer.q(y).view(q, self.n_heads, d).transpose(0, 1)  # [nH, q, D]
-            ks = layer.k(y).view(q, h, d).transpose(0, 1)  # [H, q, D]
-            vs = layer.v(y).view(q, h, d).transpose(0, 1)
-            qs, ks = self._rotate(qs, cos, sin), self._rotate(ks, cos, sin)
+            # Queries and keys rotated in one go (each element's products are the same).
+            qk = torch.cat((layer.q(y).view(q, self.n_heads, d), layer.k(y).view(q, h, d)), 1)
+            qk = self._rotate(qk.transpose(0, 1), cos, sin)  # [nH + H, q, D]
+            qs, ks = qk[: self.n_heads], qk[self.n_heads :]
+            vs = layer.v(y).view(q, h, d).transpose(0, 1)  # [H, q, D]
             keys[i, :, start : start + q] = ks
             values[i, :, start : start + q] = vs
             k_all = keys[i, None, :, first : start + q]  # [1, H, N + q, D]
