@@ -156,27 +156,44 @@ def run(
     if slots is None or slots.first + rows.count + q > slots.keys.shape[2]:
         slots = rows.detached(q).slots  # no room in place: a private copy (tests, rare sizes)
         assert slots is not None
-    if mask is None:
-        mask = causal_mask(rows.count, q, dev)
+    if mask is None and (q > 1 or lm.lean is None):
+        mask = causal_mask(rows.count, q, dev)  # one query over everything needs none
     recorder = RowRecorder.for_reduction(reduction, lm.geometry.num_layers) if reduction else None
-    cache = SlotCache(slots.keys, slots.values, slots.first, rows.count)
     kept = torch.tensor(list(keep) if keep is not None else [q - 1], dtype=torch.long, device=dev)
-    extra = {"row_recorder": recorder} if recorder is not None else {}
+    ids = torch.tensor(list(token_ids), dtype=torch.long, device=dev)
+    pos = torch.tensor(list(positions), dtype=torch.long, device=dev)
     with torch.inference_mode():
-        out = lm.model(
-            input_ids=torch.tensor([list(token_ids)], dtype=torch.long, device=dev),
-            position_ids=torch.tensor([list(positions)], dtype=torch.long, device=dev),
-            attention_mask=mask[None, None],
-            cache=cache,
-            use_cache=True,
-            logits_to_keep=kept,
-            **extra,
-        )
+        if lm.lean is not None:  # the same arithmetic without the library's per-op overhead
+            logits, layer_rows = lm.lean.forward(
+                ids,
+                pos,
+                mask,
+                slots.keys,
+                slots.values,
+                slots.first,
+                rows.count,
+                kept,
+                recorder.layers if recorder is not None else frozenset(),
+            )
+            if recorder is not None:
+                recorder.rows.update(layer_rows)
+        else:
+            assert mask is not None
+            cache = SlotCache(slots.keys, slots.values, slots.first, rows.count)
+            extra = {"row_recorder": recorder} if recorder is not None else {}
+            logits = lm.model(
+                input_ids=ids[None],
+                position_ids=pos[None],
+                attention_mask=mask[None, None],
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=kept,
+                **extra,
+            ).logits[0]
     start = slots.first + rows.count
     kv = KV(slots.keys[:, :, start : start + q], slots.values[:, :, start : start + q])
     attention = recorder.reduced(reduction).cpu() if recorder and reduction else None
-    logits = out.logits[0].float()
-    return Pass(logits, kv, attention, time.perf_counter_ns() - t0)
+    return Pass(logits.float(), kv, attention, time.perf_counter_ns() - t0)
 
 
 def step(

@@ -12,6 +12,7 @@ import sys
 import threading
 from collections.abc import Mapping
 
+from model_worker.model import FORWARDS
 from model_worker.server import DEVICES, REPAIRERS, WorkerConfig, start_worker
 from positronic import flags
 from positronic.models import DEMO_MODEL, demo_model_dir
@@ -28,11 +29,18 @@ ENV = {
     "repair_model": "POSITRONIC_REPAIR_MODEL",
     "device": "POSITRONIC_DEVICE",
     "dtype": "POSITRONIC_DTYPE",
+    "forward": "POSITRONIC_FORWARD",
     "tokenizer": "POSITRONIC_TOKENIZER",
     "auth_token_file": "POSITRONIC_AUTH_TOKEN_FILE",
     "metrics_port": "POSITRONIC_METRICS_PORT",
 }
-DEFAULTS = {"listen": "127.0.0.1:50052", "repair": "lm", "device": "auto", "dtype": "auto"}
+DEFAULTS = {
+    "listen": "127.0.0.1:50052",
+    "repair": "lm",
+    "device": "auto",
+    "dtype": "auto",
+    "forward": "lean",
+}
 STOP_GRACE_S = 5.0
 
 
@@ -48,6 +56,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--repair-model", help="masked LM for --repair mlm, e.g. distilbert-base-uncased")
     a("--device", help=f"one of {', '.join(DEVICES)} or cuda:N (default auto)")
     a("--dtype", choices=("auto", "float32", "bfloat16", "float16"), help="(default auto)")
+    a(
+        "--forward",
+        choices=FORWARDS,
+        help="lean: the worker's own Llama forward (same arithmetic, less per-op overhead; other "
+        "models fall back to the library's); hf: always the library's (default lean)",
+    )
     a("--tokenizer", help="tokenizer directory or id (default: the model's)")
     a("--auth-token-file", help="file holding the bearer token (server and authority calls)")
     a("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
@@ -79,6 +93,7 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Wo
         repair_model=values["repair_model"],
         device=values["device"] or DEFAULTS["device"],
         dtype=values["dtype"] or DEFAULTS["dtype"],
+        forward=values["forward"] or DEFAULTS["forward"],
         tokenizer=values["tokenizer"],
         auth_token=read_token_file(values["auth_token_file"]),
         metrics_port=int(port) if port not in (None, "") else None,

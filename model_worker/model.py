@@ -17,6 +17,7 @@ import torch
 
 from cache_authority.state import Geometry
 from model_worker import attention
+from model_worker.lean_llama import LeanLlama, unsupported
 from positronic.rope import Rope
 from positronic.special_tokens import TextEncoder, special_id
 from positronic.token_text import TokenTable
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+FORWARDS = ("lean", "hf")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Config keys that describe the library or the load, not the model.
 _VOLATILE_CONFIG_KEYS = ("transformers_version", "_name_or_path", "dtype", "torch_dtype")
@@ -54,6 +56,8 @@ class LoadedModel:
     num_attention_heads: int
     encoder: TextEncoder  # the only way text becomes ids (never a special id)
     table: TokenTable  # each id's vocabulary piece and the bytes it adds to text
+    # The worker's forward (lean_llama.py) where it reproduces the model; None: the library's.
+    lean: LeanLlama | None = None
 
     @property
     def device(self) -> torch.device:
@@ -113,8 +117,12 @@ def special_ids(tokenizer) -> SpecialIds:
     )
 
 
-def describe(name: str, model: PreTrainedModel, tokenizer) -> LoadedModel:
-    """Wrap a loaded causal LM: switch its attention, compute geometry and fingerprint."""
+def describe(name: str, model: PreTrainedModel, tokenizer, forward: str = "lean") -> LoadedModel:
+    """Wrap a loaded causal LM: switch its attention, compute geometry and fingerprint, and pick
+    the forward (`lean` where lean_llama.py reproduces the model, else the library's; `hf`: the
+    library's always)."""
+    if forward not in FORWARDS:
+        raise ValueError(f"forward must be one of {', '.join(FORWARDS)}, got {forward!r}")
     attention.install(model)
     model.eval()
     config = model.config.get_text_config(decoder=True)
@@ -149,11 +157,25 @@ def describe(name: str, model: PreTrainedModel, tokenizer) -> LoadedModel:
         num_attention_heads=n_heads,
         encoder=TextEncoder(tokenizer),
         table=TokenTable.from_tokenizer(tokenizer),
+        lean=_lean_forward(name, model) if forward == "lean" else None,
     )
 
 
+def _lean_forward(name: str, model: PreTrainedModel) -> LeanLlama | None:
+    reason = unsupported(model)
+    if reason is not None:
+        logger.info("model %s: the library's forward (%s)", name, reason)
+        return None
+    return LeanLlama(model)
+
+
 def load_model(
-    name: str, *, device: str = "auto", dtype: str = "auto", tokenizer: str | None = None
+    name: str,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    tokenizer: str | None = None,
+    forward: str = "lean",
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer from a directory or hub id (tokenizer: same place by
     default)."""
@@ -168,7 +190,7 @@ def load_model(
     logger.info("loading model %s on %s as %s", name, dev, dt)
     model = AutoModelForCausalLM.from_pretrained(name, dtype=dt).to(dev)
     tok = AutoTokenizer.from_pretrained(tokenizer or name)
-    loaded = describe(name, model, tok)
+    loaded = describe(name, model, tok, forward)
     logger.info(
         "model %s loaded: %d layers, %d kv heads, head dim %d, fingerprint %s",
         name,

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from model_worker.authority_client import AuthoritySync
 from model_worker.lm_repair import LMRepairer
 from model_worker.metrics import WorkerMetrics
-from model_worker.model import DTYPES, LoadedModel, check_session_geometry, load_model
+from model_worker.model import DTYPES, FORWARDS, LoadedModel, check_session_geometry, load_model
 from model_worker.repair import Repairer
 from model_worker.replica import ReplicaStore, SyncSource
 from model_worker.servicer import ModelWorkerServicer
@@ -47,6 +47,7 @@ class WorkerConfig:
     repair_model: str | None = None  # masked LM for --repair mlm (e.g. distilbert-base-uncased)
     device: str = "auto"  # auto: cuda when available
     dtype: str = "auto"  # auto: float32 on CPU, the checkpoint's dtype on an accelerator
+    forward: str = "lean"  # lean: lean_llama.py where it reproduces the model; hf: the library's
     tokenizer: str | None = None  # default: the model's own directory or id
     auth_token: str | None = None  # bearer token for our server and for calls to the authority
     metrics_port: int | None = None  # serve Prometheus /metrics here
@@ -71,6 +72,8 @@ class WorkerConfig:
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be auto or one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.forward not in FORWARDS:
+            raise ValueError(f"forward must be one of {', '.join(FORWARDS)}, got {self.forward!r}")
         if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
             raise ValueError(f"metrics port {self.metrics_port} out of range")
         if self.max_replicas < 1 or self.sync_timeout_s <= 0 or self.max_workers < 1:
@@ -117,7 +120,11 @@ def start_worker(
     try:
         if lm is None:
             lm = load_model(
-                config.model, device=config.device, dtype=config.dtype, tokenizer=config.tokenizer
+                config.model,
+                device=config.device,
+                dtype=config.dtype,
+                tokenizer=config.tokenizer,
+                forward=config.forward,
             )
         repairers = _repairers(config, lm, repairer)
     except Exception as e:

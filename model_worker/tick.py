@@ -170,7 +170,7 @@ def tick(lm: LoadedModel, rows: Rows, params: TickParams, repairers: Repairers) 
         rows,
         [t for t, _ in before] + [token],
         [rows.position(r) for _, r in before] + [rows.position(n)],
-        alone_mask(n, [r for _, r in before] + [n], lm.device),
+        alone_mask(n, [r for _, r in before] + [n], lm.device) if before else None,
         keep=range(q) if kind == LM else [q - 1],
         reduction=params.step.reduction,
     )

@@ -9,6 +9,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from positronic import flags
+from positronic.reachable import unavailable_hint
 from positronic.rpc import open_channel
 
 
@@ -30,7 +31,8 @@ def run(args: argparse.Namespace) -> int:
         stub = health_pb2_grpc.HealthStub(channel)
         resp = stub.Check(health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
     except grpc.RpcError as e:
-        print(f"{args.address}: {e.code().name}")  # type: ignore[attr-defined]
+        hint = unavailable_hint(e, args.address, tls is not None)
+        print(f"{args.address}: {e.code().name}" + (f" ({hint})" if hint else ""))  # type: ignore[attr-defined]
         return 1
     finally:
         channel.close()

@@ -9,6 +9,7 @@ import os
 import grpc
 
 from positronic import flags
+from positronic.reachable import unavailable_hint
 from positronic.rpc import open_channel, read_token_file
 from positronic.v1 import cache_authority_pb2, cache_authority_pb2_grpc, session_pb2
 
@@ -72,6 +73,9 @@ def run(args: argparse.Namespace) -> int:
         resp = stub.GetSession(cache_authority_pb2.GetSessionRequest(session_id=args.session))
     except grpc.RpcError as e:
         print(f"{e.code().name}: {e.details()}")  # type: ignore[attr-defined]
+        hint = unavailable_hint(e, args.authority, tls is not None)
+        if hint:
+            print(hint)
         return 1
     finally:
         channel.close()

@@ -40,20 +40,32 @@ def check_channel(
         pass
     if not listening(address):
         return
+    raise ConnectionSetupError(
+        f"{what} at {address[:200]} accepts connections, but no gRPC connection came up within "
+        f"{timeout_s:g} s; {tls_hint(tls)}"
+    )
+
+
+def tls_hint(tls: bool) -> str:
+    """The likely cause when a server listens but no gRPC connection comes up."""
     if tls:
-        hint = (
+        return (
             "check the TLS flags: the server may not use TLS, may require a client certificate "
             "(--tls-cert, --tls-key), or may not be trusted by --tls-ca"
         )
-    else:
-        hint = (
-            "it most likely requires TLS: give --tls-ca (and --tls-cert, --tls-key when it asks "
-            "for a client certificate)"
-        )
-    raise ConnectionSetupError(
-        f"{what} at {address[:200]} accepts connections, but no gRPC connection came up within "
-        f"{timeout_s:g} s; {hint}"
+    return (
+        "it most likely requires TLS: give --tls-ca (and --tls-cert, --tls-key when it asks "
+        "for a client certificate)"
     )
+
+
+def unavailable_hint(error: grpc.RpcError, address: str, tls: bool) -> str:
+    """For a failed call: the TLS hint when it ended UNAVAILABLE although something listens at
+    `address` (a TLS mismatch answers "Socket closed"); "" otherwise."""
+    code = error.code() if callable(getattr(error, "code", None)) else None  # type: ignore[attr-defined]
+    if code != grpc.StatusCode.UNAVAILABLE or not listening(address):
+        return ""
+    return f"{address[:200]} accepts connections but the call failed: {tls_hint(tls)}"
 
 
 def listening(address: str, timeout_s: float = 1.0) -> bool:

@@ -188,3 +188,21 @@ def test_generate_in_plaintext_against_a_tls_authority_says_it_requires_tls(cert
     assert plain.returncode == 1
     assert "the authority at 127.0.0.1" in plain.stderr and "requires TLS" in plain.stderr
     assert "Traceback" not in plain.stderr
+
+
+def test_health_and_inspect_in_plaintext_against_a_tls_authority_say_it_requires_tls(certs):
+    """Not just "UNAVAILABLE"/"Socket closed": the same hint as generate's (F4)."""
+    tls = ServerTls(certs.server.cert, certs.server.key)
+    with running_authority(tls=tls) as (server, _):
+        address = f"127.0.0.1:{server.port}"
+        health = _cli("health", "--address", address)
+        inspect = _cli("inspect", "--authority", address)
+        trusted = _cli(
+            "health", "--address", f"localhost:{server.port}", "--tls-ca", certs.path("ca.pem")
+        )
+    for plain in (health, inspect):
+        assert plain.returncode == 1, plain.stdout
+        assert "UNAVAILABLE" in plain.stdout and "requires TLS: give --tls-ca" in plain.stdout
+        assert "Traceback" not in plain.stderr
+    assert trusted.returncode == 0 and "SERVING" in trusted.stdout
+    assert "TLS" not in trusted.stdout
