@@ -29,6 +29,7 @@ from cache_authority.feed import FeedSignal
 from cache_authority.ops import PatchError, Status
 from cache_authority.sync import delta_messages, snapshot_messages
 from positronic import codec
+from positronic.direct import may_block
 from positronic.limits import clip
 from positronic.v1 import cache_authority_pb2 as ca
 from positronic.v1 import cache_authority_pb2_grpc
@@ -61,7 +62,12 @@ class CacheAuthorityServicer(cache_authority_pb2_grpc.CacheAuthorityServicer):
         self._pool.shutdown(wait=True)
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
-        """fn(*args) in the engine's thread pool: the event loop never blocks on a lock or disk."""
+        """fn(*args) in the engine's thread pool: the event loop never blocks on a lock or disk.
+        Inline when the caller's own thread runs this handler (in-process, DirectStub): there
+        the loop serves this one call, and the two thread hops would be the Patch's largest
+        cost."""
+        if may_block():
+            return fn(*args)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, functools.partial(fn, *args))
 
