@@ -201,6 +201,7 @@ def commit_staged(state: SessionState, staged: StagedPatch, digest: bytes) -> Co
     undo = UndoLog(state)
     try:
         _carry_out(state, staged, undo)
+        slots.rederive_marked(state, undo)
         state.version = staged.version
         state.digest = digest
         state.next_ledger_id = staged.next_ledger_id

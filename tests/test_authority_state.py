@@ -353,6 +353,32 @@ def test_an_edit_near_either_end_of_2000_rows_writes_o1_slots(rotated, edit, pos
     assert state.position_offset == (1 if position == 5 else 0)
 
 
+@pytest.mark.parametrize("position", [5, 40], ids=["head moves", "tail moves"])
+def test_a_replica_rotates_a_merge_and_its_append_in_at_most_two_runs(position):
+    """The moved side, the merged row and the appended row are re-rotated once the commit has
+    written them, one rederive per run of adjacent slots (the tail case is one run), not one per
+    write; every live rotated key is still one rotation of its canonical key."""
+    state = primed_state(48, 48, rotated=True)
+    tokens = state.live_token_ids()
+    k, v = kv(1, seed=2)
+    ops = [
+        ReplacePairOp(position, tuple(tokens[position : position + 2]), 7, k, v),
+        AppendOp(48, (8,), k, v),
+    ]
+    calls: list[tuple[int, int]] = []
+    real = slots.rederive_rotated
+
+    def counting(state, slot, count, undo):
+        calls.append((slot, count))
+        return real(state, slot, count, undo)
+
+    with mock.patch.object(slots, "rederive_rotated", counting):
+        apply_ops(state, ops, 2, b"")
+    base, n = state.slot_range()[0], state.row_count
+    assert len(calls) == (2 if position == 5 else 1)
+    assert torch.equal(state.live_keys(), slots.rotated_slots(state, base, n))
+
+
 def test_head_moves_raise_the_offset_until_a_rebase_brings_it_back():
     """Merging row 1 every tick (halo's pattern) moves the head each time; once the appended
     row would pass slot C = 2 * hard_max, the rows move back to slot 0."""
