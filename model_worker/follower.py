@@ -2,7 +2,7 @@
 
 The authority pushes every committed patch of the session to the stream (each with its digest);
 the follower applies it to the live replica in place, through the authority's own receiving end
-(`SyncReceiver`: the digest chain, then `apply_ops`), under the replica's lock, and wakes the
+(`SyncReceiver`: the digest chain, then `replay_committed`), under the replica's lock, and wakes the
 readers waiting for that version. So the replica is current when the next compute call arrives
 and the pull (`ReplicaStore._pull`) is only the fallback: for the first read of a session, and
 whenever no follower runs.

@@ -10,7 +10,7 @@ forwards to write into; forward.py). `ReplicaStore.reading(session, version, dig
   at `version` already; a read that is ahead waits for the follower, briefly (a condition);
 - otherwise, or when the wait runs out, it pulls `CacheAuthority.Sync` up to `version`, through
   the authority's own receiving end (`SyncReceiver`: each delta's digest checked against the
-  chain, then `apply_ops`, the code the authority commits with). A gap, a mismatch or a patch
+  chain, then `replay_committed`, the stage and commit the authority commits with). A gap, a mismatch or a patch
   that does not apply makes the replica resync fully (`from_version=0`, a snapshot).
 
 Versions that cannot be computed on are refused, never approximated:
@@ -299,7 +299,7 @@ class ReplicaStore:
         """Read Sync from `from_version`; stop as soon as the replica reaches `target`.
 
         The receiving end is the authority's own `SyncReceiver` (snapshot assembly, the digest
-        chain, apply_ops); a stream it rejects means "resync fully"."""
+        chain, replay_committed); a stream it rejects means "resync fully"."""
         receiver = SyncReceiver(
             entry.state if from_version > 0 else None,
             rotated=True,

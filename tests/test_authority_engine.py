@@ -14,13 +14,14 @@ from hypothesis import strategies as st
 
 from cache_authority import engine as engine_mod
 from cache_authority import persistence, slots, stage, validate
+from cache_authority import state as state_mod
 from cache_authority.engine import Engine
-from cache_authority.ops import PatchError, Status
+from cache_authority.ops import PatchError, Status, chain_digest
 from cache_authority.persistence import CorruptStore, SessionStore
 from cache_authority.rows import Budget
 from cache_authority.sessions import EngineLimits
 from cache_authority.snapshot import state_from_snapshot, state_to_snapshot
-from cache_authority.sync import SyncReceiver, delta_messages, snapshot_messages
+from cache_authority.sync import SyncError, SyncReceiver, delta_messages, snapshot_messages
 from positronic.v1 import session_pb2, tensor_pb2
 from tests.authority_fixtures import (
     Reference,
@@ -422,3 +423,43 @@ def test_hostile_tensors_are_refused_as_invalid_and_change_nothing(data, shape, 
     else:  # only a well-formed append can commit: the right shape, dtype, bytes and ids
         assert shape == [2, 2, len(tokens), 8] and dtype == tensor_pb2.DTYPE_FLOAT32
         assert engine.read("s", lambda s: s.live_token_ids()[6:]) == tokens
+
+
+def _replica_at(engine: Engine, sid: str = "s") -> SyncReceiver:
+    replica = SyncReceiver(rotated=True)
+    replica.receive_all(snapshot_messages(*engine.sync_plan(sid, 0).snapshot))
+    return replica
+
+
+def test_a_replica_replays_a_verified_delta_without_validating_it_again(monkeypatch):
+    """The digest chain names the ops the authority validated against this very state: the
+    replica stages and commits them (validating again could only agree, at a fifth of its
+    apply)."""
+    engine = make_engine()
+    prime(engine)
+    replica = _replica_at(engine)
+    engine.patch("s", 2, "", a_patch())
+
+    def refuse(*args):
+        raise AssertionError("validated again")
+
+    monkeypatch.setattr(state_mod, "validate_ops", refuse)
+    for c in engine.sync_plan("s", 2, True).deltas:
+        replica.receive_all(delta_messages(c.patch))
+    assert_same_state(replica.state, engine._sessions["s"].state)
+
+
+def test_a_verified_delta_that_does_not_apply_is_refused_and_changes_nothing():
+    """An authority's bug (ops that do not fit the rows, digest and all) leaves the replica as it
+    was and makes it resync, as a digest mismatch does."""
+    engine = make_engine()
+    prime(engine)
+    replica = _replica_at(engine)
+    before = state_to_snapshot(replica.state)
+    bad = [evict_pb(40, 10)]  # no row 40
+    patch = session_pb2.CommittedPatch(
+        version=3, digest=chain_digest(replica.state.digest, 3, bad), ops=bad
+    )
+    with pytest.raises((SyncError, PatchError)):
+        replica.receive_all(delta_messages(patch))
+    assert state_to_snapshot(replica.state) == before
