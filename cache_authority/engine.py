@@ -23,6 +23,7 @@ from cache_authority.ops import (
     Status,
     canonicalize,
     chain_digest,
+    op_bodies,
     ops_from_pb,
     patch_fingerprint,
 )
@@ -128,7 +129,8 @@ class Engine(SessionRegistry):
         with session.cond:
             self._check_live(session)
             canonicalize(ops_pb)
-            fingerprint = patch_fingerprint(expected_version, list(ops_pb))
+            bodies = op_bodies(ops_pb)  # serialized once: the fingerprint and the digest hash them
+            fingerprint = patch_fingerprint(expected_version, ops_pb, bodies)
             if request_id and request_id in session.replies:
                 # A retry gets the stored reply; the same id with another patch is refused, not
                 # answered with the first reply while its own ops are silently dropped.
@@ -157,7 +159,7 @@ class Engine(SessionRegistry):
             validate_ops(st, ops)
             version = st.version + 1
             staged = stage_ops(st, ops, version)
-            digest = chain_digest(st.digest, version, list(ops_pb))
+            digest = chain_digest(st.digest, version, ops_pb, bodies)
             patch = session_pb2.CommittedPatch(
                 version=version,
                 digest=digest,

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cache_authority import engine as engine_mod
+from cache_authority import ops as ops_mod
 from cache_authority import persistence, slots, stage, validate
 from cache_authority import state as state_mod
 from cache_authority.engine import Engine
@@ -463,3 +464,21 @@ def test_a_verified_delta_that_does_not_apply_is_refused_and_changes_nothing():
     with pytest.raises((SyncError, PatchError)):
         replica.receive_all(delta_messages(patch))
     assert state_to_snapshot(replica.state) == before
+
+
+def test_a_patch_serializes_its_ops_once_for_the_fingerprint_and_the_digest(monkeypatch):
+    engine = make_engine()
+    prime(engine)
+    calls: list[int] = []
+    real = ops_mod.op_bodies
+
+    def counting(ops):
+        calls.append(len(ops))
+        return real(ops)
+
+    monkeypatch.setattr(ops_mod, "op_bodies", counting)
+    monkeypatch.setattr(engine_mod, "op_bodies", counting)
+    result = engine.patch("s", 2, "r", a_patch())
+    assert calls == [4]
+    assert result.fingerprint == ops_mod.patch_fingerprint(2, a_patch())
+    assert result.digest == engine.read("s", lambda s: s.digest)
