@@ -318,24 +318,51 @@ class Engine(SessionRegistry):
         session = self._session(session_id)
         with session.cond:
             self._check_live(session)
-            st = session.state
-            holds = holds_state or from_version > 0
-            if holds and from_version == st.version:
-                return SyncPlan(st.version)
-            log = session.log
-            if (
-                holds
-                and from_version < st.version
-                and log
-                and log[0].patch.version <= from_version + 1
-            ):
-                # The log holds consecutive versions: index the ones wanted instead of scanning
-                # the whole retained log (up to log_retention entries) on every replica's Sync
-                # under the session's lock. Indexing a deque near its end is O(1).
-                first = from_version + 1 - log[0].patch.version
-                deltas = [log[i] for i in range(first, len(log))]
-                return SyncPlan(st.version, deltas=deltas)
-            return SyncPlan(st.version, snapshot=state_to_snapshot(st))
+            plan = self._delta_plan(session, from_version, holds_state)
+            if plan is not None:
+                return plan
+            return SyncPlan(session.state.version, snapshot=state_to_snapshot(session.state))
+
+    def sync_plan_nowait(
+        self, session_id: str, from_version: int, holds_state: bool = False
+    ) -> SyncPlan | None:
+        """sync_plan when it can be answered at once: no lock held by anyone else and no
+        snapshot to build (the retained log reaches back). None otherwise (also for a session
+        that is gone: sync_plan says why). For an event loop, which must not wait on a lock:
+        a follow stream answers each commit here instead of hopping to a pool thread."""
+        if not self._lock.acquire(blocking=False):
+            return None
+        try:
+            session = self._sessions.get(session_id)
+        finally:
+            self._lock.release()
+        if session is None or not session.cond.acquire(blocking=False):
+            return None
+        try:
+            if session.deleted or self._closed:
+                return None
+            return self._delta_plan(session, from_version, holds_state)
+        finally:
+            session.cond.release()
+
+    def _delta_plan(
+        self, session: SessionSlot, from_version: int, holds_state: bool
+    ) -> SyncPlan | None:
+        """The deltas a replica at from_version needs (none when it is current), or None when
+        it needs a snapshot. Under the session's lock."""
+        st = session.state
+        holds = holds_state or from_version > 0
+        if holds and from_version == st.version:
+            return SyncPlan(st.version)
+        log = session.log
+        if holds and from_version < st.version and log and log[0].patch.version <= from_version + 1:
+            # The log holds consecutive versions: index the ones wanted instead of scanning
+            # the whole retained log (up to log_retention entries) on every replica's Sync
+            # under the session's lock. Indexing a deque near its end is O(1).
+            first = from_version + 1 - log[0].patch.version
+            deltas = [log[i] for i in range(first, len(log))]
+            return SyncPlan(st.version, deltas=deltas)
+        return None
 
     def wait_for_version(self, session_id: str, after: int, timeout: float) -> bool:
         """Block until the session passes version `after` (True) or `timeout` passes (False)."""

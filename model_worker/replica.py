@@ -10,8 +10,9 @@ forwards to write into; forward.py). `ReplicaStore.reading(session, version, dig
   at `version` already; a read that is ahead waits for the follower, briefly (a condition);
 - otherwise, or when the wait runs out, it pulls `CacheAuthority.Sync` up to `version`, through
   the authority's own receiving end (`SyncReceiver`: each delta's digest checked against the
-  chain, then `replay_committed`, the stage and commit the authority commits with). A gap, a mismatch or a patch
-  that does not apply makes the replica resync fully (`from_version=0`, a snapshot).
+  chain, then `replay_committed`, the stage and commit the authority commits with). A gap, a
+  mismatch or a patch that does not apply makes the replica resync fully (`from_version=0`, a
+  snapshot).
 
 Versions that cannot be computed on are refused, never approximated:
 - the replica (after syncing) holds another version — the authority is behind the request, or

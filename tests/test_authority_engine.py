@@ -482,3 +482,33 @@ def test_a_patch_serializes_its_ops_once_for_the_fingerprint_and_the_digest(monk
     assert calls == [4]
     assert result.fingerprint == ops_mod.patch_fingerprint(2, a_patch())
     assert result.digest == engine.read("s", lambda s: s.digest)
+
+
+def test_sync_plan_nowait_answers_deltas_at_once_and_never_waits():
+    """A follow stream plans on its event loop: deltas when the session's lock is free and the
+    log reaches back; None (plan in the pool) when the lock is held or a snapshot is needed."""
+    engine = make_engine(log_retention=2)
+    prime(engine)
+    engine.patch("s", 2, "", a_patch())
+    plan = engine.sync_plan_nowait("s", 2, True)
+    assert plan is not None and [c.patch.version for c in plan.deltas] == [3]
+    assert engine.sync_plan_nowait("s", 3, True) == engine.sync_plan("s", 3, True)
+    assert engine.sync_plan_nowait("s", 0) is None  # a snapshot: built off the loop
+    assert engine.sync_plan_nowait("nope", 2) is None  # sync_plan says NOT_FOUND
+    session = engine._sessions["s"]
+    held = threading.Event()
+    done = threading.Event()
+
+    def hold():
+        with session.cond:
+            held.set()
+            done.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert held.wait(10)
+        assert engine.sync_plan_nowait("s", 2, True) is None
+    finally:
+        done.set()
+        holder.join()
