@@ -40,9 +40,13 @@ class NewRows:
 
 @dataclass
 class UndoLog:
-    """What a commit overwrote, to put back on failure; and how many slots it wrote."""
+    """What a commit overwrote, to put back on failure; and how many slots it wrote.
+
+    `keep=False` keeps nothing (a replica replaying the committed log: one that fails is dropped
+    and resynced from a snapshot, so the copies, a third of its commit, would never be read)."""
 
     state: SessionState
+    keep: bool = True
     kv_slots_written: int = 0  # K/V slots written (moved or new), rotated keys not counted twice
     marked: list[tuple[int, int]] = field(default_factory=list)  # (slot, count) to re-rotate
     _saved: list[tuple[torch.Tensor, int, int, torch.Tensor]] = field(default_factory=list)
@@ -51,12 +55,12 @@ class UndoLog:
 
     def __post_init__(self) -> None:
         s = self.state
-        self._meta = list(s.meta)  # pointers only: O(rows) of 8 bytes, no tensor
+        self._meta = list(s.meta) if self.keep else []  # pointers only: O(rows) of 8 bytes
         self._scalars = (s.row_count, s.position_offset, s.version, s.digest, s.next_ledger_id)
 
     def save(self, buffer: torch.Tensor, dim: int, start: int, count: int) -> None:
         """Keep a copy of buffer's slots [start, start + count) along `dim`."""
-        if count:
+        if count and self.keep:
             self._saved.append((buffer, dim, start, buffer.narrow(dim, start, count).clone()))
 
     @property
@@ -65,6 +69,8 @@ class UndoLog:
 
     def restore(self) -> None:
         """Put every saved slot back (newest first) and the mirror and counters with them."""
+        if not self.keep:
+            raise RuntimeError("this commit kept no undo log; its state must be dropped")
         for buffer, dim, start, copy in reversed(self._saved):
             buffer.narrow(dim, start, copy.shape[dim]).copy_(copy)
         self._saved.clear()

@@ -65,7 +65,10 @@ def replay_committed(
     caller has checked `digest` against the chain from this state's digest, so these are the
     ops the authority validated against this very state (same history, same rows), and
     validating them again can only agree. Replicas use this on the per-token path, where
-    validation (finite K/V, brightness range, expected tokens) was a fifth of the apply."""
+    validation (finite K/V, brightness range, expected tokens) was a fifth of the apply.
+
+    Nor does it keep an undo log: a replay that fails (an authority's bug) leaves `state`
+    half-written, and the caller must drop it and resync, as for a digest mismatch."""
     staged = stage_ops(state, ops, version)
-    commit_staged(state, staged, digest)
+    commit_staged(state, staged, digest, restorable=False)
     return staged

@@ -146,8 +146,10 @@ class SyncReceiver:
         try:
             # Verified: the authority validated exactly these ops against this very state.
             replay_committed(state, domain_ops, patch.version, digest)
-        except Exception as e:  # commit_staged restored the rows: resync, as for a mismatch
+        except Exception as e:  # half-written (no undo log): drop it; the owner resyncs
+            self.state = None
             raise SyncError(
-                f"session {state.session_id} v{patch.version}: does not apply: {e}"
+                f"session {state.session_id} v{patch.version}: does not apply ({e}); "
+                "the replica must resync"
             ) from e
         return True
