@@ -106,6 +106,7 @@ class ReplicaStore:
         accept: Callable[[Geometry], None] | None = None,
         max_replicas: int = 32,
         on_sync_bytes: Callable[[str, int], None] | None = None,
+        on_followed: Callable[[float, float], None] | None = None,
         scratch_slots: int = SCRATCH_SLOTS,
         follow_wait_s: float = FOLLOW_WAIT_S,
     ):
@@ -114,6 +115,7 @@ class ReplicaStore:
         self._accept = accept or (lambda g: None)
         self._max = max_replicas
         self._on_bytes = on_sync_bytes or (lambda kind, n: None)
+        self._on_followed = on_followed or (lambda apply_s, lag_s: None)
         self._scratch = scratch_slots
         self._follow_wait_s = follow_wait_s
         self._entries: OrderedDict[str, Entry] = OrderedDict()
@@ -190,6 +192,7 @@ class ReplicaStore:
             accept=self._accept,
             on_bytes=self._on_bytes,
             on_gone=self._gone,
+            on_applied=self._on_followed,
         )
         entry.follower.start()
 
