@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 from cache_authority.feed import WatchEvent
@@ -46,6 +47,17 @@ from positronic.limits import clip
 from positronic.v1 import cache_authority_pb2, session_pb2
 
 logger = logging.getLogger(__name__)
+
+
+@contextmanager
+def _locked(lock, blocking: bool) -> Iterator[bool]:
+    """`with lock`, or, when not blocking, only if it is free at once: yields whether held."""
+    got = lock.acquire(blocking=blocking)
+    try:
+        yield got
+    finally:
+        if got:
+            lock.release()
 
 
 @dataclass(frozen=True)
@@ -113,21 +125,58 @@ class Engine(SessionRegistry):
         expected_version: int,
         request_id: str,
         ops_pb: Sequence[session_pb2.PatchOp],
+        max_ops: Callable[[int], int] | None = None,
     ) -> PatchResult:
-        """Apply ops at expected_version and commit version + 1, all or nothing."""
+        """Apply ops at expected_version and commit version + 1, all or nothing. `max_ops`:
+        the most ops a session of this hard maximum may take (RESOURCE_EXHAUSTED above it)."""
+        result = self._timed_patch(session_id, expected_version, request_id, ops_pb, max_ops, True)
+        assert result is not None  # a blocking patch always has an outcome
+        return result
+
+    def try_patch(
+        self,
+        session_id: str,
+        expected_version: int,
+        request_id: str,
+        ops_pb: Sequence[session_pb2.PatchOp],
+        max_ops: Callable[[int], int] | None = None,
+    ) -> PatchResult | None:
+        """patch, or None at once (nothing done) when it would have to wait for a lock: for an
+        event loop, which must not wait (a lock held by a snapshot, a Sync plan or another
+        patch of the session)."""
+        return self._timed_patch(session_id, expected_version, request_id, ops_pb, max_ops, False)
+
+    def _timed_patch(
+        self, session_id, expected_version, request_id, ops_pb, max_ops, blocking
+    ) -> PatchResult | None:
         t0 = time.perf_counter_ns()
         try:
-            result = self._patch(session_id, expected_version, request_id, ops_pb, t0)
+            result = self._patch(
+                session_id, expected_version, request_id, ops_pb, t0, max_ops, blocking
+            )
         except PatchError as e:
             self.metrics.observe_patch(time.perf_counter_ns() - t0, e.status.value)
             raise
-        self.metrics.observe_patch(result.apply_ns, "REPLAYED" if result.replayed else "OK")
+        if result is not None:
+            self.metrics.observe_patch(result.apply_ns, "REPLAYED" if result.replayed else "OK")
         return result
 
-    def _patch(self, session_id, expected_version, request_id, ops_pb, t0) -> PatchResult:
-        session = self._session(session_id)
-        with session.cond:
+    def _patch(
+        self, session_id, expected_version, request_id, ops_pb, t0, max_ops, blocking
+    ) -> PatchResult | None:
+        session = self._session(session_id, blocking)
+        if session is None:
+            return None
+        with _locked(session.cond, blocking) as got:
+            if not got:
+                return None
             self._check_live(session)
+            hard_max = session.state.budget.hard_max_rows
+            if max_ops is not None and len(ops_pb) > max_ops(hard_max):
+                raise PatchError(
+                    Status.RESOURCE_EXHAUSTED,
+                    f"patch carries {len(ops_pb)} ops, more than this session can use",
+                )
             canonicalize(ops_pb)
             bodies = op_bodies(ops_pb)  # serialized once: the fingerprint and the digest hash them
             fingerprint = patch_fingerprint(expected_version, ops_pb, bodies)

@@ -512,3 +512,34 @@ def test_sync_plan_nowait_answers_deltas_at_once_and_never_waits():
     finally:
         done.set()
         holder.join()
+
+
+def test_try_patch_commits_when_no_lock_is_taken_and_never_waits():
+    """The event loop's patch: the same commit as patch when the locks are free; None, nothing
+    done, when the session's lock is held; the op limit holds for both."""
+    engine = make_engine()
+    prime(engine)
+    session = engine._sessions["s"]
+    held, done = threading.Event(), threading.Event()
+
+    def hold():
+        with session.cond:
+            held.set()
+            done.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert held.wait(10)
+        assert engine.try_patch("s", 2, "r", a_patch()) is None
+        assert engine.read("s", lambda s: s.version) == 2
+    finally:
+        done.set()
+        holder.join()
+    result = engine.try_patch("s", 2, "r", a_patch())
+    assert result is not None and result.version == 3
+    assert engine.patch("s", 2, "r", a_patch()).replayed  # the same request, remembered
+    for call in (engine.patch, engine.try_patch):
+        with pytest.raises(PatchError) as e:
+            call("s", 3, "", [evict_pb(0, 40), evict_pb(1, 13)], lambda hard_max: 1)
+        assert e.value.status is Status.RESOURCE_EXHAUSTED

@@ -65,9 +65,9 @@ def test_an_in_process_patch_runs_the_engine_on_the_callers_thread():
     threads: list[int] = []
 
     class Recording(Engine):
-        def patch(self, *args):
+        def _patch(self, *args):
             threads.append(threading.get_ident())
-            return super().patch(*args)
+            return super()._patch(*args)
 
     servicer = CacheAuthorityServicer(Recording(None, None, Metrics()))
     try:
