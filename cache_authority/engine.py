@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 from cache_authority.feed import WatchEvent
@@ -23,6 +24,7 @@ from cache_authority.ops import (
     Status,
     canonicalize,
     chain_digest,
+    op_bodies,
     ops_from_pb,
     patch_fingerprint,
 )
@@ -45,6 +47,17 @@ from positronic.limits import clip
 from positronic.v1 import cache_authority_pb2, session_pb2
 
 logger = logging.getLogger(__name__)
+
+
+@contextmanager
+def _locked(lock, blocking: bool) -> Iterator[bool]:
+    """`with lock`, or, when not blocking, only if it is free at once: yields whether held."""
+    got = lock.acquire(blocking=blocking)
+    try:
+        yield got
+    finally:
+        if got:
+            lock.release()
 
 
 @dataclass(frozen=True)
@@ -112,23 +125,61 @@ class Engine(SessionRegistry):
         expected_version: int,
         request_id: str,
         ops_pb: Sequence[session_pb2.PatchOp],
+        max_ops: Callable[[int], int] | None = None,
     ) -> PatchResult:
-        """Apply ops at expected_version and commit version + 1, all or nothing."""
+        """Apply ops at expected_version and commit version + 1, all or nothing. `max_ops`:
+        the most ops a session of this hard maximum may take (RESOURCE_EXHAUSTED above it)."""
+        result = self._timed_patch(session_id, expected_version, request_id, ops_pb, max_ops, True)
+        assert result is not None  # a blocking patch always has an outcome
+        return result
+
+    def try_patch(
+        self,
+        session_id: str,
+        expected_version: int,
+        request_id: str,
+        ops_pb: Sequence[session_pb2.PatchOp],
+        max_ops: Callable[[int], int] | None = None,
+    ) -> PatchResult | None:
+        """patch, or None at once (nothing done) when it would have to wait for a lock: for an
+        event loop, which must not wait (a lock held by a snapshot, a Sync plan or another
+        patch of the session)."""
+        return self._timed_patch(session_id, expected_version, request_id, ops_pb, max_ops, False)
+
+    def _timed_patch(
+        self, session_id, expected_version, request_id, ops_pb, max_ops, blocking
+    ) -> PatchResult | None:
         t0 = time.perf_counter_ns()
         try:
-            result = self._patch(session_id, expected_version, request_id, ops_pb, t0)
+            result = self._patch(
+                session_id, expected_version, request_id, ops_pb, t0, max_ops, blocking
+            )
         except PatchError as e:
             self.metrics.observe_patch(time.perf_counter_ns() - t0, e.status.value)
             raise
-        self.metrics.observe_patch(result.apply_ns, "REPLAYED" if result.replayed else "OK")
+        if result is not None:
+            self.metrics.observe_patch(result.apply_ns, "REPLAYED" if result.replayed else "OK")
         return result
 
-    def _patch(self, session_id, expected_version, request_id, ops_pb, t0) -> PatchResult:
-        session = self._session(session_id)
-        with session.cond:
+    def _patch(
+        self, session_id, expected_version, request_id, ops_pb, t0, max_ops, blocking
+    ) -> PatchResult | None:
+        session = self._session(session_id, blocking)
+        if session is None:
+            return None
+        with _locked(session.cond, blocking) as got:
+            if not got:
+                return None
             self._check_live(session)
+            hard_max = session.state.budget.hard_max_rows
+            if max_ops is not None and len(ops_pb) > max_ops(hard_max):
+                raise PatchError(
+                    Status.RESOURCE_EXHAUSTED,
+                    f"patch carries {len(ops_pb)} ops, more than this session can use",
+                )
             canonicalize(ops_pb)
-            fingerprint = patch_fingerprint(expected_version, list(ops_pb))
+            bodies = op_bodies(ops_pb)  # serialized once: the fingerprint and the digest hash them
+            fingerprint = patch_fingerprint(expected_version, ops_pb, bodies)
             if request_id and request_id in session.replies:
                 # A retry gets the stored reply; the same id with another patch is refused, not
                 # answered with the first reply while its own ops are silently dropped.
@@ -157,7 +208,7 @@ class Engine(SessionRegistry):
             validate_ops(st, ops)
             version = st.version + 1
             staged = stage_ops(st, ops, version)
-            digest = chain_digest(st.digest, version, list(ops_pb))
+            digest = chain_digest(st.digest, version, ops_pb, bodies)
             patch = session_pb2.CommittedPatch(
                 version=version,
                 digest=digest,
@@ -316,24 +367,51 @@ class Engine(SessionRegistry):
         session = self._session(session_id)
         with session.cond:
             self._check_live(session)
-            st = session.state
-            holds = holds_state or from_version > 0
-            if holds and from_version == st.version:
-                return SyncPlan(st.version)
-            log = session.log
-            if (
-                holds
-                and from_version < st.version
-                and log
-                and log[0].patch.version <= from_version + 1
-            ):
-                # The log holds consecutive versions: index the ones wanted instead of scanning
-                # the whole retained log (up to log_retention entries) on every replica's Sync
-                # under the session's lock. Indexing a deque near its end is O(1).
-                first = from_version + 1 - log[0].patch.version
-                deltas = [log[i] for i in range(first, len(log))]
-                return SyncPlan(st.version, deltas=deltas)
-            return SyncPlan(st.version, snapshot=state_to_snapshot(st))
+            plan = self._delta_plan(session, from_version, holds_state)
+            if plan is not None:
+                return plan
+            return SyncPlan(session.state.version, snapshot=state_to_snapshot(session.state))
+
+    def sync_plan_nowait(
+        self, session_id: str, from_version: int, holds_state: bool = False
+    ) -> SyncPlan | None:
+        """sync_plan when it can be answered at once: no lock held by anyone else and no
+        snapshot to build (the retained log reaches back). None otherwise (also for a session
+        that is gone: sync_plan says why). For an event loop, which must not wait on a lock:
+        a follow stream answers each commit here instead of hopping to a pool thread."""
+        if not self._lock.acquire(blocking=False):
+            return None
+        try:
+            session = self._sessions.get(session_id)
+        finally:
+            self._lock.release()
+        if session is None or not session.cond.acquire(blocking=False):
+            return None
+        try:
+            if session.deleted or self._closed:
+                return None
+            return self._delta_plan(session, from_version, holds_state)
+        finally:
+            session.cond.release()
+
+    def _delta_plan(
+        self, session: SessionSlot, from_version: int, holds_state: bool
+    ) -> SyncPlan | None:
+        """The deltas a replica at from_version needs (none when it is current), or None when
+        it needs a snapshot. Under the session's lock."""
+        st = session.state
+        holds = holds_state or from_version > 0
+        if holds and from_version == st.version:
+            return SyncPlan(st.version)
+        log = session.log
+        if holds and from_version < st.version and log and log[0].patch.version <= from_version + 1:
+            # The log holds consecutive versions: index the ones wanted instead of scanning
+            # the whole retained log (up to log_retention entries) on every replica's Sync
+            # under the session's lock. Indexing a deque near its end is O(1).
+            first = from_version + 1 - log[0].patch.version
+            deltas = [log[i] for i in range(first, len(log))]
+            return SyncPlan(st.version, deltas=deltas)
+        return None
 
     def wait_for_version(self, session_id: str, after: int, timeout: float) -> bool:
         """Block until the session passes version `after` (True) or `timeout` passes (False)."""

@@ -188,27 +188,41 @@ def canonicalize(ops: Sequence[session_pb2.PatchOp]) -> None:
         op.DiscardUnknownFields()
 
 
-def patch_fingerprint(expected_version: int, ops: list[session_pb2.PatchOp]) -> bytes:
-    """What a request id promises stays the same on a retry: the version and the ops."""
+def op_bodies(ops: Sequence[session_pb2.PatchOp]) -> list[bytes]:
+    """Each op's deterministic serialization, what the fingerprint and the digest hash: the
+    engine serializes a patch once for both (its K/V are most of its bytes)."""
+    return [op.SerializeToString(deterministic=True) for op in ops]
+
+
+def patch_fingerprint(
+    expected_version: int, ops: Sequence[session_pb2.PatchOp], bodies: list[bytes] | None = None
+) -> bytes:
+    """What a request id promises stays the same on a retry: the version and the ops
+    (`bodies`: their op_bodies, when the caller has them already)."""
     h = hashlib.sha256(b"positronic.v1 request")
     h.update(expected_version.to_bytes(8, "little", signed=True))
-    _hash_ops(h, ops)
+    _hash_bodies(h, op_bodies(ops) if bodies is None else bodies)
     return h.digest()
 
 
-def chain_digest(previous: bytes, version: int, ops: list[session_pb2.PatchOp]) -> bytes:
+def chain_digest(
+    previous: bytes,
+    version: int,
+    ops: Sequence[session_pb2.PatchOp],
+    bodies: list[bytes] | None = None,
+) -> bytes:
     """digest_v = sha256(digest_{v-1} || int64_le(v) || for each op in order: uint64_le(len) ||
-    the op's deterministic serialization); docs/protocol.md works an example."""
+    the op's deterministic serialization); docs/protocol.md works an example. `bodies`: the
+    ops' op_bodies, when the caller has them already."""
     h = hashlib.sha256()
     h.update(previous)
     h.update(version.to_bytes(8, "little", signed=True))
-    _hash_ops(h, ops)
+    _hash_bodies(h, op_bodies(ops) if bodies is None else bodies)
     return h.digest()
 
 
-def _hash_ops(h, ops: list[session_pb2.PatchOp]) -> None:
+def _hash_bodies(h, bodies: list[bytes]) -> None:
     """For each op in order: uint64_le(len) || its deterministic serialization."""
-    for op in ops:
-        body = op.SerializeToString(deterministic=True)
+    for body in bodies:
         h.update(len(body).to_bytes(8, "little"))
         h.update(body)

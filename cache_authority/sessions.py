@@ -12,7 +12,7 @@ import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import TypeVar
+from typing import TypeVar, overload
 
 from cache_authority.feed import Feed, WatchEvent
 from cache_authority.metrics import Metrics
@@ -229,13 +229,24 @@ class SessionRegistry:
     def closed(self) -> bool:
         return self._closed
 
-    def _session(self, session_id: str) -> SessionSlot:
+    @overload
+    def _session(self, session_id: str) -> SessionSlot: ...
+    @overload
+    def _session(self, session_id: str, blocking: bool) -> SessionSlot | None: ...
+
+    def _session(self, session_id: str, blocking: bool = True) -> SessionSlot | None:
+        """The live session (NOT_FOUND otherwise); None when not `blocking` and the registry's
+        lock is held (a session being created or deleted)."""
         problem = check_session_id(session_id)
         if problem:  # no such id can exist; say why rather than NOT_FOUND
             raise PatchError(Status.INVALID_ARGUMENT, problem)
-        with self._lock:
+        if not self._lock.acquire(blocking=blocking):
+            return None
+        try:
             self._check_open()
             session = self._sessions.get(session_id)
+        finally:
+            self._lock.release()
         if session is None:
             raise PatchError(Status.NOT_FOUND, f"no session {session_id!r}")
         return session

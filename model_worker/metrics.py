@@ -7,6 +7,7 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_FOLLOW_BUCKETS = (1e-4, 2.5e-4, 5e-4, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1)
 
 
 class WorkerMetrics:
@@ -39,6 +40,21 @@ class WorkerMetrics:
             ["kind"],
             registry=r,
         )
+        # The replica-follow hop, per committed delta: the apply itself (digest, decode, stage,
+        # commit) and the lag from the authority's commit to the applied replica (the stream and
+        # the apply: what a Tick right after its Patch may wait for).
+        self.follow_apply_seconds = Histogram(
+            "positronic_worker_follow_apply_seconds",
+            "Time to apply one followed committed delta to its replica",
+            buckets=_FOLLOW_BUCKETS,
+            registry=r,
+        )
+        self.follow_lag_seconds = Histogram(
+            "positronic_worker_follow_lag_seconds",
+            "From the authority's commit (its committed_unix_ns) to the delta applied here",
+            buckets=_FOLLOW_BUCKETS,
+            registry=r,
+        )
         self.errors = Counter(
             "positronic_worker_errors", "Refused or failed RPCs", ["rpc", "code"], registry=r
         )
@@ -47,6 +63,10 @@ class WorkerMetrics:
         self.tokens.labels(rpc).inc(tokens)
         if seconds > 0:
             self.tokens_per_second.labels(rpc).set(tokens / seconds)
+
+    def followed(self, apply_s: float, lag_s: float) -> None:
+        self.follow_apply_seconds.observe(apply_s)
+        self.follow_lag_seconds.observe(max(lag_s, 0.0))  # clocks of two hosts may disagree
 
     def add_sync_bytes(self, kind: str, n: int) -> None:
         self.sync_bytes.labels(kind).inc(n)

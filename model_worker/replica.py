@@ -10,8 +10,9 @@ forwards to write into; forward.py). `ReplicaStore.reading(session, version, dig
   at `version` already; a read that is ahead waits for the follower, briefly (a condition);
 - otherwise, or when the wait runs out, it pulls `CacheAuthority.Sync` up to `version`, through
   the authority's own receiving end (`SyncReceiver`: each delta's digest checked against the
-  chain, then `apply_ops`, the code the authority commits with). A gap, a mismatch or a patch
-  that does not apply makes the replica resync fully (`from_version=0`, a snapshot).
+  chain, then `replay_committed`, the stage and commit the authority commits with). A gap, a
+  mismatch or a patch that does not apply makes the replica resync fully (`from_version=0`, a
+  snapshot).
 
 Versions that cannot be computed on are refused, never approximated:
 - the replica (after syncing) holds another version — the authority is behind the request, or
@@ -105,6 +106,7 @@ class ReplicaStore:
         accept: Callable[[Geometry], None] | None = None,
         max_replicas: int = 32,
         on_sync_bytes: Callable[[str, int], None] | None = None,
+        on_followed: Callable[[float, float], None] | None = None,
         scratch_slots: int = SCRATCH_SLOTS,
         follow_wait_s: float = FOLLOW_WAIT_S,
     ):
@@ -113,6 +115,7 @@ class ReplicaStore:
         self._accept = accept or (lambda g: None)
         self._max = max_replicas
         self._on_bytes = on_sync_bytes or (lambda kind, n: None)
+        self._on_followed = on_followed or (lambda apply_s, lag_s: None)
         self._scratch = scratch_slots
         self._follow_wait_s = follow_wait_s
         self._entries: OrderedDict[str, Entry] = OrderedDict()
@@ -189,6 +192,7 @@ class ReplicaStore:
             accept=self._accept,
             on_bytes=self._on_bytes,
             on_gone=self._gone,
+            on_applied=self._on_followed,
         )
         entry.follower.start()
 
@@ -299,7 +303,7 @@ class ReplicaStore:
         """Read Sync from `from_version`; stop as soon as the replica reaches `target`.
 
         The receiving end is the authority's own `SyncReceiver` (snapshot assembly, the digest
-        chain, apply_ops); a stream it rejects means "resync fully"."""
+        chain, replay_committed); a stream it rejects means "resync fully"."""
         receiver = SyncReceiver(
             entry.state if from_version > 0 else None,
             rotated=True,

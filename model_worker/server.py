@@ -146,6 +146,7 @@ def start_worker(
             accept=lambda g: check_session_geometry(g, geometry),
             max_replicas=config.max_replicas,
             on_sync_bytes=metrics.add_sync_bytes,
+            on_followed=metrics.followed,
         )
         on_stop.insert(0, replicas.close)  # followers end before the authority channel closes
     servicer = ModelWorkerServicer(lm, replicas, repairers, metrics, load_error)

@@ -60,7 +60,7 @@ def tensor_nbytes(dtype: torch.dtype, shape: Iterable[int]) -> int:
     n = 1
     for s in shape:
         n *= int(s)
-    return n * torch.empty((), dtype=dtype).element_size()
+    return n * dtype.itemsize
 
 
 def encode(t: torch.Tensor) -> tensor_pb2.Tensor:
@@ -94,8 +94,9 @@ def decode(msg: tensor_pb2.Tensor, *, max_numel: int | None = None) -> torch.Ten
         )
     if numel == 0:
         return torch.empty(shape, dtype=dtype)
-    flat = torch.frombuffer(bytearray(msg.data), dtype=torch.uint8)
-    return flat.view(dtype).view(shape)
+    # One copy (the bytearray: a writable tensor of its own, not a view of the message), read
+    # as `dtype` directly: the byte count was checked above.
+    return torch.frombuffer(bytearray(msg.data), dtype=dtype).view(shape)
 
 
 def encode_kv(keys: torch.Tensor, values: torch.Tensor) -> tensor_pb2.KVBlock:

@@ -13,14 +13,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cache_authority import engine as engine_mod
+from cache_authority import ops as ops_mod
 from cache_authority import persistence, slots, stage, validate
+from cache_authority import state as state_mod
 from cache_authority.engine import Engine
-from cache_authority.ops import PatchError, Status
+from cache_authority.ops import PatchError, Status, chain_digest
 from cache_authority.persistence import CorruptStore, SessionStore
 from cache_authority.rows import Budget
 from cache_authority.sessions import EngineLimits
 from cache_authority.snapshot import state_from_snapshot, state_to_snapshot
-from cache_authority.sync import SyncReceiver, delta_messages, snapshot_messages
+from cache_authority.sync import SyncError, SyncReceiver, delta_messages, snapshot_messages
 from positronic.v1 import session_pb2, tensor_pb2
 from tests.authority_fixtures import (
     Reference,
@@ -422,3 +424,122 @@ def test_hostile_tensors_are_refused_as_invalid_and_change_nothing(data, shape, 
     else:  # only a well-formed append can commit: the right shape, dtype, bytes and ids
         assert shape == [2, 2, len(tokens), 8] and dtype == tensor_pb2.DTYPE_FLOAT32
         assert engine.read("s", lambda s: s.live_token_ids()[6:]) == tokens
+
+
+def _replica_at(engine: Engine, sid: str = "s") -> SyncReceiver:
+    replica = SyncReceiver(rotated=True)
+    replica.receive_all(snapshot_messages(*engine.sync_plan(sid, 0).snapshot))
+    return replica
+
+
+def test_a_replica_replays_a_verified_delta_without_validating_it_again(monkeypatch):
+    """The digest chain names the ops the authority validated against this very state: the
+    replica stages and commits them (validating again could only agree, at a fifth of its
+    apply)."""
+    engine = make_engine()
+    prime(engine)
+    replica = _replica_at(engine)
+    engine.patch("s", 2, "", a_patch())
+
+    def refuse(*args):
+        raise AssertionError("validated again")
+
+    monkeypatch.setattr(state_mod, "validate_ops", refuse)
+    for c in engine.sync_plan("s", 2, True).deltas:
+        replica.receive_all(delta_messages(c.patch))
+    assert_same_state(replica.state, engine._sessions["s"].state)
+
+
+@pytest.mark.parametrize("bad", [[evict_pb(40, 10)], [replace_pb(5, [30, 31], 9, seed=1)]])
+def test_a_verified_delta_that_does_not_apply_drops_the_replica_to_resync(bad):
+    """An authority's bug (ops that do not fit the rows, digest and all) is a SyncError, and the
+    receiver lets go of its half-written state: its owner resyncs from a snapshot, as after a
+    digest mismatch."""
+    engine = make_engine()
+    prime(engine)
+    replica = _replica_at(engine)
+    patch = session_pb2.CommittedPatch(
+        version=3, digest=chain_digest(replica.state.digest, 3, bad), ops=bad
+    )
+    with pytest.raises(SyncError, match="must resync"):
+        replica.receive_all(delta_messages(patch))
+    assert replica.state is None
+
+
+def test_a_patch_serializes_its_ops_once_for_the_fingerprint_and_the_digest(monkeypatch):
+    engine = make_engine()
+    prime(engine)
+    calls: list[int] = []
+    real = ops_mod.op_bodies
+
+    def counting(ops):
+        calls.append(len(ops))
+        return real(ops)
+
+    monkeypatch.setattr(ops_mod, "op_bodies", counting)
+    monkeypatch.setattr(engine_mod, "op_bodies", counting)
+    result = engine.patch("s", 2, "r", a_patch())
+    assert calls == [4]
+    assert result.fingerprint == ops_mod.patch_fingerprint(2, a_patch())
+    assert result.digest == engine.read("s", lambda s: s.digest)
+
+
+def test_sync_plan_nowait_answers_deltas_at_once_and_never_waits():
+    """A follow stream plans on its event loop: deltas when the session's lock is free and the
+    log reaches back; None (plan in the pool) when the lock is held or a snapshot is needed."""
+    engine = make_engine(log_retention=2)
+    prime(engine)
+    engine.patch("s", 2, "", a_patch())
+    plan = engine.sync_plan_nowait("s", 2, True)
+    assert plan is not None and [c.patch.version for c in plan.deltas] == [3]
+    assert engine.sync_plan_nowait("s", 3, True) == engine.sync_plan("s", 3, True)
+    assert engine.sync_plan_nowait("s", 0) is None  # a snapshot: built off the loop
+    assert engine.sync_plan_nowait("nope", 2) is None  # sync_plan says NOT_FOUND
+    session = engine._sessions["s"]
+    held = threading.Event()
+    done = threading.Event()
+
+    def hold():
+        with session.cond:
+            held.set()
+            done.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert held.wait(10)
+        assert engine.sync_plan_nowait("s", 2, True) is None
+    finally:
+        done.set()
+        holder.join()
+
+
+def test_try_patch_commits_when_no_lock_is_taken_and_never_waits():
+    """The event loop's patch: the same commit as patch when the locks are free; None, nothing
+    done, when the session's lock is held; the op limit holds for both."""
+    engine = make_engine()
+    prime(engine)
+    session = engine._sessions["s"]
+    held, done = threading.Event(), threading.Event()
+
+    def hold():
+        with session.cond:
+            held.set()
+            done.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert held.wait(10)
+        assert engine.try_patch("s", 2, "r", a_patch()) is None
+        assert engine.read("s", lambda s: s.version) == 2
+    finally:
+        done.set()
+        holder.join()
+    result = engine.try_patch("s", 2, "r", a_patch())
+    assert result is not None and result.version == 3
+    assert engine.patch("s", 2, "r", a_patch()).replayed  # the same request, remembered
+    for call in (engine.patch, engine.try_patch):
+        with pytest.raises(PatchError) as e:
+            call("s", 3, "", [evict_pb(0, 40), evict_pb(1, 13)], lambda hard_max: 1)
+        assert e.value.status is Status.RESOURCE_EXHAUSTED

@@ -7,6 +7,7 @@ import logging
 import struct
 import threading
 import time
+from unittest import mock
 
 import grpc
 import pytest
@@ -365,3 +366,28 @@ def test_eight_racing_clients_one_success_per_version(authority):
         assert {o[1] for o in outcomes[r]} == {r + 1}  # the winner's version, the losers' current
         winners += [o[2] for o in outcomes[r] if o[0] == "OK"]
     assert version_and_digest(client, "race")[2] == winners
+
+
+@pytest.mark.parametrize("with_disk", [False, True], ids=["in memory", "data dir"])
+def test_a_small_patch_commits_on_the_event_loop_unless_it_writes_to_disk(tmp_path, with_disk):
+    """No pool hop for a per-token patch of an in-memory authority (nothing to wait for); with
+    a data directory the write-ahead log's write and fsync stay off the loop."""
+    from cache_authority.engine import Engine
+
+    threads: list[str] = []
+    real = Engine._patch
+
+    def recording(self, *args):
+        threads.append(threading.current_thread().name)
+        return real(self, *args)
+
+    config = {"data_dir": str(tmp_path)} if with_disk else {}
+    with (
+        mock.patch.object(Engine, "_patch", recording),
+        running_authority(**config) as (_, channel),
+    ):
+        client = stub(channel)
+        client.CreateSession(create_request("s"))
+        client.Patch(patch_stream("s", 0, "r", [append_pb(0, [1, 2], seed=1)]))
+    assert len(threads) == 1
+    assert threads[0].startswith("authority-engine") == with_disk

@@ -5,6 +5,7 @@ status each kind of bad op gets, and conversions that must round-trip exactly.""
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from unittest import mock
 
@@ -13,7 +14,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cache_authority import slots, stage
+from cache_authority import slots, stage, validate
 from cache_authority.convert import geometry_from_pb, geometry_to_pb
 from cache_authority.engine import Engine
 from cache_authority.ops import (
@@ -30,6 +31,7 @@ from cache_authority.rows import Budget, SessionState
 from cache_authority.snapshot import state_from_snapshot, state_to_snapshot
 from cache_authority.state import apply_ops, commit_staged, stage_ops, validate_ops
 from positronic import codec
+from positronic.limits import MAX_BRIGHTNESS
 from positronic.rope import rotate_keys
 from positronic.v1 import session_pb2
 from tests.authority_fixtures import (
@@ -353,6 +355,32 @@ def test_an_edit_near_either_end_of_2000_rows_writes_o1_slots(rotated, edit, pos
     assert state.position_offset == (1 if position == 5 else 0)
 
 
+@pytest.mark.parametrize("position", [5, 40], ids=["head moves", "tail moves"])
+def test_a_replica_rotates_a_merge_and_its_append_in_at_most_two_runs(position):
+    """The moved side, the merged row and the appended row are re-rotated once the commit has
+    written them, one rederive per run of adjacent slots (the tail case is one run), not one per
+    write; every live rotated key is still one rotation of its canonical key."""
+    state = primed_state(48, 48, rotated=True)
+    tokens = state.live_token_ids()
+    k, v = kv(1, seed=2)
+    ops = [
+        ReplacePairOp(position, tuple(tokens[position : position + 2]), 7, k, v),
+        AppendOp(48, (8,), k, v),
+    ]
+    calls: list[tuple[int, int]] = []
+    real = slots.rederive_rotated
+
+    def counting(state, slot, count, undo):
+        calls.append((slot, count))
+        return real(state, slot, count, undo)
+
+    with mock.patch.object(slots, "rederive_rotated", counting):
+        apply_ops(state, ops, 2, b"")
+    base, n = state.slot_range()[0], state.row_count
+    assert len(calls) == (2 if position == 5 else 1)
+    assert torch.equal(state.live_keys(), slots.rotated_slots(state, base, n))
+
+
 def test_head_moves_raise_the_offset_until_a_rebase_brings_it_back():
     """Merging row 1 every tick (halo's pattern) moves the head each time; once the appended
     row would pass slot C = 2 * hard_max, the rows move back to slot 0."""
@@ -485,3 +513,26 @@ def test_geometry_round_trips_through_proto(dtype):
     assert (back.num_layers, back.num_kv_heads, back.head_dim, back.dtype, back.vocab_size) == (
         g.num_layers, g.num_kv_heads, g.head_dim, g.dtype, g.vocab_size)  # fmt: skip
     assert torch.equal(back.rope.inv_freq, g.rope.inv_freq)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    dtype=st.sampled_from(DTYPES),
+    n=st.integers(1, 40),
+    specials=st.lists(
+        st.tuples(st.integers(0, 39), st.sampled_from([math.nan, math.inf, -math.inf]))
+    ),
+)
+def test_the_finite_check_agrees_with_isfinite(dtype, n, specials):
+    """validate's one-reduction check refuses exactly the K/V isfinite() would, in every dtype."""
+    t = torch.randn(2, 2, n, 8).to(dtype)
+    for i, value in specials:
+        t.view(-1)[i % t.numel()] = value
+    assert validate._all_finite(t) == bool(torch.isfinite(t).all())
+    b = t.float().abs().view(-1)  # brightness: non-negative unless NaN
+    ok = bool(torch.isfinite(b).all()) and bool((b <= MAX_BRIGHTNESS).all())
+    if ok:
+        validate._check_finite(b, "x")
+    else:
+        with pytest.raises(PatchError):
+            validate._check_finite(b, "x")

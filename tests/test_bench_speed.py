@@ -134,3 +134,23 @@ def test_in_process_measurement(stories260k_dir):
     assert hops["authority_to_worker"] == wire["sync_per_iteration"]
     assert hops["worker_to_driver"] > 0 and hops["driver_to_authority"] > 0
     assert out["peak_rss_bytes"]["process"] > 0
+    # the replica-follow hop, from the worker's metrics: one observation per followed delta
+    follow = out["follow"]
+    assert 0 < follow["deltas"] <= out["iterations"] + 1
+    assert follow["apply_mean_ms"] > 0 and follow["lag_mean_ms"] > 0
+
+
+def test_follow_costs_read_the_same_from_a_registry_and_a_scraped_page():
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from model_worker.metrics import WorkerMetrics
+    from positronic.bench.processes import follow_costs
+
+    metrics = WorkerMetrics()
+    metrics.followed(0.001, 0.004)
+    metrics.followed(0.003, -1.0)  # another host's clock ahead: no negative lag
+    want = {"deltas": 2, "apply_mean_ms": 2.0, "lag_mean_ms": 2.0}
+    assert follow_costs(metrics.registry.collect()) == pytest.approx(want)
+    page = generate_latest(metrics.registry).decode()
+    assert follow_costs(text_string_to_metric_families(page)) == pytest.approx(want)

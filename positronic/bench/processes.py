@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 
@@ -51,11 +51,40 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def sync_bytes(metrics_port: int) -> int:
-    """The worker's positronic_worker_sync_bytes counters, summed over kinds."""
+def scrape(metrics_port: int) -> str:
+    """A local /metrics page."""
     url = f"http://127.0.0.1:{metrics_port}/metrics"
     with urllib.request.urlopen(url, timeout=10) as resp:
-        text = resp.read().decode()
+        return resp.read().decode()
+
+
+def follow_costs(families: Iterable) -> dict:
+    """The replica-follow hop from a worker's metric families (a registry's collect(), or a
+    scraped page parsed): deltas followed, and the mean ms per delta of the apply and of commit
+    -> applied (the lag a Tick right after its Patch may wait for)."""
+    sums: dict[str, dict[str, float]] = {}
+    for family in families:
+        for key in ("apply", "lag"):
+            if family.name == f"positronic_worker_follow_{key}_seconds":
+                for sample in family.samples:
+                    if sample.name.endswith(("_sum", "_count")):
+                        sums.setdefault(key, {})[sample.name.rsplit("_", 1)[1]] = sample.value
+    out: dict = {"deltas": int(sums.get("apply", {}).get("count", 0))}
+    for key, s in sums.items():
+        if s.get("count"):
+            out[f"{key}_mean_ms"] = 1e3 * s["sum"] / s["count"]
+    return out
+
+
+def scraped_follow_costs(metrics_port: int) -> dict:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return follow_costs(text_string_to_metric_families(scrape(metrics_port)))
+
+
+def sync_bytes(metrics_port: int) -> int:
+    """The worker's positronic_worker_sync_bytes counters, summed over kinds."""
+    text = scrape(metrics_port)
     return int(
         sum(
             float(line.rsplit(" ", 1)[1])

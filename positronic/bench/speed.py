@@ -4,7 +4,8 @@ Each run reports tokens/s (overall, around tokens 100/1,000/10,000, by tenth), i
 `generate`, the calls on the critical path per iteration (`rpcs_per_iteration`: Tick + Patch;
 the replica's follow stream is off that path), the worker's forward passes per iteration and per
 merging iteration, bytes per iteration (per hop: worker -> driver, driver -> authority,
-authority -> worker), RPC latencies and peak memory.
+authority -> worker), RPC latencies, the replica-follow hop (mean apply of each committed delta
+and its commit -> applied lag, from the worker's metrics: `follow` in the JSON) and peak memory.
 
 - hf_generate: Hugging Face `generate` with a growing DynamicCache (the baseline);
 - in_process: the loop with both services in this process, servicers called directly;
@@ -205,6 +206,13 @@ def table(doc: dict) -> str:
                 f"{hops['worker_to_driver']:,.0f} B, driver->authority "
                 f"{hops['driver_to_authority']:,.0f} B, "
                 f"authority->worker {hops['authority_to_worker']:,.0f} B"
+            )
+        follow = r.get("follow") or {}
+        if follow.get("deltas"):
+            lines.append(
+                f"  {r['mode']} {r['policy']}: replica follow, mean per committed delta: apply "
+                f"{follow.get('apply_mean_ms', nan):.2f} ms, commit -> applied "
+                f"{follow.get('lag_mean_ms', nan):.2f} ms ({follow['deltas']} deltas)"
             )
         if "stopped" in r:
             lines.append(f"  {r['mode']} {r['policy']}: stopped {r['stopped']}")

@@ -17,8 +17,10 @@ import time
 from pathlib import Path
 
 from positronic.bench.processes import (
+    follow_costs,
     free_port,
     peak_rss_bytes,
+    scraped_follow_costs,
     service,
     sync_bytes,
     worker_sync_bytes,
@@ -193,10 +195,12 @@ def run_in_process(run: dict) -> dict:
         out = drive(run, endpoints, recorder)
         assert worker.servicer is not None
         synced = worker_sync_bytes(worker.servicer.metrics)
+        follow = follow_costs(worker.servicer.metrics.registry.collect())
     finally:
         worker.stop(0.5)
         authority.close()
     out["wire_bytes"] = iteration_bytes(recorder.iterations, synced, recorder.calls)
+    out["follow"] = follow
     out["peak_rss_bytes"] = {"process": peak_rss_bytes()}
     return out
 
@@ -246,6 +250,7 @@ def run_grpc_split(run: dict) -> dict:
             finally:
                 endpoints.close()
             synced = sync_bytes(metrics_port)
+            out["follow"] = scraped_follow_costs(metrics_port)
             out["wire_bytes"] = iteration_bytes(recorder.iterations, synced, recorder.calls)
             out["peak_rss_bytes"] = {
                 "driver": peak_rss_bytes(),
