@@ -79,6 +79,12 @@ class Follower:
         self._stopped = True
         self._stream.cancel()
 
+    def join(self, timeout_s: float) -> bool:
+        """Wait up to timeout_s for the thread to end (after stop()); True when it has."""
+        if self._thread.ident is not None:
+            self._thread.join(timeout_s)
+        return not self._thread.is_alive()
+
     @property
     def alive(self) -> bool:
         return not self._stopped and self._thread.is_alive()

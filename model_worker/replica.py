@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -54,6 +55,7 @@ logger = logging.getLogger(__name__)
 SCRATCH_SLOTS = 64
 # How long a read ahead of its replica waits for the follower before pulling itself.
 FOLLOW_WAIT_S = 0.5
+CLOSE_JOIN_S = 2.0  # how long close() waits for follower threads to end
 
 
 class SyncSource(Protocol):
@@ -151,14 +153,19 @@ class ReplicaStore:
         if entry is not None and entry.follower is not None:
             entry.follower.stop()
 
-    def close(self) -> None:
-        """Stop every follower (the worker is stopping)."""
+    def close(self, join_s: float = CLOSE_JOIN_S) -> None:
+        """Stop every follower (the worker is stopping) and wait, up to join_s in all, for their
+        threads to end: a follower still applying a delta (tensor ops in native code) while the
+        process exits can abort it ("terminate called without an active exception")."""
         with self._lock:
             entries = list(self._entries.values())
             self._entries.clear()
-        for entry in entries:
-            if entry.follower is not None:
-                entry.follower.stop()
+        followers = [e.follower for e in entries if e.follower is not None]
+        for follower in followers:
+            follower.stop()
+        deadline = time.monotonic() + join_s
+        for follower in followers:
+            follower.join(max(0.0, deadline - time.monotonic()))
 
     # -- following --------------------------------------------------------------------------
     def _wait_for_follower(self, entry: Entry, version: int) -> None:

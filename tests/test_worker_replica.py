@@ -3,6 +3,7 @@ and a refusal (never an approximation) for versions they cannot reach."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -299,3 +300,27 @@ def test_a_followed_commit_that_does_not_verify_drops_the_replica(lm, authority)
     assert authority.calls[-1] == ("s", 0)
     _assert_mirrors(store, authority)
     store.close()
+
+
+def test_close_waits_for_a_follower_still_applying_a_delta(lm, authority, monkeypatch):
+    """A worker stopping while a follower applies a delta waits for that thread: left running
+    into the process's exit, native tensor code can abort it ("terminate called ...")."""
+    from model_worker.follower import Follower
+
+    applying = threading.Event()
+    slow = Follower._apply_delta
+
+    def slow_apply(self, parts):
+        applying.set()
+        time.sleep(0.5)
+        return slow(self, parts)
+
+    monkeypatch.setattr(Follower, "_apply_delta", slow_apply)
+    store = _store(authority, lm, True)
+    with store.reading("s", 2):
+        pass
+    follower = store._entries["s"].follower
+    authority.patch("s", [append_op(lm, [IDS[0]], authority.states["s"].row_count)])
+    assert applying.wait(20)
+    store.close()
+    assert not follower._thread.is_alive()
