@@ -177,6 +177,8 @@ class Engine(SessionRegistry):
                     Status.RESOURCE_EXHAUSTED,
                     f"patch carries {len(ops_pb)} ops, more than this session can use",
                 )
+            if not blocking and _moved_bytes(session.state, ops_pb) > INLINE_MOVE_BYTES:
+                return None  # rows to move: a thread's work, never the event loop's
             canonicalize(ops_pb)
             bodies = op_bodies(ops_pb)  # serialized once: the fingerprint and the digest hash them
             fingerprint = patch_fingerprint(expected_version, ops_pb, bodies)
@@ -435,3 +437,16 @@ class Engine(SessionRegistry):
             session_id, lambda s: (s.geometry.row_bytes, s.budget.hard_max_rows)
         )
         return 2 * rows * (row_bytes + 256) + (64 << 10)
+
+
+# An event loop commits a patch itself (try_patch) only when the rows it may move stay under
+# this: an evict or a merge shifts the shorter side of the live rows (up to half of them), so a
+# few bytes on the wire can mean megabytes of K/V moved (a merge in a 2,048-row TinyLlama-shaped
+# session: ~23 MiB), which must not stall every other stream on the loop.
+INLINE_MOVE_BYTES = 1 << 20
+
+
+def _moved_bytes(state, ops_pb: Sequence[session_pb2.PatchOp]) -> int:
+    """An upper bound of the K/V bytes the patch's evicts and merges may move."""
+    moving = sum(op.WhichOneof("op") in ("evict", "replace_pair") for op in ops_pb)
+    return moving * (state.row_count // 2 + 1) * state.geometry.row_bytes

@@ -155,8 +155,15 @@ class Follower:
                 return  # a pull applied it already
             t0 = time.perf_counter()
             receiver = SyncReceiver(state, rotated=True)
-            for msg in parts:
-                receiver.receive(msg)
+            try:
+                for msg in parts:
+                    receiver.receive(msg)
+            except BaseException:
+                # A replay keeps no undo log: the rows may be half-written. Drop them before the
+                # lock is released, so that no reader ever computes on (or pulls on top of) them.
+                self.entry.state = None
+                self.entry.cond.notify_all()
+                raise
             self.entry.cond.notify_all()
         self._on_applied(time.perf_counter() - t0, (time.time_ns() - patch.committed_unix_ns) / 1e9)
 

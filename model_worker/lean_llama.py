@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from model_worker.attention import newest_query_row
 
 SUPPORTED_TYPES = ("llama",)
+# RoPE types whose inv_freq is fixed at load (read once here); the others update it per forward.
+STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
 def unsupported(model: Any) -> str | None:
@@ -44,6 +46,10 @@ def unsupported(model: Any) -> str | None:
         return f"activation {config.hidden_act!r} (only silu)"
     if int(getattr(config, "pretraining_tp", 1) or 1) != 1:
         return "pretraining_tp > 1"
+    rope = dict(getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
+    if rope not in STATIC_ROPE_TYPES:
+        # dynamic / longrope change inv_freq during the library's forward, which this one skips
+        return f"RoPE type {str(rope)[:32]!r} (only {', '.join(STATIC_ROPE_TYPES)})"
     layer_types = getattr(config, "layer_types", None)
     if layer_types and any(t != "full_attention" for t in layer_types):
         return "layers other than full attention"

@@ -514,6 +514,23 @@ def test_sync_plan_nowait_answers_deltas_at_once_and_never_waits():
         holder.join()
 
 
+def test_try_patch_leaves_a_patch_that_moves_many_rows_to_a_thread(monkeypatch):
+    """A few bytes of evicts and merges can move megabytes of rows: the event loop's patch gives
+    those back (None, nothing done) so that patch() commits them off the loop (review finding:
+    512 evicts of a 1,024-row session held the loop for 10 s)."""
+    engine = make_engine()
+    prime(engine)
+    session = engine._sessions["s"]
+    moving = engine_mod._moved_bytes(session.state, a_patch())  # one merge, one evict
+    assert moving == 2 * (session.state.row_count // 2 + 1) * session.state.geometry.row_bytes
+    assert engine_mod._moved_bytes(session.state, [append_pb(6, [41], seed=4)]) == 0
+    monkeypatch.setattr(engine_mod, "INLINE_MOVE_BYTES", moving - 1)
+    assert engine.try_patch("s", 2, "r", a_patch()) is None
+    assert engine.read("s", lambda s: s.version) == 2 and not session.replies.get("r")
+    assert engine.try_patch("s", 2, "a", [append_pb(6, [41], seed=4)]).version == 3  # appends
+    assert engine.patch("s", 3, "r", [evict_pb(0, 10)]).version == 4
+
+
 def test_try_patch_commits_when_no_lock_is_taken_and_never_waits():
     """The event loop's patch: the same commit as patch when the locks are free; None, nothing
     done, when the session's lock is held; the op limit holds for both."""

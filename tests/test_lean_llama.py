@@ -154,6 +154,13 @@ def test_models_it_cannot_reproduce_keep_the_librarys_forward():
         LeanLlama(lm.model)
     sliding = _model(layer_types=["full_attention", "sliding_attention", "full_attention"])
     assert sliding.lean is None
+    # (the worker refuses such models at load; the lean forward would not follow them either)
+    config = LlamaConfig(
+        vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, rope_parameters={"rope_type": "dynamic", "rope_theta": 1e4,
+                                                "factor": 2.0},
+    )  # fmt: skip
+    assert "RoPE type 'dynamic'" in str(unsupported(LlamaForCausalLM(config)))
 
 
 def test_forward_hf_asks_for_the_librarys_forward():

@@ -324,3 +324,38 @@ def test_close_waits_for_a_follower_still_applying_a_delta(lm, authority, monkey
     assert applying.wait(20)
     store.close()
     assert not follower._thread.is_alive()
+
+
+def test_a_followed_delta_that_fails_midway_drops_the_replica_under_its_lock(
+    lm, authority, monkeypatch
+):
+    """A replay keeps no undo log, so a failure of any kind (a device error too, not only a
+    SyncError) leaves rows half-written: the follower drops them before releasing the
+    replica's lock, and the next read resyncs instead of computing on them."""
+    import model_worker.follower as follower_mod
+
+    seen: list[object] = []
+
+    class Failing(follower_mod.SyncReceiver):
+        def receive(self, msg):
+            raise RuntimeError("device error")
+
+    store = _store(authority, lm, True)
+    with store.reading("s", 2):
+        pass
+    entry = store._entries["s"]
+    real_notify = entry.cond.notify_all
+
+    def notify_all():
+        seen.append(entry.state)  # what a woken reader would find once the lock is free
+        real_notify()
+
+    monkeypatch.setattr(entry.cond, "notify_all", notify_all)
+    monkeypatch.setattr(follower_mod, "SyncReceiver", Failing)
+    v = authority.patch("s", [append_op(lm, [IDS[0]], authority.states["s"].row_count)])
+    _wait(lambda: store.held("s") is None)
+    assert seen and seen[0] is None
+    monkeypatch.setattr(follower_mod, "SyncReceiver", Failing.__mro__[1])
+    with store.reading("s", v, authority.states["s"].digest) as rows:
+        assert rows.count == authority.states["s"].row_count
+    store.close()
