@@ -162,9 +162,9 @@ class Follower:
                 # A replay keeps no undo log: the rows may be half-written. Drop them before the
                 # lock is released, so that no reader ever computes on (or pulls on top of) them.
                 self.entry.state = None
-                self.entry.cond.notify_all()
                 raise
-            self.entry.cond.notify_all()
+            finally:
+                self.entry.cond.notify_all()
         self._on_applied(time.perf_counter() - t0, (time.time_ns() - patch.committed_unix_ns) / 1e9)
 
     def _take_snapshot(self, state: SessionState) -> None:

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from model_worker.attention import newest_query_row
+from positronic.rope import rotate_half
 
 SUPPORTED_TYPES = ("llama",)
 # RoPE types whose inv_freq is fixed at load (read once here); the others update it per forward.
@@ -143,9 +144,7 @@ class LeanLlama:
 
     @staticmethod
     def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rotated * sin
+        return x * cos + rotate_half(x) * sin
 
     def forward(
         self,

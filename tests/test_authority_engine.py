@@ -4,6 +4,7 @@ disk), retries are idempotent, and the write-ahead log plus snapshots recover ev
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import threading
 
@@ -60,6 +61,26 @@ def a_patch():
         evict_pb(3, 14),
         append_pb(6, [41, 42], seed=4),
     ]
+
+
+@contextlib.contextmanager
+def _held_by_another_thread(lock):
+    """`lock` held by another thread for the duration of the block."""
+    held, done = threading.Event(), threading.Event()
+
+    def hold():
+        with lock:
+            held.set()
+            done.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert held.wait(10)
+        yield
+    finally:
+        done.set()
+        holder.join()
 
 
 def snapshot_of(engine: Engine, sid: str = "s"):
@@ -495,23 +516,8 @@ def test_sync_plan_nowait_answers_deltas_at_once_and_never_waits():
     assert engine.sync_plan_nowait("s", 3, True) == engine.sync_plan("s", 3, True)
     assert engine.sync_plan_nowait("s", 0) is None  # a snapshot: built off the loop
     assert engine.sync_plan_nowait("nope", 2) is None  # sync_plan says NOT_FOUND
-    session = engine._sessions["s"]
-    held = threading.Event()
-    done = threading.Event()
-
-    def hold():
-        with session.cond:
-            held.set()
-            done.wait(10)
-
-    holder = threading.Thread(target=hold)
-    holder.start()
-    try:
-        assert held.wait(10)
+    with _held_by_another_thread(engine._sessions["s"].cond):
         assert engine.sync_plan_nowait("s", 2, True) is None
-    finally:
-        done.set()
-        holder.join()
 
 
 def test_try_patch_leaves_a_patch_that_moves_many_rows_to_a_thread(monkeypatch):
@@ -536,23 +542,9 @@ def test_try_patch_commits_when_no_lock_is_taken_and_never_waits():
     done, when the session's lock is held; the op limit holds for both."""
     engine = make_engine()
     prime(engine)
-    session = engine._sessions["s"]
-    held, done = threading.Event(), threading.Event()
-
-    def hold():
-        with session.cond:
-            held.set()
-            done.wait(10)
-
-    holder = threading.Thread(target=hold)
-    holder.start()
-    try:
-        assert held.wait(10)
+    with _held_by_another_thread(engine._sessions["s"].cond):
         assert engine.try_patch("s", 2, "r", a_patch()) is None
         assert engine.read("s", lambda s: s.version) == 2
-    finally:
-        done.set()
-        holder.join()
     result = engine.try_patch("s", 2, "r", a_patch())
     assert result is not None and result.version == 3
     assert engine.patch("s", 2, "r", a_patch()).replayed  # the same request, remembered

@@ -21,12 +21,8 @@ from dataclasses import dataclass, field
 import torch
 
 from positronic.policies.base import Plan, Policy, RepairSpec
-from positronic.policies.redundant_policy import oldest_free
+from positronic.policies.redundant_policy import equal_mean_merge, oldest_free
 from positronic.selection import select_balanced_pairs
-
-
-def _equal_mean() -> RepairSpec:
-    return RepairSpec("kv_merge", kv_weights="equal", kv_key="mean")
 
 
 @dataclass
@@ -40,7 +36,7 @@ class BalancedPolicy(Policy):
     sinks: int = 4
     cap: float = 2.0  # the most tokens one merged row may stand for
     merges: bool = True
-    repair: RepairSpec | None = field(default_factory=_equal_mean)
+    repair: RepairSpec | None = field(default_factory=equal_mean_merge)
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -28,7 +28,8 @@ from positronic.selection import select_similar_pairs
 NO_SUCCESSOR = 0.0  # 1 + the least similarity (-1): a row whose next row is not known yet
 
 
-def _equal_mean() -> RepairSpec:
+def equal_mean_merge() -> RepairSpec:
+    """The K/V merge with equal weights and the mean of both keys (rotated to the row)."""
     return RepairSpec("kv_merge", kv_weights="equal", kv_key="mean")
 
 
@@ -43,7 +44,7 @@ class RedundantPolicy(Policy):
     sinks: int = 4
     merges: bool = True
     reads_similarity: bool = True
-    repair: RepairSpec | None = field(default_factory=_equal_mean)
+    repair: RepairSpec | None = field(default_factory=equal_mean_merge)
 
     def __post_init__(self) -> None:
         super().__post_init__()
